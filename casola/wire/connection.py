@@ -1,0 +1,496 @@
+"""One connection's protocol state, without I/O: bytes and clock readings in, events and buffers out.
+
+Implements SPEC §5 (streams), §6 (connection life cycle), §7 (credits) and the keep-alive of §6.4 on
+top of `FrameDecoder` and `encode_frame`. The user (an asyncio adapter, a test, the fuzzer) moves
+bytes and arms one timer at `next_deadline()`; it never parses.
+
+Errors (STYLE §2):
+- The peer breaks the spec at connection scope: GOAWAY(code) is queued in `data_to_send()`, the
+  connection moves to CLOSED and `RemoteProtocolError` is raised; every later call raises it again.
+- The peer breaks the spec on one stream: a `StreamReset` event, a CANCEL or ERROR queued for the
+  peer, and the connection lives on.
+- Our own caller breaks the spec: `LocalProtocolError`, and nothing was queued or changed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Final
+
+from casola.wire.credit import CreditWindow
+from casola.wire.decoder import FrameDecoder
+from casola.wire.encoder import encode_frame
+from casola.wire.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from casola.wire.events import Buffer, ConnectionTerminated, Event, Frame, PingAcked, StreamReset
+from casola.wire.frames import FLAG_END, FRAME_RULES, PROTOCOL_VERSION, SUPPORTED_VERSIONS, FrameType
+from casola.wire.lifecycle import TRANSITIONS as LIFECYCLE
+from casola.wire.lifecycle import ConnState, Direction, Kind, Side
+from casola.wire.limits import DEFAULT_LIMITS, MAX_CREDIT, MAX_STREAM_ID, Limits
+from casola.wire.meta import CancelMeta, CreditMeta, ErrorMeta, GoAwayMeta
+from casola.wire.stream import Sender, StreamState, next_state
+
+__all__ = ["Connection"]
+
+_OPEN: Final = ConnState.OPEN
+_CLOSED: Final = StreamState.CLOSED
+_OPENER, _RESPONDER = Sender.OPENER, Sender.RESPONDER
+_CONTROL: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.CREDIT, FrameType.HEARTBEAT})
+
+
+def _kind(frame: Frame, new_stream: bool) -> Kind:
+    t = frame.type
+    if t is FrameType.GOAWAY:
+        return Kind.GOAWAY if frame.meta.code == ErrorCode.NO_ERROR else Kind.GOAWAY_ERROR  # type: ignore[union-attr]
+    if t in _CONTROL:
+        return Kind.CONTROL
+    if t is FrameType.HELLO:
+        return Kind.HELLO
+    if t is FrameType.HELLO_ACK:
+        return Kind.HELLO_ACK
+    return Kind.NEW_STREAM if new_stream else Kind.STREAM
+
+
+class Connection:
+    """The sans-I/O state of one casola connection, seen from one side."""
+
+    _RECEIVERS: ClassVar[dict[FrameType, Callable[[Connection, Frame, list[Event]], None]]]
+
+    def __init__(self, side: Side, now: float, limits: Limits = DEFAULT_LIMITS, *, auto_credit: bool = True) -> None:
+        """Args:
+        side: DIALER if we opened the TCP connection (we send HELLO), else ACCEPTOR.
+        now: the current clock reading, seconds (monotonic; any origin).
+        limits: our receive limits and timers.
+        auto_credit: re-grant stream credits as streams close (ingress/queue links). A worker
+            passes False and calls `grant()` as slots free.
+        """
+        self.side = side
+        self.limits = limits
+        self.state = ConnState.IDLE
+        self.version = PROTOCOL_VERSION
+        self.peer_hello: Frame | None = None  # the HELLO or HELLO_ACK the peer sent
+        self.rtt: float | None = None  # seconds, from the last answered PING
+        self.send_credit = 0  # streams we may still open
+        self._decoder = FrameDecoder(limits)
+        self._rx_credit = CreditWindow(auto=auto_credit)
+        self._out: list[Buffer] = []
+        self._streams: dict[int, StreamState] = {}
+        self._local_parity = 1 if side is Side.DIALER else 0
+        self._next_local_id = 1 if side is Side.DIALER else 2
+        self._last_peer_id = 0
+        self._peer_max_meta = DEFAULT_LIMITS.max_meta
+        self._peer_max_payload = DEFAULT_LIMITS.max_payload
+        self._versions = (PROTOCOL_VERSION, PROTOCOL_VERSION)
+        self._goaway_sent_last: int | None = None  # last_stream_id of the GOAWAY we sent
+        self._now = now
+        self._handshake_deadline: float | None = now + limits.handshake_timeout
+        self._next_ping: float | None = None
+        self._ping_payload: bytes | None = None
+        self._ping_sent_at = 0.0
+        self._ping_count = 0
+        self._error: ProtocolError | None = None
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def writable(self) -> memoryview:
+        """Where the next received bytes must land (`recv_into` target); never empty."""
+        return self._decoder.writable()
+
+    def commit(self, n: int, now: float) -> list[Event]:
+        """`n` received bytes landed at the start of `writable()`.
+
+        Returns:
+            The events these bytes completed, in order.
+        Raises:
+            RemoteProtocolError: connection-scope violation; GOAWAY is queued and the connection is
+                CLOSED. `.events` holds the events completed before the violation.
+        """
+        if self._error is not None:
+            raise self._error
+        self._now = now
+        try:
+            frames, err = self._decoder.commit(n), None
+        except RemoteProtocolError as exc:
+            frames, err = exc.events, exc  # type: ignore[assignment]
+        events: list[Event] = []
+        try:
+            for frame in frames:
+                self._RECEIVERS[frame.type](self, frame, events)
+        except RemoteProtocolError as exc:
+            err = exc
+        if err is not None:
+            err.events = events
+            self._fail(err)
+        return events
+
+    def receive_data(self, data: Buffer, now: float) -> list[Event]:
+        """Copy `data` in through `writable()`/`commit()`; `b""` is EOF.
+
+        Raises:
+            RemoteProtocolError: as `commit()`; TRUNCATED if EOF falls inside a frame.
+        """
+        if not data:
+            return self.eof(now)
+        src = memoryview(data).cast("B")
+        events: list[Event] = []
+        while src:
+            dst = self.writable()
+            n = min(len(dst), len(src))
+            dst[:n] = src[:n]
+            src = src[n:]
+            try:
+                events += self.commit(n, now)
+            except RemoteProtocolError as exc:
+                exc.events = events + exc.events
+                raise
+        return events
+
+    def eof(self, now: float) -> list[Event]:
+        """The peer closed its side of the byte stream.
+
+        Returns:
+            `[ConnectionTerminated]` (nothing if the connection had already ended).
+        Raises:
+            RemoteProtocolError: TRUNCATED when the stream ended inside a frame.
+        """
+        if self._error is not None:
+            raise self._error
+        self._now = now
+        try:
+            self._decoder.eof()
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+        if self.state is ConnState.CLOSED:
+            return []
+        self.state = ConnState.CLOSED
+        self._streams.clear()
+        return [ConnectionTerminated(ErrorCode.NO_ERROR, "peer closed the connection", remote=True)]
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, frame: Frame) -> None:
+        """Queue one frame for the peer.
+
+        Raises:
+            LocalProtocolError: the frame is not allowed now (state, credit, ids, limits). Nothing
+                was queued and no state changed.
+        """
+        if self._error is not None or self.state is ConnState.CLOSED:
+            raise LocalProtocolError(ErrorCode.BAD_STATE, "connection is closed")
+        buffers = encode_frame(frame, self._peer_max_meta, self._peer_max_payload, self.version)
+        mark = len(self._out)
+        if FRAME_RULES[frame.type].on_stream:
+            self._send_stream_frame(frame)
+        else:
+            self._send_connection_frame(frame)
+        self._out[mark:mark] = buffers  # before any CREDIT that closing the stream queued
+
+    def data_to_send(self) -> list[Buffer]:
+        """Everything queued since the last call, in order: header blocks and payload objects."""
+        out, self._out = self._out, []
+        return out
+
+    def next_stream_id(self) -> int:
+        """The id the next REQUEST we send must carry."""
+        return self._next_local_id
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def grant(self, n: int) -> None:
+        """Let the peer open `n` more streams (a worker calls this as slots free).
+
+        Raises:
+            LocalProtocolError: the grant would exceed `limits.max_streams` or the credit counter.
+        """
+        self.send(Frame(FrameType.CREDIT, meta=CreditMeta(n)))
+
+    def goaway(self, code: int = ErrorCode.NO_ERROR, message: str = "", retry_after_ms: int = 0) -> None:
+        """Queue GOAWAY: NO_ERROR drains (streams accepted so far finish), any other code closes."""
+        meta = GoAwayMeta(code, self._last_peer_id, message, retry_after_ms)
+        self.send(Frame(FrameType.GOAWAY, meta=meta))
+
+    def reset(self, stream_id: int, code: int, message: str = "") -> None:
+        """End a stream early: CANCEL if we opened it, ERROR if the peer did.
+
+        Raises:
+            LocalProtocolError: the stream is not open.
+        """
+        if (stream_id & 1) == self._local_parity:
+            self.send(Frame(FrameType.CANCEL, stream_id, CancelMeta(code, message)))
+        else:
+            self.send(Frame(FrameType.ERROR, stream_id, ErrorMeta(code, message)))
+
+    def ping(self, now: float) -> None:
+        """Send a PING now (unless one is outstanding); its PONG yields `PingAcked` and sets `rtt`."""
+        if self._ping_payload is not None or self.state not in (_OPEN, ConnState.DRAINING):
+            return
+        self._ping_count += 1
+        payload = self._ping_count.to_bytes(8, "big")
+        self._now = now
+        self.send(Frame(FrameType.PING, payload=payload))
+        self._ping_payload, self._ping_sent_at = payload, now
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When `handle_timer` must next be called (clock of the `now` arguments); None: no timer."""
+        if self.state is ConnState.CLOSED:
+            return None
+        if self._handshake_deadline is not None:
+            return self._handshake_deadline
+        if self._ping_payload is not None:
+            return self._ping_sent_at + self.limits.ping_timeout
+        return self._next_ping
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Run what is due at `now`: handshake timeout, PONG timeout, the next keep-alive PING.
+
+        Returns:
+            `[ConnectionTerminated(TIMEOUT, remote=False)]` when a timeout ended the connection (a
+            GOAWAY(TIMEOUT) is then queued), else nothing.
+        """
+        self._now = now
+        if self.state is ConnState.CLOSED:
+            return []
+        hs = self._handshake_deadline
+        if hs is not None and now >= hs:
+            return self._time_out("handshake not completed in time")
+        if self._ping_payload is not None and now >= self._ping_sent_at + self.limits.ping_timeout:
+            return self._time_out("no PONG in time")
+        if self._next_ping is not None and now >= self._next_ping:
+            self.ping(now)
+            self._next_ping = now + self.limits.ping_interval
+        return []
+
+    # -- internals: receive handlers (one per frame type) -------------------------------------
+
+    def _on_stream(self, frame: Frame, events: list[Event]) -> None:
+        if self.state is not _OPEN and self.state is not ConnState.DRAINING:
+            self._check_lifecycle(Direction.RECV, Kind.STREAM, frame)  # raises BAD_STATE
+        sid = frame.stream_id
+        state = self._streams.get(sid)
+        peer_opened = (sid & 1) != self._local_parity
+        if state is None:
+            if frame.type is FrameType.REQUEST:
+                self._on_new_stream(frame, peer_opened, events)
+                return
+            if (sid <= self._last_peer_id) if peer_opened else (sid < self._next_local_id):
+                return  # late frame of a stream that has closed (SPEC §5.4): dropped
+            raise RemoteProtocolError(ErrorCode.BAD_STREAM_ID, f"{frame.type.name} on idle stream {sid}")
+        sender = _OPENER if peer_opened else _RESPONDER
+        new = next_state(state, sender, frame.type, bool(frame.flags & FLAG_END))
+        if new is None:
+            msg = f"{frame.type.name} from the {sender.value} in state {state.value}"
+            self._stream_error(sid, ErrorCode.STREAM_STATE, msg, events)
+            return
+        events.append(frame)
+        if new is _CLOSED:
+            self._close_stream(sid)
+        else:
+            self._streams[sid] = new
+
+    def _on_new_stream(self, frame: Frame, peer_opened: bool, events: list[Event]) -> None:
+        sid = frame.stream_id
+        if not peer_opened or sid <= self._last_peer_id:
+            raise RemoteProtocolError(ErrorCode.BAD_STREAM_ID, f"REQUEST may not open stream {sid}")
+        if self.state is not _OPEN:
+            if self.state is ConnState.DRAINING and self._goaway_sent_last is not None:
+                self._refuse_late_stream(sid)  # crossed our GOAWAY in flight
+                return
+            self._check_lifecycle(Direction.RECV, Kind.NEW_STREAM, frame)
+        if not self._rx_credit.spend():
+            raise RemoteProtocolError(ErrorCode.CREDIT_VIOLATION, f"stream {sid} opened without credit")
+        self._last_peer_id = sid
+        self._streams[sid] = next_state(StreamState.IDLE, _OPENER, FrameType.REQUEST, bool(frame.flags & FLAG_END))  # type: ignore[assignment]
+        events.append(frame)
+
+    def _refuse_late_stream(self, sid: int) -> None:
+        self._rx_credit.spend()
+        self._last_peer_id = sid
+        meta = ErrorMeta(ErrorCode.SHUTTING_DOWN, "stream arrived after GOAWAY; retry elsewhere")
+        self._out += encode_frame(Frame(FrameType.ERROR, sid, meta), self._peer_max_meta, self._peer_max_payload, self.version)
+
+    def _on_hello(self, frame: Frame, events: list[Event]) -> None:
+        self._check_lifecycle(Direction.RECV, Kind.HELLO, frame)
+        meta = frame.meta
+        common = [v for v in SUPPORTED_VERSIONS if meta.min_version <= v <= meta.max_version]  # type: ignore[union-attr]
+        if not common:
+            raise RemoteProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"peer speaks {meta.min_version}..{meta.max_version}")  # type: ignore[union-attr]
+        self.version = max(common)
+        self._adopt_peer_hello(frame)
+        events.append(frame)
+
+    def _on_hello_ack(self, frame: Frame, events: list[Event]) -> None:
+        self._check_lifecycle(Direction.RECV, Kind.HELLO_ACK, frame)
+        version = frame.meta.version  # type: ignore[union-attr]
+        if not self._versions[0] <= version <= self._versions[1] or version not in SUPPORTED_VERSIONS:
+            raise RemoteProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"acceptor chose version {version}")
+        self.version = self._decoder.version = version
+        self._adopt_peer_hello(frame)
+        self._handshake_done()
+        events.append(frame)
+
+    def _on_goaway(self, frame: Frame, events: list[Event]) -> None:
+        self._check_lifecycle(Direction.RECV, _kind(frame, False), frame)
+        meta = frame.meta
+        events.append(frame)
+        self.send_credit = 0
+        if self.state is ConnState.CLOSED:
+            self._streams.clear()
+            events.append(ConnectionTerminated(meta.code, meta.message, remote=True))  # type: ignore[union-attr]
+            return
+        for sid in [s for s in self._streams if (s & 1) == self._local_parity and s > meta.last_stream_id]:  # type: ignore[union-attr]
+            del self._streams[sid]  # the peer will never process these: safe to retry elsewhere
+            events.append(StreamReset(sid, ErrorCode.SHUTTING_DOWN, "not processed before GOAWAY", remote=True))
+
+    def _on_ping(self, frame: Frame, events: list[Event]) -> None:
+        self._check_lifecycle(Direction.RECV, Kind.CONTROL, frame)
+        pong = Frame(FrameType.PONG, payload=frame.payload)
+        self._out += encode_frame(pong, self._peer_max_meta, self._peer_max_payload, self.version)
+
+    def _on_pong(self, frame: Frame, events: list[Event]) -> None:
+        self._check_lifecycle(Direction.RECV, Kind.CONTROL, frame)
+        if self._ping_payload is not None and bytes(frame.payload) == self._ping_payload:
+            self._ping_payload = None
+            self.rtt = self._now - self._ping_sent_at
+            events.append(PingAcked(self.rtt))
+
+    def _on_credit(self, frame: Frame, events: list[Event]) -> None:
+        self._check_lifecycle(Direction.RECV, Kind.CONTROL, frame)
+        if self.state is ConnState.DRAINING:
+            return  # no new streams while draining: the grant is moot
+        self.send_credit += frame.meta.grant  # type: ignore[union-attr]
+        if self.send_credit > MAX_CREDIT:
+            raise RemoteProtocolError(ErrorCode.CREDIT_VIOLATION, "credit grant overflows the counter")
+        events.append(frame)
+
+    def _on_control(self, frame: Frame, events: list[Event]) -> None:
+        self._check_lifecycle(Direction.RECV, Kind.CONTROL, frame)
+        events.append(frame)
+
+    # -- internals: sending ------------------------------------------------------------------
+
+    def _send_stream_frame(self, frame: Frame) -> None:
+        sid = frame.stream_id
+        state = self._streams.get(sid)
+        local = (sid & 1) == self._local_parity
+        if state is None:
+            if frame.type is not FrameType.REQUEST or not local or sid != self._next_local_id:
+                raise LocalProtocolError(ErrorCode.STREAM_STATE, f"{frame.type.name} on stream {sid}: not open", sid)
+            self._check_lifecycle(Direction.SEND, Kind.NEW_STREAM, frame)
+            if self.send_credit <= 0:
+                raise LocalProtocolError(ErrorCode.CREDIT_VIOLATION, "no credit to open a stream", sid)
+            if sid + 2 > MAX_STREAM_ID:
+                raise LocalProtocolError(ErrorCode.BAD_STREAM_ID, "stream ids exhausted: GOAWAY and redial", sid)
+            state = StreamState.IDLE
+        sender = _OPENER if local else _RESPONDER
+        new = next_state(state, sender, frame.type, bool(frame.flags & FLAG_END))
+        if new is None:
+            raise LocalProtocolError(ErrorCode.STREAM_STATE, f"{frame.type.name} as {sender.value} in {state.value}", sid)
+        if state is StreamState.IDLE:
+            self.send_credit -= 1
+            self._next_local_id += 2
+        if new is _CLOSED:
+            self._close_stream(sid)
+        else:
+            self._streams[sid] = new
+
+    def _send_connection_frame(self, frame: Frame) -> None:
+        t, meta = frame.type, frame.meta
+        self._check_lifecycle(Direction.SEND, _kind(frame, False), frame)
+        if t is FrameType.CREDIT:
+            peer_streams = sum(1 for s in self._streams if (s & 1) != self._local_parity)
+            if self._rx_credit.outstanding + meta.grant + peer_streams > self.limits.max_streams:  # type: ignore[union-attr]
+                raise LocalProtocolError(ErrorCode.CREDIT_VIOLATION, "grant exceeds limits.max_streams")
+            self._rx_credit.granted(meta.grant)  # type: ignore[union-attr]
+        elif t is FrameType.HELLO:
+            self._versions = (meta.min_version, meta.max_version)  # type: ignore[union-attr]
+            self._open_window(meta.credit)  # type: ignore[union-attr]
+        elif t is FrameType.HELLO_ACK:
+            if meta.version != self.version:  # type: ignore[union-attr]
+                raise LocalProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"HELLO_ACK must carry version {self.version}")
+            self._open_window(meta.credit)  # type: ignore[union-attr]
+            self._decoder.version = self.version
+            self._handshake_done()
+        elif t is FrameType.GOAWAY:
+            self._goaway_sent_last = meta.last_stream_id  # type: ignore[union-attr]
+            self.send_credit = 0
+            if meta.code != ErrorCode.NO_ERROR:  # type: ignore[union-attr]
+                self._streams.clear()
+        self.state = LIFECYCLE[(self.side, self.state, Direction.SEND, _kind(frame, False))]
+
+    # -- internals: shared ---------------------------------------------------------------------
+
+    def _check_lifecycle(self, direction: Direction, kind: Kind, frame: Frame) -> None:
+        new = LIFECYCLE.get((self.side, self.state, direction, kind))
+        if new is None:
+            msg = f"{frame.type.name} not allowed in state {self.state.value} ({self.side.value})"
+            if direction is Direction.SEND:
+                raise LocalProtocolError(ErrorCode.BAD_STATE, msg)
+            raise RemoteProtocolError(ErrorCode.BAD_STATE, msg)
+        if direction is Direction.RECV:
+            self.state = new
+
+    def _adopt_peer_hello(self, frame: Frame) -> None:
+        meta = frame.meta
+        self.peer_hello = frame
+        self.send_credit = meta.credit  # type: ignore[union-attr]
+        self._peer_max_meta = meta.max_meta or DEFAULT_LIMITS.max_meta  # type: ignore[union-attr]
+        self._peer_max_payload = meta.max_payload or DEFAULT_LIMITS.max_payload  # type: ignore[union-attr]
+
+    def _open_window(self, credit: int) -> None:
+        if credit > self.limits.max_streams:
+            raise LocalProtocolError(ErrorCode.CREDIT_VIOLATION, "initial credit exceeds limits.max_streams")
+        self._rx_credit.window = credit
+        self._rx_credit.granted(credit)
+
+    def _handshake_done(self) -> None:
+        self._handshake_deadline = None
+        if self.limits.ping_interval > 0:
+            self._next_ping = self._now + self.limits.ping_interval
+
+    def _close_stream(self, sid: int) -> None:
+        del self._streams[sid]
+        if (sid & 1) != self._local_parity:
+            grant = self._rx_credit.released()
+            if grant and self.state is _OPEN:
+                self._rx_credit.granted(grant)
+                credit = Frame(FrameType.CREDIT, meta=CreditMeta(grant))
+                self._out += encode_frame(credit, self._peer_max_meta, self._peer_max_payload, self.version)
+
+    def _stream_error(self, sid: int, code: ErrorCode, message: str, events: list[Event]) -> None:
+        self.reset(sid, code, message)
+        events.append(StreamReset(sid, code, message, remote=False))
+
+    def _fail(self, exc: ProtocolError) -> None:
+        """Connection-scope error: queue GOAWAY(code) unless already closed, close, raise."""
+        if self.state is not ConnState.CLOSED:
+            meta = GoAwayMeta(exc.code, self._last_peer_id, exc.message[:200])
+            goaway = Frame(FrameType.GOAWAY, meta=meta)
+            self._out += encode_frame(goaway, self._peer_max_meta, self._peer_max_payload, self.version)
+        self.state = ConnState.CLOSED
+        self._streams.clear()
+        self._error = exc
+        raise exc
+
+    def _time_out(self, message: str) -> list[Event]:
+        try:
+            self._fail(RemoteProtocolError(ErrorCode.TIMEOUT, message))
+        except RemoteProtocolError:
+            pass
+        return [ConnectionTerminated(ErrorCode.TIMEOUT, message, remote=False)]
+
+
+Connection._RECEIVERS = {
+    FrameType.HELLO: Connection._on_hello,
+    FrameType.HELLO_ACK: Connection._on_hello_ack,
+    FrameType.GOAWAY: Connection._on_goaway,
+    FrameType.PING: Connection._on_ping,
+    FrameType.PONG: Connection._on_pong,
+    FrameType.CREDIT: Connection._on_credit,
+    FrameType.HEARTBEAT: Connection._on_control,
+    **{t: Connection._on_stream for t, rule in FRAME_RULES.items() if rule.on_stream},
+}

@@ -1,0 +1,237 @@
+"""Bytes in, frames out: the sans-I/O frame decoder (SPEC §2, §3, §8).
+
+Receive model (STYLE §3): one preallocated receive buffer per connection. The I/O layer asks
+`writable()` where the next bytes should land (`recv_into` target), then calls `commit(n)`.
+- A header is checked against the limits and the per-type rules the moment its 20 bytes are in,
+  before anything else of the frame is waited for.
+- A payload below `inline_max` is copied once out of the shared buffer (`bytes`).
+- A payload of `inline_max` or more that has not fully arrived gets a buffer of its own: what is
+  already here is copied into it, and from then on `writable()` is the unfilled tail of that buffer,
+  so the rest lands in its final place. The frame carries `memoryview(buffer)`.
+- The unparsed tail moves to the front of the shared buffer at most once per `commit()`.
+
+After a `RemoteProtocolError` the decoder is dead: every later call raises the same error.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from casola.wire.errors import ErrorCode, RemoteProtocolError
+from casola.wire.events import Buffer, Frame
+from casola.wire.frames import ANY, FRAME_RULES, HEAD, HEAD_SIZE, PROTOCOL_VERSION, FrameType
+from casola.wire.limits import DEFAULT_LIMITS, Limits
+from casola.wire.meta import META_DECODERS, META_DEFAULTS
+
+__all__ = ["FrameDecoder"]
+
+_unpack_head: Final = HEAD.unpack_from
+_EMPTY: Final = b""
+_NO_META: Final = object()  # per-type marker: metadata not allowed / zero length not valid
+
+# Per type byte (0..255): (FrameType, rule, meta decoder or None, default meta or _NO_META).
+# A list indexed by the raw byte is the cheapest lookup on the hot path.
+_TypeEntry = tuple[FrameType, tuple[bool, bool, int, int], object, object]
+_BY_BYTE: Final[list[_TypeEntry | None]] = [None] * 256
+for _t, _rule in FRAME_RULES.items():
+    _default = META_DEFAULTS.get(_t)
+    _BY_BYTE[_t] = (_t, tuple(_rule), META_DECODERS.get(_t), _NO_META if _default is None else _default)
+
+
+class FrameDecoder:
+    """Incremental decoder of one direction of one connection."""
+
+    __slots__ = (
+        "_body",
+        "_body_filled",
+        "_body_frame",
+        "_body_view",
+        "_end",
+        "_error",
+        "_inline_max",
+        "_max_meta",
+        "_max_payload",
+        "_pos",
+        "_rx",
+        "_view",
+        "version",
+    )
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, version: int = PROTOCOL_VERSION) -> None:
+        self.version = version  # the connection raises it after version negotiation
+        self._max_meta = limits.max_meta
+        self._max_payload = limits.max_payload
+        self._inline_max = limits.inline_max
+        self._rx = bytearray(limits.rx_buffer)
+        self._view = memoryview(self._rx)  # never resized, so this export is safe to keep
+        self._pos = 0  # first unparsed byte
+        self._end = 0  # one past the last received byte
+        self._body: bytearray | None = None  # large payload being received in place
+        self._body_view: memoryview | None = None
+        self._body_filled = 0
+        self._body_frame: Frame | None = None
+        self._error: RemoteProtocolError | None = None
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def writable(self) -> memoryview:
+        """Where the next received bytes must be written; never empty."""
+        if self._body_view is not None:
+            return self._body_view[self._body_filled :]
+        return self._view[self._end :]
+
+    def commit(self, n: int) -> list[Frame]:
+        """`n` bytes were written at the start of `writable()`.
+
+        Returns:
+            The frames completed by these bytes, in order.
+        Raises:
+            RemoteProtocolError: the bytes break the spec (also on every call after that). Its
+                `events` holds the frames this call completed before the offending bytes.
+        """
+        if self._error is not None:
+            raise self._error
+        out: list[Frame] = []
+        if self._body is not None:
+            self._body_filled += n
+            if self._body_filled < len(self._body):
+                return out
+            out.append(self._finish_body())
+            return out
+        self._end += n
+        try:
+            self._parse(out)
+        except RemoteProtocolError as exc:
+            exc.events = out  # frames completed before the bad bytes, so no feed loses any
+            self._error = exc
+            raise
+        return out
+
+    def receive_data(self, data: Buffer) -> list[Frame]:
+        """Copy `data` through `writable()`/`commit()`; `b""` means EOF (see `eof()`).
+
+        Raises:
+            RemoteProtocolError: as `commit()`, or TRUNCATED at EOF inside a frame.
+        """
+        if not data:
+            self.eof()
+            return []
+        src = memoryview(data).cast("B")
+        out: list[Frame] = []
+        while src:
+            dst = self.writable()
+            n = min(len(dst), len(src))
+            dst[:n] = src[:n]
+            src = src[n:]
+            out += self.commit(n)
+        return out
+
+    def eof(self) -> None:
+        """The peer closed its sending side.
+
+        Raises:
+            RemoteProtocolError: TRUNCATED if a frame was only partly received.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._body is not None or self._end > self._pos:
+            self._error = RemoteProtocolError(ErrorCode.TRUNCATED, "connection ended inside a frame")
+            raise self._error
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet handed out as frames."""
+        return self._end - self._pos + self._body_filled
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    def _parse(self, out: list[Frame]) -> None:
+        rx, view, pos, end = self._rx, self._view, self._pos, self._end
+        while end - pos >= HEAD_SIZE:
+            version, tbyte, flags, sid, mlen, blen = _unpack_head(rx, pos)
+            ftype, meta_decoder, default = self._check_head(version, tbyte, flags, sid, mlen, blen)
+            mstart = pos + HEAD_SIZE
+            bstart = mstart + mlen
+            if bstart > end:
+                break  # metadata incomplete: wait, cursor untouched
+            if blen >= self._inline_max and bstart + blen > end:
+                meta = _decode_meta(ftype, meta_decoder, default, view[mstart:bstart])
+                self._start_body(Frame(ftype, sid, meta, _EMPTY, flags), blen, view[bstart:end])
+                self._pos = self._end = 0
+                return
+            if bstart + blen > end:
+                break  # small payload incomplete: wait
+            if meta_decoder is None:
+                meta = None
+            elif mlen:
+                meta = _decode_meta(ftype, meta_decoder, default, view[mstart:bstart])
+            elif default is _NO_META:
+                raise RemoteProtocolError(ErrorCode.BAD_META, f"{ftype.name} metadata has required fields")
+            else:
+                meta = default
+            payload = bytes(view[bstart : bstart + blen]) if blen else _EMPTY
+            out.append(Frame(ftype, sid, meta, payload, flags))
+            pos = bstart + blen
+        self._compact(pos, end)
+
+    def _check_head(
+        self, version: int, tbyte: int, flags: int, sid: int, mlen: int, blen: int
+    ) -> tuple[FrameType, object, object]:
+        """SPEC §2.3, in this order: version, type, flags, stream id class, lengths."""
+        if version != self.version:
+            raise RemoteProtocolError(ErrorCode.BAD_VERSION, f"version {version}, expected {self.version}")
+        entry = _BY_BYTE[tbyte]
+        if entry is None:
+            raise RemoteProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE, f"frame type 0x{tbyte:02x}")
+        ftype, (on_stream, meta_ok, payload_rule, flags_ok), meta_decoder, default = entry
+        if flags & ~flags_ok:
+            raise RemoteProtocolError(ErrorCode.BAD_FLAGS, f"{ftype.name} flags 0x{flags:04x}")
+        if on_stream != (sid != 0):
+            where = "a stream id" if on_stream else "stream id 0"
+            raise RemoteProtocolError(ErrorCode.BAD_STREAM_ID, f"{ftype.name} needs {where}, got {sid}")
+        if mlen > self._max_meta or (mlen and not meta_ok):
+            raise RemoteProtocolError(ErrorCode.FRAME_SIZE, f"{ftype.name} metadata length {mlen}")
+        if blen > self._max_payload or (payload_rule != ANY and blen != payload_rule):
+            raise RemoteProtocolError(ErrorCode.FRAME_SIZE, f"{ftype.name} payload length {blen}")
+        return ftype, meta_decoder, default
+
+    def _compact(self, pos: int, end: int) -> None:
+        if pos == end:
+            self._pos = self._end = 0
+            return
+        tail = end - pos
+        if pos:  # move the partial frame to the front, once per commit
+            src = self._view[pos:end]
+            self._rx[:tail] = src if tail <= pos else bytes(src)  # overlapping ranges need a copy
+        self._pos, self._end = 0, tail
+
+    # -- large payloads received in place ---------------------------------------------------
+
+    def _start_body(self, frame: Frame, size: int, have: memoryview) -> None:
+        body = bytearray(size)  # calloc: large sizes come from fresh zero pages, no memset cost
+        body[: len(have)] = have
+        self._body, self._body_view, self._body_filled = body, memoryview(body), len(have)
+        self._body_frame = frame
+
+    def _finish_body(self) -> Frame:
+        frame, view = self._body_frame, self._body_view
+        assert frame is not None and view is not None
+        frame.payload = view
+        self._body = self._body_view = self._body_frame = None
+        self._body_filled = 0
+        return frame
+
+
+def _decode_meta(ftype: FrameType, decoder: object, default: object, raw: memoryview) -> object:
+    if decoder is None:
+        return None
+    if not raw:
+        if default is _NO_META:
+            raise RemoteProtocolError(ErrorCode.BAD_META, f"{ftype.name} metadata has required fields")
+        return default
+    try:
+        return decoder.decode(raw)  # type: ignore[attr-defined]
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise RemoteProtocolError(ErrorCode.BAD_META, f"{ftype.name} metadata: {exc}") from exc

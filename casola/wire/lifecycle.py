@@ -1,0 +1,76 @@
+"""The connection state machine (SPEC §6), as data.
+
+Invariants:
+  Rule 1. The dialer (the side that opened the TCP connection) speaks first: HELLO. The acceptor
+          answers HELLO_ACK, or GOAWAY with an error code to refuse. Nothing else may cross before.
+  Rule 2. GOAWAY with NO_ERROR starts a drain: no new streams in either direction, streams already
+          accepted run to their end. GOAWAY with any other code ends the connection at once.
+  Rule 3. Any (side, state, direction, kind) not in TRANSITIONS is illegal: received, the connection
+          error BAD_STATE; sent, a LocalProtocolError.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+__all__ = ["TRANSITIONS", "ConnState", "Direction", "Kind", "Side"]
+
+
+class Side(enum.Enum):
+    DIALER = "dialer"  # opened the TCP connection; opens odd stream ids
+    ACCEPTOR = "acceptor"  # accepted it; opens even stream ids
+
+
+class ConnState(enum.Enum):
+    IDLE = "idle"  # nothing exchanged
+    AWAIT_ACK = "await_ack"  # dialer: HELLO sent
+    AWAIT_ACCEPT = "await_accept"  # acceptor: HELLO received, the application decides
+    OPEN = "open"
+    DRAINING = "draining"  # a GOAWAY(NO_ERROR) crossed: no new streams
+    CLOSED = "closed"
+
+
+class Direction(enum.Enum):
+    SEND = "send"
+    RECV = "recv"
+
+
+class Kind(enum.Enum):
+    HELLO = "hello"
+    HELLO_ACK = "hello_ack"
+    GOAWAY = "goaway"  # NO_ERROR: drain
+    GOAWAY_ERROR = "goaway_error"  # any other code: close
+    CONTROL = "control"  # PING, PONG, CREDIT, HEARTBEAT
+    NEW_STREAM = "new_stream"  # REQUEST opening a stream
+    STREAM = "stream"  # any other stream frame
+
+
+D, A, C, SEND, RECV, K = Side.DIALER, Side.ACCEPTOR, ConnState, Direction.SEND, Direction.RECV, Kind
+
+_handshake: dict[tuple[Side, ConnState, Direction, Kind], ConnState] = {
+    (D, C.IDLE, SEND, K.HELLO): C.AWAIT_ACK,
+    (D, C.AWAIT_ACK, RECV, K.HELLO_ACK): C.OPEN,
+    (D, C.AWAIT_ACK, RECV, K.GOAWAY_ERROR): C.CLOSED,  # refused
+    (D, C.AWAIT_ACK, SEND, K.GOAWAY_ERROR): C.CLOSED,  # gave up (timeout)
+    (A, C.IDLE, RECV, K.HELLO): C.AWAIT_ACCEPT,
+    (A, C.IDLE, SEND, K.GOAWAY_ERROR): C.CLOSED,  # refused before HELLO (overload, timeout)
+    (A, C.AWAIT_ACCEPT, SEND, K.HELLO_ACK): C.OPEN,
+    (A, C.AWAIT_ACCEPT, SEND, K.GOAWAY_ERROR): C.CLOSED,  # refused (credential, version)
+    (A, C.AWAIT_ACCEPT, RECV, K.GOAWAY_ERROR): C.CLOSED,
+}
+
+_established: dict[tuple[Side, ConnState, Direction, Kind], ConnState] = {}
+for _side in Side:
+    for _dir in Direction:
+        for _kind in (K.CONTROL, K.STREAM):
+            _established[(_side, C.OPEN, _dir, _kind)] = C.OPEN
+            _established[(_side, C.DRAINING, _dir, _kind)] = C.DRAINING
+        _established[(_side, C.OPEN, _dir, K.NEW_STREAM)] = C.OPEN
+        _established[(_side, C.OPEN, _dir, K.GOAWAY)] = C.DRAINING
+        _established[(_side, C.DRAINING, _dir, K.GOAWAY)] = C.DRAINING  # the other side's, or a lower id
+        _established[(_side, C.OPEN, _dir, K.GOAWAY_ERROR)] = C.CLOSED
+        _established[(_side, C.DRAINING, _dir, K.GOAWAY_ERROR)] = C.CLOSED
+
+TRANSITIONS: Final[dict[tuple[Side, ConnState, Direction, Kind], ConnState]] = {**_handshake, **_established}
+del D, A, C, SEND, RECV, K, _handshake, _established
