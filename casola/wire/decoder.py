@@ -125,7 +125,11 @@ class FrameDecoder:
             n = min(len(dst), len(src))
             dst[:n] = src[:n]
             src = src[n:]
-            out += self.commit(n)
+            try:
+                out += self.commit(n)
+            except RemoteProtocolError as exc:
+                exc.events = out + exc.events
+                raise
         return out
 
     def eof(self) -> None:
