@@ -195,6 +195,15 @@ class Connection:
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    def stream_state(self, stream_id: int) -> StreamState:
+        """The stream's state: IDLE if its id was never used, CLOSED once it has ended."""
+        state = self._streams.get(stream_id)
+        if state is not None:
+            return state
+        if (stream_id & 1) == self._local_parity:
+            return StreamState.CLOSED if stream_id < self._next_local_id else StreamState.IDLE
+        return StreamState.CLOSED if stream_id <= self._last_peer_id else StreamState.IDLE
+
     @property
     def open_streams(self) -> int:
         return len(self._streams)
