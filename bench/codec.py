@@ -1,27 +1,23 @@
 """Codec benchmark: casola's sans-I/O frame decoder and encoder, timed without sockets (STYLE §7).
 
-All figures come from one run in one process, so they can be compared with each other:
+Every figure comes from one run of one process, so the figures can be compared with each other:
 
-1. Small frames. A REQUEST frame with RequestMeta(model="echo", deadline_ms=1000, trace=True), a
-   64-byte payload and FLAG_END, and a DATA frame with no metadata. Decoding uses the production
-   receive path, `FrameDecoder.writable()` + `commit(n)`: a pre-encoded stream of frames (four
-   receive buffers' worth) is copied into the `writable()` slices, as `recv_into` would, and only
-   frames are counted. Encoding is one `encode_frame()` call per frame. Target: >= 500,000 decodes
-   per second per core for frames that carry metadata.
-2. Large DATA payloads (64 KiB, 1 MiB, 8 MiB), decoded in place: the header is fed first, then the
-   payload is copied into `writable()` (the payload's own buffer) in the slices the decoder asks for.
-   "fill" is the same copies into a preallocated bytearray: what `recv_into` costs anyway. "own" is
-   total minus fill: what the decoder adds. It must not grow like a payload copy. Receiving into a
-   buffer the receiver then owns needs a fresh buffer per frame, so `bytearray(size)` alone ("alloc")
-   is timed too; own minus alloc is the parsing and bookkeeping. Encoding returns `[head, payload]`
-   and lends the payload object itself.
-3. The baseline to beat: the same 1 MiB payload as base64 in JSON (msgspec, and stdlib json +
-   base64), with wire size, encode and decode time, against a casola REQUEST frame carrying it.
-4. A mix of every valid case in protocol/vectors/*.json, concatenated and decoded as one stream.
+1. Small frames: REQUEST with RequestMeta(model="echo", deadline_ms=1000, trace=True), a 64-byte
+   payload and FLAG_END; DATA without metadata. Decoding takes the production path: a pre-encoded
+   stream (four receive buffers' worth) is copied into `FrameDecoder.writable()` slices, as
+   `recv_into` would, then `commit(n)`; only frames are counted. Encoding: one `encode_frame()` per
+   frame. Target: >= 500,000 decodes/s per core for frames that carry metadata.
+2. Large DATA payloads (64 KiB, 1 MiB, 8 MiB) decoded in place: header first, then the payload is
+   copied into `writable()`, the payload's own buffer. "fill" = the same copies into a preallocated
+   bytearray (what `recv_into` costs anyway); "own" = total - fill, what the decoder adds, which must
+   not grow like a payload copy. The fresh buffer a receiver-owned payload needs is timed alone
+   ("alloc", `bytearray(size)`); "rest" = own - alloc. `encode_frame` returns `[head, payload]`.
+3. Baseline to beat: the same 1 MiB payload as base64 in JSON (msgspec; stdlib json + base64).
+4. Every valid case of protocol/vectors/*.json, concatenated and decoded as one stream.
 
-Method: `time.perf_counter_ns`; a warm-up that doubles the iteration count until a repetition lasts
-a quarter of its target, which also calibrates it; gc disabled while timing; the compared operations
-are interleaved within each repetition; figures are medians with the min-max over repetitions.
+Method: `perf_counter_ns`; a warm-up that doubles the iterations until a repetition lasts a quarter
+of its target also calibrates them; gc off while timing; the compared ops interleave within each
+repetition; medians with min-max over the repetitions.
 
 Usage:  python bench/codec.py [--quick] [--json PATH] [--vectors DIR]
 """
@@ -73,12 +69,10 @@ class Stat(NamedTuple):
     def us(self) -> str:
         return f"{self.med / 1e3:,.1f} ({self.lo / 1e3:,.1f}-{self.hi / 1e3:,.1f})"
 
-    def js(self, unit: float = 1e3) -> dict[str, float]:
-        """Median, min and max in `unit` ns (default: us)."""
+    def js(self, unit: float = 1e3) -> dict[str, float]:  # in units of `unit` ns (default: us)
         return {"median": self.med / unit, "min": self.lo / unit, "max": self.hi / unit}
 
-    def rate(self) -> dict[str, float]:
-        """Items per second; the slowest repetition gives the min."""
+    def rate(self) -> dict[str, float]:  # items per second; the slowest repetition gives the min
         return {"median": 1e9 / self.med, "min": 1e9 / self.hi, "max": 1e9 / self.lo}
 
 
@@ -171,9 +165,9 @@ def encode_op(frame: Frame) -> Op:
     return op
 
 
-def in_place_ops(frame: Frame) -> tuple[Op, Op, Frame]:
-    """Decode one large frame in place (header first, then the writable() slices), the same copies into
-    a preallocated bytearray, and the frame decoded once for checking."""
+def in_place_ops(frame: Frame) -> tuple[Op, Op]:
+    """Decode one large frame in place (header first, then the writable() slices); and the same copies
+    into a preallocated bytearray. Checks the result once, before anything is timed."""
     wire = wire_of(frame)
     src, end, head_len = memoryview(wire), len(wire), len(wire) - len(frame.payload)
     dec = FrameDecoder()
@@ -193,8 +187,7 @@ def in_place_ops(frame: Frame) -> tuple[Op, Op, Frame]:
         return out
 
     cuts = [(0, head_len)]  # (offset, length) of each copy the decoder asked for, replayed by `fill`
-    got = feed(cuts)
-    assert len(got) == 1, got
+    check_large(feed(cuts), frame)
 
     def decode(iters: int) -> int:
         for _ in range(iters):
@@ -209,13 +202,14 @@ def in_place_ops(frame: Frame) -> tuple[Op, Op, Frame]:
                 plain[off : off + n] = src[off : off + n]
         return iters
 
-    return decode, fill, got[0]
+    return decode, fill
 
 
-def check_large(got: Frame, frame: Frame) -> None:
-    """Outside the timed loops: the decoded payload is a memoryview of its own buffer with the right
-    bytes, and encode_frame lends the payload object itself (no concatenation, no copy)."""
-    p = got.payload
+def check_large(frames: list[Frame], frame: Frame) -> None:
+    """The decoded payload is a memoryview of its own buffer with the right bytes, and encode_frame
+    lends the payload object itself (no concatenation, no copy)."""
+    assert len(frames) == 1, frames
+    got, p = frames[0], frames[0].payload
     assert isinstance(p, memoryview), f"payload is {type(p).__name__}, expected memoryview"
     assert isinstance(p.obj, bytearray) and len(p.obj) == len(frame.payload), "payload is not its own buffer"
     assert p == memoryview(frame.payload), "payload contents differ"
@@ -249,24 +243,24 @@ def bench_small(t: Timer) -> dict[str, Any]:
 
 
 def bench_large(t: Timer, rng: random.Random) -> dict[str, Any]:
-    print("\n2. Large DATA payloads, in-place decode (us: median (min-max); GB/s from the median)")
-    print(f"{'payload':>8}  {'decode total':<21}{'GB/s':>5}  {'fill (baseline)':<21}{'GB/s':>5}  {'decoder own':<19}"
-          f"{'GB/s':>6}  {'alloc (baseline)':<19}{'own-alloc':>10}  {'encode'}")
+    print("\n2. Large DATA payloads (us: median (min-max); GB/s from the median). own = total - fill;"
+          " rest = own - alloc")
+    print(f"{'payload':>8}  {'decode total us':<22}{'GB/s':>5}{'fill us':>9}{'GB/s':>6}  {'decoder own us':<20}"
+          f"{'GB/s':>6}{'alloc us':>10}{'rest us':>9}  {'encode us':<16}{'GB/s':>7}")
     res: dict[str, Any] = {}
     for size in LARGE_SIZES:
         frame = Frame(FrameType.DATA, 1, None, rng.randbytes(size), 0)
-        decode, fill, got = in_place_ops(frame)
-        check_large(got, frame)
-        del got
+        decode, fill = in_place_ops(frame)
         st = t.run({"decode": decode, "fill": fill, "alloc": repeat(bytearray, size), "encode": encode_op(frame)})
         own, bare = t.diff("decode", "fill"), t.diff("decode", "fill", "alloc")
         label = f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
         dec, fil, enc = st["decode"], st["fill"], st["encode"]
-        print(f"{label:>8}  {dec.us():<21}{size / dec.med:>5.1f}  {fil.us():<21}{size / fil.med:>5.1f}  "
-              f"{own.us():<19}{size / own.med:>6.1f}  {st['alloc'].us():<19}{bare.med / 1e3:>10.1f}  {enc.us()}")
+        print(f"{label:>8}  {dec.us():<22}{size / dec.med:>5.1f}{fil.med / 1e3:>9.1f}{size / fil.med:>6.1f}  "
+              f"{own.us():<20}{size / own.med:>6.1f}{st['alloc'].med / 1e3:>10.1f}{bare.med / 1e3:>9.1f}  "
+              f"{enc.us():<16}{size / enc.med:>7,.0f}")
         res[label] = {
             "bytes": size, "decode_total_us": dec.js(), "fill_us": fil.js(), "decoder_own_us": own.js(),
-            "alloc_us": st["alloc"].js(), "own_minus_alloc_us": bare.js(), "encode_us": enc.js(),
+            "alloc_us": st["alloc"].js(), "rest_us": bare.js(), "encode_us": enc.js(),
             "decode_total_gbps": size / dec.med, "fill_gbps": size / fil.med, "decoder_own_gbps": size / own.med,
             "encode_gbps": size / enc.med, "payload_is_own_memoryview": True, "encode_lends_payload": True,
         }
@@ -282,9 +276,7 @@ class Msg(msgspec.Struct):
 def bench_baseline(t: Timer, rng: random.Random) -> dict[str, Any]:
     payload = rng.randbytes(MiB)
     frame = Frame(FrameType.REQUEST, 1, RequestMeta(model="echo"), payload, FLAG_END)
-    decode, _, got = in_place_ops(frame)
-    check_large(got, frame)
-    del got
+    decode, _ = in_place_ops(frame)
     menc, mdec = msgspec.json.Encoder(), msgspec.json.Decoder(Msg)
     msg = Msg(1, "echo", payload)
     m_wire = menc.encode(msg)
@@ -346,9 +338,8 @@ def bench_vectors(t: Timer, directory: Path) -> dict[str, Any]:
     if skipped:
         print(f"   skipped {len(skipped)} valid case(s) that do not decode alone to one frame: {skipped}")
     if not cases:
-        note = "no valid vectors found yet; section skipped"
-        print(f"   {note}")
-        return {"skipped": note, "not_decodable": skipped}
+        print(note := "   no valid vectors found yet (protocol/vectors/ is written in parallel); section skipped")
+        return {"skipped": note.strip(), "not_decodable": skipped}
     mix = b"".join(cases)
     st = t.run({"mix": stream_decode_op(mix * -(-SMALL_STREAM // len(mix)))})["mix"]
     print(f"   {len(cases)} frames, {len(mix):,} B per pass: {rate_str(st.rate())} frames/s,"
@@ -360,8 +351,7 @@ def bench_vectors(t: Timer, directory: Path) -> dict[str, Any]:
 def summary(res: dict[str, Any]) -> dict[str, Any]:
     dps = res["small"]["decode REQUEST+meta"]["frames_per_s"]["median"]
     large, b = res["large"], res["baseline"]
-    own, alloc, bare = ([v[k]["median"] for v in large.values()] for k in ("decoder_own_us", "alloc_us",
-                                                                          "own_minus_alloc_us"))
+    own, alloc, bare = ([v[k]["median"] for v in large.values()] for k in ("decoder_own_us", "alloc_us", "rest_us"))
     copy_8m = large["8 MiB"]["fill_us"]["median"]  # what one more copy of the 8 MiB payload costs
     out = {
         "small_decodes_per_s_ge_500k": dps >= TARGET_DECODES,
@@ -392,16 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         "date": datetime.date.today().isoformat(), "python": platform.python_version(),
         "platform": platform.platform(), "cpus": os.cpu_count(), "reps": reps, "rep_target_s": target_s,
-        "quick": args.quick, "msgspec": msgspec.__version__, "command": " ".join(["bench/codec.py", *sys.argv[1:]]),
+        "quick": args.quick, "msgspec": msgspec.__version__,
+        "command": " ".join(["bench/codec.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     print(f"casola codec benchmark: CPython {env['python']}, {env['platform']}, {env['cpus']} CPUs,"
           f" {env['date']}, {reps} reps of ~{target_s * 1e3:.0f} ms{' (quick)' if args.quick else ''}")
     t0 = time.perf_counter()
-    res: dict[str, Any] = {"env": env}
-    res["small"] = bench_small(t)
-    res["large"] = bench_large(t, rng)
-    res["baseline"] = bench_baseline(t, rng)
-    res["vectors"] = bench_vectors(t, args.vectors)
+    res: dict[str, Any] = {"env": env, "small": bench_small(t), "large": bench_large(t, rng),
+                           "baseline": bench_baseline(t, rng), "vectors": bench_vectors(t, args.vectors)}
     res["targets"] = summary(res)
     env["elapsed_s"] = round(time.perf_counter() - t0, 1)
     print(f"\n({env['elapsed_s']} s)")

@@ -129,6 +129,8 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
                   meta=fields("GOAWAY", code=14, last_stream_id=7, message="restarting", retry_after_ms=500)),
             valid("GOAWAY with a code from a newer version", "§9", "GOAWAY", meta=fields("GOAWAY", code=999)),
             invalid("GOAWAY code above u16", "§4", raw(0x05, meta=mp([70000])), "BAD_META"),
+            invalid("GOAWAY message is not UTF-8 (found by fuzzing)", "§4",
+                    raw(0x05, meta=b"\x94\x0e\x07\xaare\x89\x8barting\xcd\x01\xf4"), "BAD_META"),
         ],
         "CREDIT": [
             valid("CREDIT +1", "§3.6", "CREDIT", meta=fields("CREDIT", grant=1)),

@@ -237,5 +237,5 @@ def _decode_meta(ftype: FrameType, decoder: object, default: object, raw: memory
         return default
     try:
         return decoder.decode(raw)  # type: ignore[attr-defined]
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+    except (msgspec.DecodeError, ValueError) as exc:  # ValidationError; UnicodeDecodeError (bad UTF-8)
         raise RemoteProtocolError(ErrorCode.BAD_META, f"{ftype.name} metadata: {exc}") from exc
