@@ -26,7 +26,9 @@ __all__ = ["fuzz_connection", "fuzz_decoder"]
 
 
 def _normal(events: list[Any]) -> list[Any]:
-    return [Frame(e.type, e.stream_id, e.meta, bytes(e.payload), e.flags) if isinstance(e, Frame) else e for e in events]
+    return [
+        Frame(e.type, e.stream_id, e.meta, bytes(e.payload), e.flags) if isinstance(e, Frame) else e for e in events
+    ]
 
 
 def _run_decoder(chunks: list[bytes]) -> tuple[list[Any], int | None]:

@@ -47,7 +47,7 @@ class Scope(enum.Enum):
 class ErrorCode(enum.IntEnum):
 '''
 
-MIDDLE = '''
+MIDDLE = """
 
 class ErrorInfo(NamedTuple):
     scope: Scope
@@ -58,7 +58,7 @@ class ErrorInfo(NamedTuple):
 
 
 ERROR_INFO: Final[dict[ErrorCode, ErrorInfo]] = {
-'''
+"""
 
 FOOTER = '''}
 

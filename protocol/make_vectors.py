@@ -19,15 +19,26 @@ from typing import Any
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from casola.wire.meta import META_TYPES  # noqa: E402  (field order and defaults only)
+from casola.wire.meta import META_TYPES
 
 OUT = Path(__file__).resolve().parent / "vectors"
 HEAD = struct.Struct("!BBHIIQ")
 T = {
-    "HELLO": 0x01, "HELLO_ACK": 0x02, "PING": 0x03, "PONG": 0x04, "GOAWAY": 0x05, "CREDIT": 0x06,
-    "HEARTBEAT": 0x07, "REQUEST": 0x10, "RESPONSE": 0x11, "DATA": 0x12, "END": 0x13, "ERROR": 0x14,
-    "CANCEL": 0x15, "CHECKPOINT": 0x16,
-}  # fmt: skip
+    "HELLO": 0x01,
+    "HELLO_ACK": 0x02,
+    "PING": 0x03,
+    "PONG": 0x04,
+    "GOAWAY": 0x05,
+    "CREDIT": 0x06,
+    "HEARTBEAT": 0x07,
+    "REQUEST": 0x10,
+    "RESPONSE": 0x11,
+    "DATA": 0x12,
+    "END": 0x13,
+    "ERROR": 0x14,
+    "CANCEL": 0x15,
+    "CHECKPOINT": 0x16,
+}
 END = 0x0001
 MAX_META, MAX_PAYLOAD = 16 * 1024, 16 * 1024 * 1024
 
@@ -40,7 +51,9 @@ def fields(ftype: str, **values: Any) -> dict[str, Any]:
         if f.name in values:
             out[f.name] = values.pop(f.name)
         elif f.default is not msgspec.NODEFAULT:
-            out[f.name] = int(f.default) if isinstance(f.default, int) and not isinstance(f.default, bool) else f.default
+            out[f.name] = (
+                int(f.default) if isinstance(f.default, int) and not isinstance(f.default, bool) else f.default
+            )
         elif f.default_factory is not msgspec.NODEFAULT:
             out[f.name] = f.default_factory()
         else:
@@ -57,8 +70,17 @@ def mp(value: Any) -> bytes:
     return msgspec.msgpack.encode(value)
 
 
-def valid(name: str, spec: str, ftype: str, sid: int = 0, flags: int = 0, meta: dict[str, Any] | None = None,
-          payload: bytes = b"", canonical: bool = True, meta_bytes: bytes | None = None) -> dict[str, Any]:  # fmt: skip
+def valid(
+    name: str,
+    spec: str,
+    ftype: str,
+    sid: int = 0,
+    flags: int = 0,
+    meta: dict[str, Any] | None = None,
+    payload: bytes = b"",
+    canonical: bool = True,
+    meta_bytes: bytes | None = None,
+) -> dict[str, Any]:
     """A case that decodes to `meta` (None: no metadata or all defaults, length 0)."""
     mbytes = meta_bytes if meta_bytes is not None else (b"" if meta is None else mp(list(meta.values())))
     case: dict[str, Any] = {"name": name, "spec": spec, "hex": raw(T[ftype], sid, flags, mbytes, payload)}
@@ -83,29 +105,56 @@ def common_invalid(ftype: str) -> list[dict[str, Any]]:
     if ftype in ("DATA", "PING", "PONG"):
         cases.append(invalid(f"{ftype} carrying metadata", "§3", raw(t, sid_ok, meta=b"\x90"), "FRAME_SIZE"))
     else:
-        cases.append(invalid(f"{ftype} metadata is not msgpack (0xc1 is never used)", "§4",
-                             raw(t, sid_ok, meta=b"\xc1"), "BAD_META"))  # fmt: skip
-        cases.append(invalid(f"{ftype} metadata is a map, not an array", "§4",
-                             raw(t, sid_ok, meta=mp({"a": 1})), "BAD_META"))  # fmt: skip
+        cases.append(
+            invalid(
+                f"{ftype} metadata is not msgpack (0xc1 is never used)", "§4", raw(t, sid_ok, meta=b"\xc1"), "BAD_META"
+            )
+        )
+        cases.append(
+            invalid(f"{ftype} metadata is a map, not an array", "§4", raw(t, sid_ok, meta=mp({"a": 1})), "BAD_META")
+        )
     if ftype in ("HELLO", "HELLO_ACK", "GOAWAY", "CREDIT", "HEARTBEAT", "END", "ERROR", "CANCEL"):
         cases.append(invalid(f"{ftype} carrying a payload", "§3", raw(t, sid_ok, payload=b"x"), "FRAME_SIZE"))
     return cases
 
 
 def by_type() -> dict[str, list[dict[str, Any]]]:
-    hello = fields("HELLO", role="worker", credential="wk_test", node_id="w1", region="eu-west", credit=4,
-                   models=["echo", "whisper-tiny"], pool="sync")  # fmt: skip
+    hello = fields(
+        "HELLO",
+        role="worker",
+        credential="wk_test",
+        node_id="w1",
+        region="eu-west",
+        credit=4,
+        models=["echo", "whisper-tiny"],
+        pool="sync",
+    )
     ack = fields("HELLO_ACK", version=1, node_id="q1", region="eu-west", credit=256)
     req = fields("REQUEST", model="echo", deadline_ms=1000, trace=True)
-    req_full = fields("REQUEST", model="llm", deadline_ms=30000, content_type="application/json",
-                      params={"temperature": 0.7, "max_tokens": 64, "stream": True, "stop": None},
-                      tenant="t1", priority=-3, job_id="job-42", fence=7, attempt=1)  # fmt: skip
+    req_full = fields(
+        "REQUEST",
+        model="llm",
+        deadline_ms=30000,
+        content_type="application/json",
+        params={"temperature": 0.7, "max_tokens": 64, "stream": True, "stop": None},
+        tenant="t1",
+        priority=-3,
+        job_id="job-42",
+        fence=7,
+        attempt=1,
+    )
     v: dict[str, list[dict[str, Any]]] = {
         "HELLO": [
             valid("worker HELLO", "§3.1", "HELLO", meta=hello),
             valid("client HELLO, defaults", "§3.1", "HELLO", meta=fields("HELLO", role="client")),
-            valid("older sender: only the required field", "§4.2", "HELLO", meta=fields("HELLO", role="client"),
-                  meta_bytes=mp(["client"]), canonical=False),  # fmt: skip
+            valid(
+                "older sender: only the required field",
+                "§4.2",
+                "HELLO",
+                meta=fields("HELLO", role="client"),
+                meta_bytes=mp(["client"]),
+                canonical=False,
+            ),
             invalid("HELLO with zero-length metadata (role is required)", "§4", raw(0x01), "BAD_META"),
             invalid("HELLO with an unknown role", "§4", raw(0x01, meta=mp(["admin"])), "BAD_META"),
             invalid("HELLO with max_version 256", "§4", raw(0x01, meta=mp(["client", 1, 256])), "BAD_META"),
@@ -125,12 +174,20 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
         ],
         "GOAWAY": [
             valid("graceful GOAWAY, all defaults (length 0)", "§3.5", "GOAWAY", meta=None),
-            valid("GOAWAY draining after stream 7", "§6.5", "GOAWAY",
-                  meta=fields("GOAWAY", code=14, last_stream_id=7, message="restarting", retry_after_ms=500)),
+            valid(
+                "GOAWAY draining after stream 7",
+                "§6.5",
+                "GOAWAY",
+                meta=fields("GOAWAY", code=14, last_stream_id=7, message="restarting", retry_after_ms=500),
+            ),
             valid("GOAWAY with a code from a newer version", "§9", "GOAWAY", meta=fields("GOAWAY", code=999)),
             invalid("GOAWAY code above u16", "§4", raw(0x05, meta=mp([70000])), "BAD_META"),
-            invalid("GOAWAY message is not UTF-8 (found by fuzzing)", "§4",
-                    raw(0x05, meta=b"\x94\x0e\x07\xaare\x89\x8barting\xcd\x01\xf4"), "BAD_META"),
+            invalid(
+                "GOAWAY message is not UTF-8 (found by fuzzing)",
+                "§4",
+                raw(0x05, meta=b"\x94\x0e\x07\xaare\x89\x8barting\xcd\x01\xf4"),
+                "BAD_META",
+            ),
         ],
         "CREDIT": [
             valid("CREDIT +1", "§3.6", "CREDIT", meta=fields("CREDIT", grant=1)),
@@ -140,8 +197,12 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
             invalid("CREDIT without metadata", "§4", raw(0x06), "BAD_META"),
         ],
         "HEARTBEAT": [
-            valid("HEARTBEAT", "§3.7", "HEARTBEAT",
-                  meta=fields("HEARTBEAT", active=2, capacity=4, load=0.5, stats={"gpu_mem": 0.25})),
+            valid(
+                "HEARTBEAT",
+                "§3.7",
+                "HEARTBEAT",
+                meta=fields("HEARTBEAT", active=2, capacity=4, load=0.5, stats={"gpu_mem": 0.25}),
+            ),
             valid("HEARTBEAT, all defaults", "§3.7", "HEARTBEAT", meta=None),
             invalid("HEARTBEAT load is a string", "§4", raw(0x07, meta=mp([1, 2, True, "hi"])), "BAD_META"),
         ],
@@ -149,28 +210,51 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
             valid("REQUEST with FLAG_END: one frame", "§3.8", "REQUEST", 1, END, req, b"hello"),
             valid("REQUEST, every field", "§4", "REQUEST", 3, 0, req_full, b'{"prompt":"hi"}'),
             valid("REQUEST with an empty payload", "§3.8", "REQUEST", 2, 0, fields("REQUEST", model="m")),
-            valid("newer sender: one extra trailing field", "§4.2", "REQUEST", 1, END,
-                  fields("REQUEST", model="echo"), meta_bytes=mp([*fields("REQUEST", model="echo").values(), "x"]),
-                  canonical=False),  # fmt: skip
+            valid(
+                "newer sender: one extra trailing field",
+                "§4.2",
+                "REQUEST",
+                1,
+                END,
+                fields("REQUEST", model="echo"),
+                meta_bytes=mp([*fields("REQUEST", model="echo").values(), "x"]),
+                canonical=False,
+            ),
             invalid("REQUEST without metadata (model required)", "§4", raw(0x10, 1), "BAD_META"),
             invalid("REQUEST model is an int", "§4", raw(0x10, 1, meta=mp([5])), "BAD_META"),
-            invalid("REQUEST priority out of range", "§4", raw(0x10, 1, meta=mp(["m", 0, "", {}, False, "", 200])),
-                    "BAD_META"),  # fmt: skip
+            invalid(
+                "REQUEST priority out of range",
+                "§4",
+                raw(0x10, 1, meta=mp(["m", 0, "", {}, False, "", 200])),
+                "BAD_META",
+            ),
             invalid("REQUEST truncated in its metadata", "§2.3", raw(0x10, 1, meta=mp(["echo"]))[:-4], "TRUNCATED"),
         ],
         "RESPONSE": [
             valid("RESPONSE head, defaults, 3-byte payload", "§3.9", "RESPONSE", 1, 0, None, b"abc"),
-            valid("RESPONSE with FLAG_END", "§3.9", "RESPONSE", 2, END,
-                  fields("RESPONSE", content_type="audio/wav", headers={"x-a": "1"}, timing={"wait": 0.0}), b"RIFF"),
+            valid(
+                "RESPONSE with FLAG_END",
+                "§3.9",
+                "RESPONSE",
+                2,
+                END,
+                fields("RESPONSE", content_type="audio/wav", headers={"x-a": "1"}, timing={"wait": 0.0}),
+                b"RIFF",
+            ),
         ],
         "DATA": [
             valid("DATA chunk", "§3.10", "DATA", 5, 0, None, b"\x00\x01\x02\xff"),
             valid("empty DATA with FLAG_END", "§3.10", "DATA", 5, END, None),
             valid("DATA of 16 KiB (in-place receive path)", "§2.4", "DATA", 9, 0, None, bytes(range(256)) * 64),
-            invalid("DATA longer than max_payload (header only)", "§2.3", raw(0x12, 1)[:-16] + (MAX_PAYLOAD + 1)
-                    .to_bytes(8, "big").hex(), "FRAME_SIZE"),  # fmt: skip
-            invalid("DATA with payload length 2^64-1 (header only)", "§2.3",
-                    raw(0x12, 1)[:-16] + "ff" * 8, "FRAME_SIZE"),  # fmt: skip
+            invalid(
+                "DATA longer than max_payload (header only)",
+                "§2.3",
+                raw(0x12, 1)[:-16] + (MAX_PAYLOAD + 1).to_bytes(8, "big").hex(),
+                "FRAME_SIZE",
+            ),
+            invalid(
+                "DATA with payload length 2^64-1 (header only)", "§2.3", raw(0x12, 1)[:-16] + "ff" * 8, "FRAME_SIZE"
+            ),
             invalid("DATA truncated in its payload", "§2.3", raw(0x12, 1, payload=b"abcd")[:-2], "TRUNCATED"),
         ],
         "END": [
@@ -179,18 +263,37 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
             invalid("END with FLAG_END", "§2.2", raw(0x13, 1, END), "BAD_FLAGS"),
         ],
         "ERROR": [
-            valid("ERROR no capacity, retry after 250 ms", "§3.12", "ERROR", 1, 0,
-                  fields("ERROR", code=36, message="no worker for echo", retry_after_ms=250)),
+            valid(
+                "ERROR no capacity, retry after 250 ms",
+                "§3.12",
+                "ERROR",
+                1,
+                0,
+                fields("ERROR", code=36, message="no worker for echo", retry_after_ms=250),
+            ),
             invalid("ERROR without code", "§4", raw(0x14, 1), "BAD_META"),
         ],
         "CANCEL": [
             valid("CANCEL, defaults (CANCELLED)", "§3.13", "CANCEL", 1, 0, None),
-            valid("CANCEL for a content-policy verdict", "§3.13", "CANCEL", 4, 0,
-                  fields("CANCEL", code=42, message="filter")),
+            valid(
+                "CANCEL for a content-policy verdict",
+                "§3.13",
+                "CANCEL",
+                4,
+                0,
+                fields("CANCEL", code=42, message="filter"),
+            ),
         ],
         "CHECKPOINT": [
-            valid("CHECKPOINT step 3 of a job", "§3.14", "CHECKPOINT", 2, 0,
-                  fields("CHECKPOINT", seq=3, fence=7, progress=0.3), b"\x00state"),
+            valid(
+                "CHECKPOINT step 3 of a job",
+                "§3.14",
+                "CHECKPOINT",
+                2,
+                0,
+                fields("CHECKPOINT", seq=3, fence=7, progress=0.3),
+                b"\x00state",
+            ),
             invalid("CHECKPOINT without seq", "§4", raw(0x16, 2), "BAD_META"),
         ],
     }
@@ -209,10 +312,15 @@ def header_cases() -> list[dict[str, Any]]:
         invalid("unknown type 0x08", "§2.3", raw(0x08), "UNKNOWN_FRAME_TYPE"),
         invalid("unknown type 0xff", "§2.3", raw(0xFF, 1), "UNKNOWN_FRAME_TYPE"),
         invalid("version is checked before type", "§2.3", raw(0xFF, version=9), "BAD_VERSION"),
-        invalid("metadata longer than max_meta (header only)", "§2.3",
-                HEAD.pack(1, 0x10, 0, 1, MAX_META + 1, 0).hex(), "FRAME_SIZE"),  # fmt: skip
-        invalid("metadata length 2^32-1 (header only)", "§2.3", HEAD.pack(1, 0x10, 0, 1, 2**32 - 1, 0).hex(),
-                "FRAME_SIZE"),  # fmt: skip
+        invalid(
+            "metadata longer than max_meta (header only)",
+            "§2.3",
+            HEAD.pack(1, 0x10, 0, 1, MAX_META + 1, 0).hex(),
+            "FRAME_SIZE",
+        ),
+        invalid(
+            "metadata length 2^32-1 (header only)", "§2.3", HEAD.pack(1, 0x10, 0, 1, 2**32 - 1, 0).hex(), "FRAME_SIZE"
+        ),
         invalid("header cut at 10 bytes", "§2.3", raw(0x13, 1)[:20], "TRUNCATED"),
         invalid("header cut at 19 bytes", "§2.3", raw(0x13, 1)[:38], "TRUNCATED"),
     ]
@@ -227,73 +335,217 @@ def connection_cases() -> list[dict[str, Any]]:
     req = lambda sid, flags=0: raw(0x10, sid, flags, mp(list(fields("REQUEST", model="echo").values())))  # noqa: E731
     goaway = lambda code, last: raw(0x05, meta=mp(list(fields("GOAWAY", code=code, last_stream_id=last).values())))  # noqa: E731
     frame = lambda t, sid, flags=0, meta=None, payload=b"": {  # noqa: E731
-        "type": t, "stream_id": sid, "flags": flags, "meta": meta, "payload_hex": payload.hex()}
+        "type": t,
+        "stream_id": sid,
+        "flags": flags,
+        "meta": meta,
+        "payload_hex": payload.hex(),
+    }
     c = lambda name, spec, side, before, hexstr, **exp: {  # noqa: E731
-        "name": name, "spec": spec, "connection": {"side": side, "before": before}, "hex": hexstr, **exp}
+        "name": name,
+        "spec": spec,
+        "connection": {"side": side, "before": before},
+        "hex": hexstr,
+        **exp,
+    }
     rq = fields("REQUEST", model="echo")
     return [
-        c("HELLO accepted for the application to answer", "§6.1", "acceptor", [], hello,
-          events=[frame("HELLO", 0, meta=fields("HELLO", role="ingress", credit=8))]),
-        c("REQUEST before HELLO", "§6.1", "acceptor", [], req(1), error="BAD_STATE",
-          sends=[{"type": "GOAWAY", "code": "BAD_STATE"}]),
+        c(
+            "HELLO accepted for the application to answer",
+            "§6.1",
+            "acceptor",
+            [],
+            hello,
+            events=[frame("HELLO", 0, meta=fields("HELLO", role="ingress", credit=8))],
+        ),
+        c(
+            "REQUEST before HELLO",
+            "§6.1",
+            "acceptor",
+            [],
+            req(1),
+            error="BAD_STATE",
+            sends=[{"type": "GOAWAY", "code": "BAD_STATE"}],
+        ),
         c("PING before HELLO", "§6.1", "acceptor", [], raw(0x03, payload=bytes(8)), error="BAD_STATE"),
-        c("HELLO with no common version", "§6.2", "acceptor", [],
-          raw(0x01, meta=mp(list(fields("HELLO", role="client", min_version=2, max_version=3).values()))),
-          error="UNSUPPORTED_VERSION", sends=[{"type": "GOAWAY", "code": "UNSUPPORTED_VERSION"}]),
+        c(
+            "HELLO with no common version",
+            "§6.2",
+            "acceptor",
+            [],
+            raw(0x01, meta=mp(list(fields("HELLO", role="client", min_version=2, max_version=3).values()))),
+            error="UNSUPPORTED_VERSION",
+            sends=[{"type": "GOAWAY", "code": "UNSUPPORTED_VERSION"}],
+        ),
         c("second HELLO", "§6.1", "acceptor", acc, hello, error="BAD_STATE"),
         c("HELLO_ACK before HELLO was sent", "§6.1", "dialer", [], ack, error="BAD_STATE"),
-        c("HELLO_ACK choosing a version the dialer did not offer", "§6.2", "dialer", [{"send": hello}],
-          raw(0x02, meta=mp(list(fields("HELLO_ACK", version=2).values()))), error="UNSUPPORTED_VERSION"),
-        c("HELLO refused with GOAWAY", "§6.1", "dialer", [{"send": hello}], goaway(11, 0),
-          events=[frame("GOAWAY", 0, meta=fields("GOAWAY", code=11)),
-                  {"event": "CONNECTION_TERMINATED", "code": "UNAUTHENTICATED"}]),  # fmt: skip
+        c(
+            "HELLO_ACK choosing a version the dialer did not offer",
+            "§6.2",
+            "dialer",
+            [{"send": hello}],
+            raw(0x02, meta=mp(list(fields("HELLO_ACK", version=2).values()))),
+            error="UNSUPPORTED_VERSION",
+        ),
+        c(
+            "HELLO refused with GOAWAY",
+            "§6.1",
+            "dialer",
+            [{"send": hello}],
+            goaway(11, 0),
+            events=[
+                frame("GOAWAY", 0, meta=fields("GOAWAY", code=11)),
+                {"event": "CONNECTION_TERMINATED", "code": "UNAUTHENTICATED"},
+            ],
+        ),
         c("REQUEST opens stream 1", "§5", "acceptor", acc, req(1, END), events=[frame("REQUEST", 1, END, rq)]),
         c("REQUEST with the acceptor's parity", "§5.1", "acceptor", acc, req(2), error="BAD_STREAM_ID"),
-        c("REQUEST reusing a closed stream id", "§5.1", "acceptor",
-          [*acc, {"recv": req(1, END)}, {"send": raw(0x11, 1, END)}], req(1), error="BAD_STREAM_ID"),
-        c("REQUEST with a lower id than the last", "§5.1", "acceptor", [*acc, {"recv": req(5)}], req(3),
-          error="BAD_STREAM_ID"),
-        c("REQUEST beyond the credit granted", "§7", "acceptor", [*acc, {"recv": req(1)}, {"recv": req(3)}],
-          req(5), error="CREDIT_VIOLATION", sends=[{"type": "GOAWAY", "code": "CREDIT_VIOLATION"}]),
-        c("DATA on a stream never opened", "§5.4", "acceptor", acc, raw(0x12, 7, payload=b"x"),
-          error="BAD_STREAM_ID"),
-        c("REQUEST on an open stream", "§5.2", "acceptor", [*acc, {"recv": req(1)}], req(1),
-          events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
-          sends=[{"type": "ERROR", "code": "STREAM_STATE", "stream_id": 1}, {"type": "CREDIT"}]),
-        c("RESPONSE from the opener", "§5.2", "acceptor", [*acc, {"recv": req(1)}], raw(0x11, 1),
-          events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
-          sends=[{"type": "ERROR", "code": "STREAM_STATE", "stream_id": 1}, {"type": "CREDIT"}]),
-        c("CHECKPOINT from the opener", "§5.2", "acceptor", [*acc, {"recv": req(1)}],
-          raw(0x16, 1, meta=mp([1, 0, 0.0])),
-          events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}]),
-        c("DATA after the opener's END", "§5.2", "acceptor", [*acc, {"recv": req(1, END)}], raw(0x12, 1),
-          events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}]),
-        c("response DATA before the RESPONSE head", "§5.2", "dialer", [*dia, {"send": req(1, END)}],
-          raw(0x12, 1, payload=b"x"), events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
-          sends=[{"type": "CANCEL", "code": "STREAM_STATE", "stream_id": 1}]),
-        c("END before the RESPONSE head", "§5.2", "dialer", [*dia, {"send": req(1, END)}], raw(0x13, 1),
-          events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}]),
-        c("RESPONSE + END complete a stream", "§5", "dialer", [*dia, {"send": req(1, END)}],
-          raw(0x11, 1, 0, b"", b"ok") + raw(0x13, 1),
-          events=[frame("RESPONSE", 1, payload=b"ok"), frame("END", 1)]),
-        c("late RESPONSE after our CANCEL is dropped", "§5.4", "dialer",
-          [*dia, {"send": req(1)}, {"send": raw(0x15, 1)}], raw(0x11, 1, END, b"", b"late"), events=[]),
-        c("ERROR ends a stream; later DATA is dropped", "§5.4", "dialer", [*dia, {"send": req(1, END)}],
-          raw(0x14, 1, meta=mp([39, "worker died", 0, "", {}])) + raw(0x12, 1, payload=b"x"),
-          events=[frame("ERROR", 1, meta=fields("ERROR", code=39, message="worker died"))]),
-        c("REQUEST crossing our GOAWAY is refused, retryable", "§6.5", "acceptor",
-          [*acc, {"recv": req(1)}, {"send": goaway(0, 1)}], req(3), events=[],
-          sends=[{"type": "ERROR", "code": "SHUTTING_DOWN", "stream_id": 3}]),
-        c("GOAWAY resets our streams it did not process", "§6.5", "dialer",
-          [*dia, {"send": req(1)}, {"send": req(3)}], goaway(0, 1),
-          events=[frame("GOAWAY", 0, meta=fields("GOAWAY", last_stream_id=1)),
-                  {"event": "STREAM_RESET", "stream_id": 3, "code": "SHUTTING_DOWN"}]),  # fmt: skip
-        c("REQUEST after the peer's own GOAWAY", "§6.5", "acceptor", [*acc, {"recv": goaway(0, 0)}], req(1),
-          error="BAD_STATE"),
-        c("PING is answered with PONG", "§6.4", "dialer", dia, raw(0x03, payload=b"12345678"), events=[],
-          sends=[{"type": "PONG", "payload_hex": b"12345678".hex()}]),
-        c("CREDIT overflowing the counter", "§7", "dialer", dia, raw(0x06, meta=mp([2**31 - 1])),
-          error="CREDIT_VIOLATION"),
+        c(
+            "REQUEST reusing a closed stream id",
+            "§5.1",
+            "acceptor",
+            [*acc, {"recv": req(1, END)}, {"send": raw(0x11, 1, END)}],
+            req(1),
+            error="BAD_STREAM_ID",
+        ),
+        c(
+            "REQUEST with a lower id than the last",
+            "§5.1",
+            "acceptor",
+            [*acc, {"recv": req(5)}],
+            req(3),
+            error="BAD_STREAM_ID",
+        ),
+        c(
+            "REQUEST beyond the credit granted",
+            "§7",
+            "acceptor",
+            [*acc, {"recv": req(1)}, {"recv": req(3)}],
+            req(5),
+            error="CREDIT_VIOLATION",
+            sends=[{"type": "GOAWAY", "code": "CREDIT_VIOLATION"}],
+        ),
+        c("DATA on a stream never opened", "§5.4", "acceptor", acc, raw(0x12, 7, payload=b"x"), error="BAD_STREAM_ID"),
+        c(
+            "REQUEST on an open stream",
+            "§5.2",
+            "acceptor",
+            [*acc, {"recv": req(1)}],
+            req(1),
+            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+            sends=[{"type": "ERROR", "code": "STREAM_STATE", "stream_id": 1}, {"type": "CREDIT"}],
+        ),
+        c(
+            "RESPONSE from the opener",
+            "§5.2",
+            "acceptor",
+            [*acc, {"recv": req(1)}],
+            raw(0x11, 1),
+            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+            sends=[{"type": "ERROR", "code": "STREAM_STATE", "stream_id": 1}, {"type": "CREDIT"}],
+        ),
+        c(
+            "CHECKPOINT from the opener",
+            "§5.2",
+            "acceptor",
+            [*acc, {"recv": req(1)}],
+            raw(0x16, 1, meta=mp([1, 0, 0.0])),
+            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+        ),
+        c(
+            "DATA after the opener's END",
+            "§5.2",
+            "acceptor",
+            [*acc, {"recv": req(1, END)}],
+            raw(0x12, 1),
+            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+        ),
+        c(
+            "response DATA before the RESPONSE head",
+            "§5.2",
+            "dialer",
+            [*dia, {"send": req(1, END)}],
+            raw(0x12, 1, payload=b"x"),
+            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+            sends=[{"type": "CANCEL", "code": "STREAM_STATE", "stream_id": 1}],
+        ),
+        c(
+            "END before the RESPONSE head",
+            "§5.2",
+            "dialer",
+            [*dia, {"send": req(1, END)}],
+            raw(0x13, 1),
+            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+        ),
+        c(
+            "RESPONSE + END complete a stream",
+            "§5",
+            "dialer",
+            [*dia, {"send": req(1, END)}],
+            raw(0x11, 1, 0, b"", b"ok") + raw(0x13, 1),
+            events=[frame("RESPONSE", 1, payload=b"ok"), frame("END", 1)],
+        ),
+        c(
+            "late RESPONSE after our CANCEL is dropped",
+            "§5.4",
+            "dialer",
+            [*dia, {"send": req(1)}, {"send": raw(0x15, 1)}],
+            raw(0x11, 1, END, b"", b"late"),
+            events=[],
+        ),
+        c(
+            "ERROR ends a stream; later DATA is dropped",
+            "§5.4",
+            "dialer",
+            [*dia, {"send": req(1, END)}],
+            raw(0x14, 1, meta=mp([39, "worker died", 0, "", {}])) + raw(0x12, 1, payload=b"x"),
+            events=[frame("ERROR", 1, meta=fields("ERROR", code=39, message="worker died"))],
+        ),
+        c(
+            "REQUEST crossing our GOAWAY is refused, retryable",
+            "§6.5",
+            "acceptor",
+            [*acc, {"recv": req(1)}, {"send": goaway(0, 1)}],
+            req(3),
+            events=[],
+            sends=[{"type": "ERROR", "code": "SHUTTING_DOWN", "stream_id": 3}],
+        ),
+        c(
+            "GOAWAY resets our streams it did not process",
+            "§6.5",
+            "dialer",
+            [*dia, {"send": req(1)}, {"send": req(3)}],
+            goaway(0, 1),
+            events=[
+                frame("GOAWAY", 0, meta=fields("GOAWAY", last_stream_id=1)),
+                {"event": "STREAM_RESET", "stream_id": 3, "code": "SHUTTING_DOWN"},
+            ],
+        ),
+        c(
+            "REQUEST after the peer's own GOAWAY",
+            "§6.5",
+            "acceptor",
+            [*acc, {"recv": goaway(0, 0)}],
+            req(1),
+            error="BAD_STATE",
+        ),
+        c(
+            "PING is answered with PONG",
+            "§6.4",
+            "dialer",
+            dia,
+            raw(0x03, payload=b"12345678"),
+            events=[],
+            sends=[{"type": "PONG", "payload_hex": b"12345678".hex()}],
+        ),
+        c(
+            "CREDIT overflowing the counter",
+            "§7",
+            "dialer",
+            dia,
+            raw(0x06, meta=mp([2**31 - 1])),
+            error="CREDIT_VIOLATION",
+        ),
         c("HELLO_ACK after the handshake", "§6.1", "dialer", dia, ack, error="BAD_STATE"),
     ]
 

@@ -14,7 +14,8 @@ Errors (STYLE §2):
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Final
+from collections.abc import Callable
+from typing import ClassVar, Final
 
 from casola.wire.credit import CreditWindow
 from casola.wire.decoder import FrameDecoder
@@ -320,14 +321,18 @@ class Connection:
         self._rx_credit.spend()
         self._last_peer_id = sid
         meta = ErrorMeta(ErrorCode.SHUTTING_DOWN, "stream arrived after GOAWAY; retry elsewhere")
-        self._out += encode_frame(Frame(FrameType.ERROR, sid, meta), self._peer_max_meta, self._peer_max_payload, self.version)
+        self._out += encode_frame(
+            Frame(FrameType.ERROR, sid, meta), self._peer_max_meta, self._peer_max_payload, self.version
+        )
 
     def _on_hello(self, frame: Frame, events: list[Event]) -> None:
         self._check_lifecycle(Direction.RECV, Kind.HELLO, frame)
         meta = frame.meta
         common = [v for v in SUPPORTED_VERSIONS if meta.min_version <= v <= meta.max_version]  # type: ignore[union-attr]
         if not common:
-            raise RemoteProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"peer speaks {meta.min_version}..{meta.max_version}")  # type: ignore[union-attr]
+            raise RemoteProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION, f"peer speaks {meta.min_version}..{meta.max_version}"
+            )  # type: ignore[union-attr]
         self.version = max(common)
         self._adopt_peer_hello(frame)
         events.append(frame)
@@ -398,7 +403,9 @@ class Connection:
         sender = _OPENER if local else _RESPONDER
         new = next_state(state, sender, frame.type, bool(frame.flags & FLAG_END))
         if new is None:
-            raise LocalProtocolError(ErrorCode.STREAM_STATE, f"{frame.type.name} as {sender.value} in {state.value}", sid)
+            raise LocalProtocolError(
+                ErrorCode.STREAM_STATE, f"{frame.type.name} as {sender.value} in {state.value}", sid
+            )
         if state is StreamState.IDLE:
             self.send_credit -= 1
             self._next_local_id += 2

@@ -6,8 +6,6 @@ wire: they report what the connection decided (a stream it reset, an RTT it meas
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 from casola.wire.frames import FLAG_END, FrameType
@@ -15,7 +13,7 @@ from casola.wire.meta import Meta
 
 __all__ = ["Buffer", "ConnectionTerminated", "Event", "Frame", "PingAcked", "StreamReset"]
 
-Buffer = Union[bytes, bytearray, memoryview]  # byte-formatted, C-contiguous
+Buffer = bytes | bytearray | memoryview  # byte-formatted, C-contiguous
 
 
 class Frame(msgspec.Struct, gc=False):
@@ -58,4 +56,4 @@ class ConnectionTerminated(msgspec.Struct, gc=False):
     remote: bool = True
 
 
-Event = Union[Frame, StreamReset, PingAcked, ConnectionTerminated]
+Event = Frame | StreamReset | PingAcked | ConnectionTerminated

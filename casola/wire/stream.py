@@ -35,38 +35,38 @@ class Sender(enum.Enum):
     RESPONDER = "responder"
 
 
-S, O, R, F = StreamState, Sender.OPENER, Sender.RESPONDER, FrameType
+S, OP, RS, F = StreamState, Sender.OPENER, Sender.RESPONDER, FrameType
 
 TRANSITIONS: Final[dict[tuple[StreamState, Sender, FrameType], StreamState]] = {
-    (S.IDLE, O, F.REQUEST): S.OPEN,
+    (S.IDLE, OP, F.REQUEST): S.OPEN,
     # request flowing, no response yet
-    (S.OPEN, O, F.DATA): S.OPEN,
-    (S.OPEN, O, F.END): S.REQUEST_DONE,
-    (S.OPEN, O, F.CANCEL): S.CLOSED,
-    (S.OPEN, R, F.RESPONSE): S.BOTH_OPEN,
-    (S.OPEN, R, F.ERROR): S.CLOSED,
-    (S.OPEN, R, F.CHECKPOINT): S.OPEN,
+    (S.OPEN, OP, F.DATA): S.OPEN,
+    (S.OPEN, OP, F.END): S.REQUEST_DONE,
+    (S.OPEN, OP, F.CANCEL): S.CLOSED,
+    (S.OPEN, RS, F.RESPONSE): S.BOTH_OPEN,
+    (S.OPEN, RS, F.ERROR): S.CLOSED,
+    (S.OPEN, RS, F.CHECKPOINT): S.OPEN,
     # both directions flowing (full duplex: streaming ASR answers while audio still arrives)
-    (S.BOTH_OPEN, O, F.DATA): S.BOTH_OPEN,
-    (S.BOTH_OPEN, O, F.END): S.RESPONDING,
-    (S.BOTH_OPEN, O, F.CANCEL): S.CLOSED,
-    (S.BOTH_OPEN, R, F.DATA): S.BOTH_OPEN,
-    (S.BOTH_OPEN, R, F.END): S.CLOSED,  # the responder needs no more input; see SPEC §5.3
-    (S.BOTH_OPEN, R, F.ERROR): S.CLOSED,
-    (S.BOTH_OPEN, R, F.CHECKPOINT): S.BOTH_OPEN,
+    (S.BOTH_OPEN, OP, F.DATA): S.BOTH_OPEN,
+    (S.BOTH_OPEN, OP, F.END): S.RESPONDING,
+    (S.BOTH_OPEN, OP, F.CANCEL): S.CLOSED,
+    (S.BOTH_OPEN, RS, F.DATA): S.BOTH_OPEN,
+    (S.BOTH_OPEN, RS, F.END): S.CLOSED,  # the responder needs no more input; see SPEC §5.3
+    (S.BOTH_OPEN, RS, F.ERROR): S.CLOSED,
+    (S.BOTH_OPEN, RS, F.CHECKPOINT): S.BOTH_OPEN,
     # request complete, waiting for the response head
-    (S.REQUEST_DONE, O, F.CANCEL): S.CLOSED,
-    (S.REQUEST_DONE, R, F.RESPONSE): S.RESPONDING,
-    (S.REQUEST_DONE, R, F.ERROR): S.CLOSED,
-    (S.REQUEST_DONE, R, F.CHECKPOINT): S.REQUEST_DONE,
+    (S.REQUEST_DONE, OP, F.CANCEL): S.CLOSED,
+    (S.REQUEST_DONE, RS, F.RESPONSE): S.RESPONDING,
+    (S.REQUEST_DONE, RS, F.ERROR): S.CLOSED,
+    (S.REQUEST_DONE, RS, F.CHECKPOINT): S.REQUEST_DONE,
     # response flowing
-    (S.RESPONDING, O, F.CANCEL): S.CLOSED,
-    (S.RESPONDING, R, F.DATA): S.RESPONDING,
-    (S.RESPONDING, R, F.END): S.CLOSED,
-    (S.RESPONDING, R, F.ERROR): S.CLOSED,
-    (S.RESPONDING, R, F.CHECKPOINT): S.RESPONDING,
+    (S.RESPONDING, OP, F.CANCEL): S.CLOSED,
+    (S.RESPONDING, RS, F.DATA): S.RESPONDING,
+    (S.RESPONDING, RS, F.END): S.CLOSED,
+    (S.RESPONDING, RS, F.ERROR): S.CLOSED,
+    (S.RESPONDING, RS, F.CHECKPOINT): S.RESPONDING,
 }
-del S, O, R, F
+del S, OP, RS, F
 
 
 def next_state(state: StreamState, sender: Sender, ftype: FrameType, end: bool) -> StreamState | None:

@@ -50,11 +50,7 @@ def event_matches(expected: dict[str, Any], actual: Event) -> bool:
         kind = {"STREAM_RESET": StreamReset, "CONNECTION_TERMINATED": ConnectionTerminated}[expected["event"]]
         if not isinstance(actual, kind):
             return False
-        return all(
-            getattr(actual, k) == (_code(v) if k == "code" else v)
-            for k, v in expected.items()
-            if k != "event"
-        )
+        return all(getattr(actual, k) == (_code(v) if k == "code" else v) for k, v in expected.items() if k != "event")
     return normalize([actual]) == [frame_from_json(expected)]
 
 

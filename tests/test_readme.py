@@ -1,0 +1,32 @@
+"""The README's commands are the ones CI runs, and the code is lint-clean."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    return [
+        line.strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("    python3 -m venv")
+    ]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    main_job, tests = readme_commands()[:2]
+    assert "pytest" in tests and "pytest" not in main_job
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert tests in ci_lines
+
+
+def test_ruff_is_clean() -> None:
+    ruff = shutil.which("ruff") or str(Path(__import__("sys").executable).parent / "ruff")
+    if not Path(ruff).exists():
+        pytest.skip("ruff not installed")
+    result = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
