@@ -30,3 +30,11 @@ def test_ruff_is_clean() -> None:
         pytest.skip("ruff not installed")
     result = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_wire_core_is_mypy_strict_clean() -> None:
+    pytest.importorskip("mypy")
+    from mypy import api
+
+    stdout, stderr, status = api.run(["--config-file", str(ROOT / "setup.cfg"), str(ROOT / "casola" / "wire")])
+    assert status == 0, stdout[-3000:] + stderr

@@ -15,7 +15,7 @@ Errors (STYLE §2):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, Final
+from typing import ClassVar, Final, cast
 
 from casola.wire.credit import CreditWindow
 from casola.wire.decoder import FrameDecoder
@@ -26,7 +26,7 @@ from casola.wire.frames import FLAG_END, FRAME_RULES, PROTOCOL_VERSION, SUPPORTE
 from casola.wire.lifecycle import TRANSITIONS as LIFECYCLE
 from casola.wire.lifecycle import ConnState, Direction, Kind, Side
 from casola.wire.limits import DEFAULT_LIMITS, MAX_CREDIT, MAX_STREAM_ID, Limits
-from casola.wire.meta import CancelMeta, CreditMeta, ErrorMeta, GoAwayMeta
+from casola.wire.meta import CancelMeta, CreditMeta, ErrorMeta, GoAwayMeta, HelloMeta
 from casola.wire.stream import Sender, StreamState, next_state
 
 __all__ = ["Connection"]
@@ -107,10 +107,11 @@ class Connection:
         if self._error is not None:
             raise self._error
         self._now = now
+        err: RemoteProtocolError | None = None
         try:
-            frames, err = self._decoder.commit(n), None
+            frames: list[Frame] = self._decoder.commit(n)
         except RemoteProtocolError as exc:
-            frames, err = exc.events, exc  # type: ignore[assignment]
+            frames, err = exc.events, exc
         events: list[Event] = []
         try:
             for frame in frames:
@@ -327,12 +328,12 @@ class Connection:
 
     def _on_hello(self, frame: Frame, events: list[Event]) -> None:
         self._check_lifecycle(Direction.RECV, Kind.HELLO, frame)
-        meta = frame.meta
-        common = [v for v in SUPPORTED_VERSIONS if meta.min_version <= v <= meta.max_version]  # type: ignore[union-attr]
+        meta = cast(HelloMeta, frame.meta)
+        common = [v for v in SUPPORTED_VERSIONS if meta.min_version <= v <= meta.max_version]
         if not common:
             raise RemoteProtocolError(
                 ErrorCode.UNSUPPORTED_VERSION, f"peer speaks {meta.min_version}..{meta.max_version}"
-            )  # type: ignore[union-attr]
+            )
         self.version = max(common)
         self._adopt_peer_hello(frame)
         events.append(frame)

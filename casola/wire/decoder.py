@@ -15,13 +15,13 @@ After a `RemoteProtocolError` the decoder is dead: every later call raises the s
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
 from casola.wire.errors import ErrorCode, RemoteProtocolError
 from casola.wire.events import Buffer, Frame
-from casola.wire.frames import ANY, FRAME_RULES, HEAD, HEAD_SIZE, PROTOCOL_VERSION, FrameType
+from casola.wire.frames import ANY, FRAME_RULES, HEAD, HEAD_SIZE, PROTOCOL_VERSION, FrameRule, FrameType
 from casola.wire.limits import DEFAULT_LIMITS, Limits
 from casola.wire.meta import META_DECODERS, META_DEFAULTS
 
@@ -33,11 +33,11 @@ _NO_META: Final = object()  # per-type marker: metadata not allowed / zero lengt
 
 # Per type byte (0..255): (FrameType, rule, meta decoder or None, default meta or _NO_META).
 # A list indexed by the raw byte is the cheapest lookup on the hot path.
-_TypeEntry = tuple[FrameType, tuple[bool, bool, int, int], object, object]
+_TypeEntry = tuple[FrameType, FrameRule, Any, Any]
 _BY_BYTE: Final[list[_TypeEntry | None]] = [None] * 256
 for _t, _rule in FRAME_RULES.items():
     _default = META_DEFAULTS.get(_t)
-    _BY_BYTE[_t] = (_t, tuple(_rule), META_DECODERS.get(_t), _NO_META if _default is None else _default)
+    _BY_BYTE[_t] = (_t, _rule, META_DECODERS.get(_t), _NO_META if _default is None else _default)
 
 
 class FrameDecoder:
@@ -182,7 +182,7 @@ class FrameDecoder:
 
     def _check_head(
         self, version: int, tbyte: int, flags: int, sid: int, mlen: int, blen: int
-    ) -> tuple[FrameType, object, object]:
+    ) -> tuple[FrameType, Any, Any]:
         """SPEC §2.3, in this order: version, type, flags, stream id class, lengths."""
         if version != self.version:
             raise RemoteProtocolError(ErrorCode.BAD_VERSION, f"version {version}, expected {self.version}")
@@ -228,7 +228,7 @@ class FrameDecoder:
         return frame
 
 
-def _decode_meta(ftype: FrameType, decoder: object, default: object, raw: memoryview) -> object:
+def _decode_meta(ftype: FrameType, decoder: Any, default: Any, raw: memoryview) -> Any:
     if decoder is None:
         return None
     if not raw:
@@ -236,6 +236,6 @@ def _decode_meta(ftype: FrameType, decoder: object, default: object, raw: memory
             raise RemoteProtocolError(ErrorCode.BAD_META, f"{ftype.name} metadata has required fields")
         return default
     try:
-        return decoder.decode(raw)  # type: ignore[attr-defined]
+        return decoder.decode(raw)
     except (msgspec.DecodeError, ValueError) as exc:  # ValidationError; UnicodeDecodeError (bad UTF-8)
         raise RemoteProtocolError(ErrorCode.BAD_META, f"{ftype.name} metadata: {exc}") from exc

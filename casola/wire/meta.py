@@ -50,7 +50,7 @@ class Meta(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """Base of all metadata structs."""
 
 
-class HelloMeta(Meta):
+class HelloMeta(Meta, frozen=True):
     role: Role  # what the dialer claims to be; the credential must allow it
     min_version: U8 = PROTOCOL_VERSION
     max_version: U8 = PROTOCOL_VERSION
@@ -65,7 +65,7 @@ class HelloMeta(Meta):
     features: list[str] = []
 
 
-class HelloAckMeta(Meta):
+class HelloAckMeta(Meta, frozen=True):
     version: U8  # the version chosen; every later frame's header carries it
     node_id: str = ""
     region: str = ""
@@ -75,18 +75,18 @@ class HelloAckMeta(Meta):
     features: list[str] = []
 
 
-class GoAwayMeta(Meta):
+class GoAwayMeta(Meta, frozen=True):
     code: U16 = ErrorCode.NO_ERROR
     last_stream_id: U32 = 0  # highest peer-opened stream the sender processes
     message: str = ""
     retry_after_ms: U32 = 0
 
 
-class CreditMeta(Meta):
+class CreditMeta(Meta, frozen=True):
     grant: Grant  # additional streams the receiver may open
 
 
-class HeartbeatMeta(Meta):
+class HeartbeatMeta(Meta, frozen=True):
     active: U32 = 0  # streams in progress
     capacity: U32 = 0  # slots in total
     healthy: bool = True
@@ -94,7 +94,7 @@ class HeartbeatMeta(Meta):
     stats: dict[str, float] = {}
 
 
-class RequestMeta(Meta):
+class RequestMeta(Meta, frozen=True):
     model: str
     deadline_ms: U32 = 0  # budget from when the receiver got the frame; 0: none
     content_type: str = ""
@@ -107,19 +107,19 @@ class RequestMeta(Meta):
     attempt: U16 = 0  # 0 for the first dispatch, +1 per retry/redispatch
 
 
-class ResponseMeta(Meta):
+class ResponseMeta(Meta, frozen=True):
     content_type: str = ""
     headers: dict[str, str] = {}
     timing: dict[str, float] = {}  # stage -> milliseconds known when the head is sent
 
 
-class EndMeta(Meta):
+class EndMeta(Meta, frozen=True):
     timing: dict[str, float] = {}  # stage -> milliseconds, totals (e.g. "work")
     fence: U63 = 0
     trailers: dict[str, str] = {}
 
 
-class ErrorMeta(Meta):
+class ErrorMeta(Meta, frozen=True):
     code: U16
     message: str = ""
     retry_after_ms: U32 = 0
@@ -127,12 +127,12 @@ class ErrorMeta(Meta):
     timing: dict[str, float] = {}
 
 
-class CancelMeta(Meta):
+class CancelMeta(Meta, frozen=True):
     code: U16 = ErrorCode.CANCELLED
     message: str = ""
 
 
-class CheckpointMeta(Meta):
+class CheckpointMeta(Meta, frozen=True):
     seq: U32  # increases per checkpoint of a stream
     fence: U63 = 0
     progress: float = 0.0  # 0..1, informational
