@@ -547,6 +547,22 @@ def connection_cases() -> list[dict[str, Any]]:
             error="CREDIT_VIOLATION",
         ),
         c("HELLO_ACK after the handshake", "§6.1", "dialer", dia, ack, error="BAD_STATE"),
+        c(
+            "HELLO advertising max_payload 7 (no room for PONG)",
+            "§8",
+            "acceptor",
+            [],
+            raw(0x01, meta=mp(list(fields("HELLO", role="client", max_payload=7).values()))),
+            error="BAD_META",
+        ),
+        c(
+            "HELLO_ACK granting more than 2^31-1 credits",
+            "§7",
+            "dialer",
+            [{"send": hello}],
+            raw(0x02, meta=mp(list(fields("HELLO_ACK", version=1, credit=2**32 - 1).values()))),
+            error="CREDIT_VIOLATION",
+        ),
     ]
 
 

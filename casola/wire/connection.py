@@ -26,7 +26,7 @@ from casola.wire.frames import FLAG_END, FRAME_RULES, PROTOCOL_VERSION, SUPPORTE
 from casola.wire.lifecycle import TRANSITIONS as LIFECYCLE
 from casola.wire.lifecycle import ConnState, Direction, Kind, Side
 from casola.wire.limits import DEFAULT_LIMITS, MAX_CREDIT, MAX_STREAM_ID, Limits
-from casola.wire.meta import CancelMeta, CreditMeta, ErrorMeta, GoAwayMeta, HelloMeta
+from casola.wire.meta import CancelMeta, CreditMeta, ErrorMeta, GoAwayMeta, HelloAckMeta, HelloMeta
 from casola.wire.stream import Sender, StreamState, next_state
 
 __all__ = ["Connection"]
@@ -34,6 +34,7 @@ __all__ = ["Connection"]
 _OPEN: Final = ConnState.OPEN
 _CLOSED: Final = StreamState.CLOSED
 _OPENER, _RESPONDER = Sender.OPENER, Sender.RESPONDER
+MIN_ADVERTISED: Final = 1024  # smallest max_meta/max_payload a peer may advertise (SPEC §8)
 _CONTROL: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.CREDIT, FrameType.HEARTBEAT})
 
 
@@ -452,11 +453,17 @@ class Connection:
             self.state = new
 
     def _adopt_peer_hello(self, frame: Frame) -> None:
-        meta = frame.meta
+        meta = cast(HelloMeta | HelloAckMeta, frame.meta)
+        # SPEC §8: the core answers PING, errors and credit by itself; tiny limits would make that
+        # impossible, so they are refused at the handshake instead of failing later.
+        if 0 < meta.max_meta < MIN_ADVERTISED or 0 < meta.max_payload < MIN_ADVERTISED:
+            raise RemoteProtocolError(ErrorCode.BAD_META, f"advertised limits below {MIN_ADVERTISED} bytes")
+        if meta.credit > MAX_CREDIT:
+            raise RemoteProtocolError(ErrorCode.CREDIT_VIOLATION, f"initial credit {meta.credit} > 2^31-1")
         self.peer_hello = frame
-        self.send_credit = meta.credit  # type: ignore[union-attr]
-        self._peer_max_meta = meta.max_meta or DEFAULT_LIMITS.max_meta  # type: ignore[union-attr]
-        self._peer_max_payload = meta.max_payload or DEFAULT_LIMITS.max_payload  # type: ignore[union-attr]
+        self.send_credit = meta.credit
+        self._peer_max_meta = meta.max_meta or DEFAULT_LIMITS.max_meta
+        self._peer_max_payload = meta.max_payload or DEFAULT_LIMITS.max_payload
 
     def _open_window(self, credit: int) -> None:
         if credit > self.limits.max_streams:
