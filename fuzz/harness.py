@@ -11,41 +11,46 @@ from __future__ import annotations
 from typing import Any
 
 from casola.wire import (
+    DEFAULT_LIMITS,
     Connection,
+    ErrorCode,
     Frame,
     FrameDecoder,
     FrameType,
     HelloAckMeta,
     HelloMeta,
+    Limits,
     RemoteProtocolError,
     Side,
     encode_frame,
 )
 
-__all__ = ["fuzz_connection", "fuzz_decoder"]
+__all__ = ["decode_chunks", "fuzz_connection", "fuzz_decoder", "normalize"]
 
 
-def _normal(events: list[Any]) -> list[Any]:
+def normalize(events: list[Any]) -> list[Any]:
+    """Comparable form: payload views become bytes (h11's normalize_data_events)."""
     return [
         Frame(e.type, e.stream_id, e.meta, bytes(e.payload), e.flags) if isinstance(e, Frame) else e for e in events
     ]
 
 
-def _run_decoder(chunks: list[bytes]) -> tuple[list[Any], int | None]:
-    dec = FrameDecoder()
+def decode_chunks(chunks: list[bytes], limits: Limits = DEFAULT_LIMITS) -> tuple[list[Any], ErrorCode | None]:
+    """Frames (normalized) and the error code, if any, when bytes arrive in `chunks`, then EOF."""
+    dec = FrameDecoder(limits)
     out: list[Any] = []
     try:
         for chunk in chunks:
             out += dec.receive_data(chunk)
         dec.eof()
     except RemoteProtocolError as exc:
-        return _normal(out + exc.events), exc.code
-    return _normal(out), None
+        return normalize(out + exc.events), exc.code
+    return normalize(out), None
 
 
 def fuzz_decoder(data: bytes) -> None:
-    whole = _run_decoder([data])
-    split = _run_decoder([data[i : i + 1] for i in range(len(data))])
+    whole = decode_chunks([data])
+    split = decode_chunks([data[i : i + 1] for i in range(len(data))])
     assert whole == split, (whole, split)
 
 
@@ -81,7 +86,7 @@ def _run_connection(mode: int, chunks: list[bytes]) -> tuple[list[Any], int | No
         out += exc.events
         code = exc.code
     sent = b"".join(bytes(b) for b in conn.data_to_send())
-    return _normal(out), code, sent
+    return normalize(out), code, sent
 
 
 def fuzz_connection(data: bytes) -> None:

@@ -10,6 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from outputs import write_or_check  # protocol/ is sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "protocol" / "errors.toml"
 MODULE = ROOT / "casola" / "wire" / "errors.py"
@@ -132,15 +134,7 @@ def render_spec(entries: list[dict[str, object]], spec: str) -> str:
 def main(argv: list[str]) -> int:
     entries = load()
     outputs = {MODULE: render_module(entries), SPEC: render_spec(entries, SPEC.read_text())}
-    stale = [p for p, text in outputs.items() if not p.exists() or p.read_text() != text]
-    if "--check" in argv:
-        for p in stale:
-            print(f"stale: {p.relative_to(ROOT)} (run python protocol/generate.py)")
-        return 1 if stale else 0
-    for p in stale:
-        p.write_text(outputs[p])
-        print(f"wrote {p.relative_to(ROOT)}")
-    return 0
+    return write_or_check(outputs, argv, ROOT, "python protocol/generate.py")
 
 
 if __name__ == "__main__":

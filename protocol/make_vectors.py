@@ -19,6 +19,8 @@ from typing import Any
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from outputs import write_or_check  # protocol/ is sys.path[0] when run as a script
+
 from casola.wire.meta import META_TYPES
 
 OUT = Path(__file__).resolve().parent / "vectors"
@@ -349,6 +351,7 @@ def connection_cases() -> list[dict[str, Any]]:
         **exp,
     }
     rq = fields("REQUEST", model="echo")
+    reset_1 = [{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}]  # stream 1 reset, connection lives
     return [
         c(
             "HELLO accepted for the application to answer",
@@ -432,7 +435,7 @@ def connection_cases() -> list[dict[str, Any]]:
             "acceptor",
             [*acc, {"recv": req(1)}],
             req(1),
-            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+            events=reset_1,
             sends=[{"type": "ERROR", "code": "STREAM_STATE", "stream_id": 1}, {"type": "CREDIT"}],
         ),
         c(
@@ -441,7 +444,7 @@ def connection_cases() -> list[dict[str, Any]]:
             "acceptor",
             [*acc, {"recv": req(1)}],
             raw(0x11, 1),
-            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+            events=reset_1,
             sends=[{"type": "ERROR", "code": "STREAM_STATE", "stream_id": 1}, {"type": "CREDIT"}],
         ),
         c(
@@ -450,7 +453,7 @@ def connection_cases() -> list[dict[str, Any]]:
             "acceptor",
             [*acc, {"recv": req(1)}],
             raw(0x16, 1, meta=mp([1, 0, 0.0])),
-            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+            events=reset_1,
         ),
         c(
             "DATA after the opener's END",
@@ -458,7 +461,7 @@ def connection_cases() -> list[dict[str, Any]]:
             "acceptor",
             [*acc, {"recv": req(1, END)}],
             raw(0x12, 1),
-            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+            events=reset_1,
         ),
         c(
             "response DATA before the RESPONSE head",
@@ -466,7 +469,7 @@ def connection_cases() -> list[dict[str, Any]]:
             "dialer",
             [*dia, {"send": req(1, END)}],
             raw(0x12, 1, payload=b"x"),
-            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+            events=reset_1,
             sends=[{"type": "CANCEL", "code": "STREAM_STATE", "stream_id": 1}],
         ),
         c(
@@ -475,7 +478,7 @@ def connection_cases() -> list[dict[str, Any]]:
             "dialer",
             [*dia, {"send": req(1, END)}],
             raw(0x13, 1),
-            events=[{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}],
+            events=reset_1,
         ),
         c(
             "RESPONSE + END complete a stream",
@@ -577,16 +580,10 @@ def render() -> dict[Path, str]:
 
 def main(argv: list[str]) -> int:
     outputs = render()
-    stale = [p for p, text in outputs.items() if not p.exists() or p.read_text() != text]
-    if "--check" in argv:
-        for p in stale:
-            print(f"stale: {p.name} (run python protocol/make_vectors.py)")
-        return 1 if stale else 0
-    OUT.mkdir(exist_ok=True)
-    for p in stale:
-        p.write_text(outputs[p])
-    print(f"{len(outputs)} files, {sum(len(json.loads(t)['cases']) for t in outputs.values())} cases")
-    return 0
+    status = write_or_check(outputs, argv, OUT.parent.parent, "python protocol/make_vectors.py")
+    if "--check" not in argv:
+        print(f"{len(outputs)} files, {sum(len(json.loads(t)['cases']) for t in outputs.values())} cases")
+    return status
 
 
 if __name__ == "__main__":

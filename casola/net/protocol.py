@@ -18,7 +18,7 @@ from typing import cast
 
 from casola.net.errors import ConnectionLost
 from casola.net.gate import WriteGate
-from casola.wire import Connection, ConnectionTerminated, Event, Frame, RemoteProtocolError
+from casola.wire import Connection, ConnState, Event, Frame, RemoteProtocolError
 
 __all__ = ["FrameProtocol"]
 
@@ -130,9 +130,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def _deliver(self, events: list[Event]) -> None:
         if events:
             self._on_events(self, events)
-            if any(isinstance(e, ConnectionTerminated) for e in events):
-                self.close()
-        self._flush()
+        if self.conn.state is ConnState.CLOSED:
+            self.close()  # flushes the GOAWAY the core may have queued
+        else:
+            self._flush()
 
     def _flush(self) -> None:
         out = self.conn.data_to_send()

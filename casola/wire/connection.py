@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import ClassVar, Final, cast
 
 from casola.wire.credit import CreditWindow
-from casola.wire.decoder import FrameDecoder
+from casola.wire.decoder import FrameDecoder, copy_in
 from casola.wire.encoder import encode_frame
 from casola.wire.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from casola.wire.events import Buffer, ConnectionTerminated, Event, Frame, PingAcked, StreamReset
@@ -32,13 +32,14 @@ from casola.wire.stream import Sender, StreamState, next_state
 __all__ = ["Connection"]
 
 _OPEN: Final = ConnState.OPEN
-_CLOSED: Final = StreamState.CLOSED
+_STREAM_CLOSED: Final = StreamState.CLOSED
 _OPENER, _RESPONDER = Sender.OPENER, Sender.RESPONDER
 MIN_ADVERTISED: Final = 1024  # smallest max_meta/max_payload a peer may advertise (SPEC §8)
 _CONTROL: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.CREDIT, FrameType.HEARTBEAT})
 
 
-def _kind(frame: Frame, new_stream: bool) -> Kind:
+def _kind(frame: Frame) -> Kind:
+    """The life-cycle input of a connection frame (new streams are classified by the caller)."""
     t = frame.type
     if t is FrameType.GOAWAY:
         return Kind.GOAWAY if frame.meta.code == ErrorCode.NO_ERROR else Kind.GOAWAY_ERROR  # type: ignore[union-attr]
@@ -48,7 +49,7 @@ def _kind(frame: Frame, new_stream: bool) -> Kind:
         return Kind.HELLO
     if t is FrameType.HELLO_ACK:
         return Kind.HELLO_ACK
-    return Kind.NEW_STREAM if new_stream else Kind.STREAM
+    return Kind.STREAM
 
 
 class Connection:
@@ -121,7 +122,8 @@ class Connection:
             err = exc
         if err is not None:
             err.events = events
-            self._fail(err)
+            self._terminate(err)
+            raise err
         return events
 
     def receive_data(self, data: Buffer, now: float) -> list[Event]:
@@ -132,19 +134,7 @@ class Connection:
         """
         if not data:
             return self.eof(now)
-        src = memoryview(data).cast("B")
-        events: list[Event] = []
-        while src:
-            dst = self.writable()
-            n = min(len(dst), len(src))
-            dst[:n] = src[:n]
-            src = src[n:]
-            try:
-                events += self.commit(n, now)
-            except RemoteProtocolError as exc:
-                exc.events = events + exc.events
-                raise
-        return events
+        return copy_in(data, self.writable, lambda n: self.commit(n, now))
 
     def eof(self, now: float) -> list[Event]:
         """The peer closed its side of the byte stream.
@@ -160,7 +150,8 @@ class Connection:
         try:
             self._decoder.eof()
         except RemoteProtocolError as exc:
-            self._fail(exc)
+            self._terminate(exc)
+            raise
         if self.state is ConnState.CLOSED:
             return []
         self.state = ConnState.CLOSED
@@ -178,7 +169,7 @@ class Connection:
         """
         if self._error is not None or self.state is ConnState.CLOSED:
             raise LocalProtocolError(ErrorCode.BAD_STATE, "connection is closed")
-        buffers = encode_frame(frame, self._peer_max_meta, self._peer_max_payload, self.version)
+        buffers = self._encode(frame)
         mark = len(self._out)
         if FRAME_RULES[frame.type].on_stream:
             self._send_stream_frame(frame)
@@ -299,7 +290,7 @@ class Connection:
             self._stream_error(sid, ErrorCode.STREAM_STATE, msg, events)
             return
         events.append(frame)
-        if new is _CLOSED:
+        if new is _STREAM_CLOSED:
             self._close_stream(sid)
         else:
             self._streams[sid] = new
@@ -323,9 +314,7 @@ class Connection:
         self._rx_credit.spend()
         self._last_peer_id = sid
         meta = ErrorMeta(ErrorCode.SHUTTING_DOWN, "stream arrived after GOAWAY; retry elsewhere")
-        self._out += encode_frame(
-            Frame(FrameType.ERROR, sid, meta), self._peer_max_meta, self._peer_max_payload, self.version
-        )
+        self._queue(Frame(FrameType.ERROR, sid, meta))
 
     def _on_hello(self, frame: Frame, events: list[Event]) -> None:
         self._check_lifecycle(Direction.RECV, Kind.HELLO, frame)
@@ -350,7 +339,7 @@ class Connection:
         events.append(frame)
 
     def _on_goaway(self, frame: Frame, events: list[Event]) -> None:
-        self._check_lifecycle(Direction.RECV, _kind(frame, False), frame)
+        self._check_lifecycle(Direction.RECV, _kind(frame), frame)
         meta = frame.meta
         events.append(frame)
         self.send_credit = 0
@@ -364,8 +353,7 @@ class Connection:
 
     def _on_ping(self, frame: Frame, events: list[Event]) -> None:
         self._check_lifecycle(Direction.RECV, Kind.CONTROL, frame)
-        pong = Frame(FrameType.PONG, payload=frame.payload)
-        self._out += encode_frame(pong, self._peer_max_meta, self._peer_max_payload, self.version)
+        self._queue(Frame(FrameType.PONG, payload=frame.payload))
 
     def _on_pong(self, frame: Frame, events: list[Event]) -> None:
         self._check_lifecycle(Direction.RECV, Kind.CONTROL, frame)
@@ -411,14 +399,14 @@ class Connection:
         if state is StreamState.IDLE:
             self.send_credit -= 1
             self._next_local_id += 2
-        if new is _CLOSED:
+        if new is _STREAM_CLOSED:
             self._close_stream(sid)
         else:
             self._streams[sid] = new
 
     def _send_connection_frame(self, frame: Frame) -> None:
         t, meta = frame.type, frame.meta
-        self._check_lifecycle(Direction.SEND, _kind(frame, False), frame)
+        new_state = self._check_lifecycle(Direction.SEND, _kind(frame), frame)
         if t is FrameType.CREDIT:
             peer_streams = sum(1 for s in self._streams if (s & 1) != self._local_parity)
             if self._rx_credit.outstanding + meta.grant + peer_streams > self.limits.max_streams:  # type: ignore[union-attr]
@@ -438,11 +426,12 @@ class Connection:
             self.send_credit = 0
             if meta.code != ErrorCode.NO_ERROR:  # type: ignore[union-attr]
                 self._streams.clear()
-        self.state = LIFECYCLE[(self.side, self.state, Direction.SEND, _kind(frame, False))]
+        self.state = new_state
 
     # -- internals: shared ---------------------------------------------------------------------
 
-    def _check_lifecycle(self, direction: Direction, kind: Kind, frame: Frame) -> None:
+    def _check_lifecycle(self, direction: Direction, kind: Kind, frame: Frame) -> ConnState:
+        """The state after this frame; received frames move the machine at once, sent ones when queued."""
         new = LIFECYCLE.get((self.side, self.state, direction, kind))
         if new is None:
             msg = f"{frame.type.name} not allowed in state {self.state.value} ({self.side.value})"
@@ -451,6 +440,7 @@ class Connection:
             raise RemoteProtocolError(ErrorCode.BAD_STATE, msg)
         if direction is Direction.RECV:
             self.state = new
+        return new
 
     def _adopt_peer_hello(self, frame: Frame) -> None:
         meta = cast(HelloMeta | HelloAckMeta, frame.meta)
@@ -482,30 +472,30 @@ class Connection:
             grant = self._rx_credit.released()
             if grant and self.state is _OPEN:
                 self._rx_credit.granted(grant)
-                credit = Frame(FrameType.CREDIT, meta=CreditMeta(grant))
-                self._out += encode_frame(credit, self._peer_max_meta, self._peer_max_payload, self.version)
+                self._queue(Frame(FrameType.CREDIT, meta=CreditMeta(grant)))
 
     def _stream_error(self, sid: int, code: ErrorCode, message: str, events: list[Event]) -> None:
         self.reset(sid, code, message)
         events.append(StreamReset(sid, code, message, remote=False))
 
-    def _fail(self, exc: ProtocolError) -> None:
-        """Connection-scope error: queue GOAWAY(code) unless already closed, close, raise."""
+    def _terminate(self, exc: ProtocolError) -> None:
+        """Connection-scope error: queue GOAWAY(code) unless already closed; every later call raises `exc`."""
         if self.state is not ConnState.CLOSED:
-            meta = GoAwayMeta(exc.code, self._last_peer_id, exc.message[:200])
-            goaway = Frame(FrameType.GOAWAY, meta=meta)
-            self._out += encode_frame(goaway, self._peer_max_meta, self._peer_max_payload, self.version)
+            self._queue(Frame(FrameType.GOAWAY, meta=GoAwayMeta(exc.code, self._last_peer_id, exc.message[:200])))
         self.state = ConnState.CLOSED
         self._streams.clear()
         self._error = exc
-        raise exc
 
     def _time_out(self, message: str) -> list[Event]:
-        try:
-            self._fail(RemoteProtocolError(ErrorCode.TIMEOUT, message))
-        except RemoteProtocolError:
-            pass
+        self._terminate(RemoteProtocolError(ErrorCode.TIMEOUT, message))
         return [ConnectionTerminated(ErrorCode.TIMEOUT, message, remote=False)]
+
+    def _encode(self, frame: Frame) -> list[Buffer]:
+        return encode_frame(frame, self._peer_max_meta, self._peer_max_payload, self.version)
+
+    def _queue(self, frame: Frame) -> None:
+        """Queue a frame the core sends by itself (PONG, CREDIT, refusals, GOAWAY): no state checks."""
+        self._out += self._encode(frame)
 
 
 Connection._RECEIVERS = {

@@ -15,7 +15,8 @@ After a `RemoteProtocolError` the decoder is dead: every later call raises the s
 
 from __future__ import annotations
 
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -25,7 +26,9 @@ from casola.wire.frames import ANY, FRAME_RULES, HEAD, HEAD_SIZE, PROTOCOL_VERSI
 from casola.wire.limits import DEFAULT_LIMITS, Limits
 from casola.wire.meta import META_DECODERS, META_DEFAULTS
 
-__all__ = ["FrameDecoder"]
+__all__ = ["FrameDecoder", "copy_in"]
+
+T = TypeVar("T")
 
 _unpack_head: Final = HEAD.unpack_from
 _EMPTY: Final = b""
@@ -120,19 +123,7 @@ class FrameDecoder:
         if not data:
             self.eof()
             return []
-        src = memoryview(data).cast("B")
-        out: list[Frame] = []
-        while src:
-            dst = self.writable()
-            n = min(len(dst), len(src))
-            dst[:n] = src[:n]
-            src = src[n:]
-            try:
-                out += self.commit(n)
-            except RemoteProtocolError as exc:
-                exc.events = out + exc.events
-                raise
-        return out
+        return copy_in(data, self.writable, self.commit)
 
     def eof(self) -> None:
         """The peer closed its sending side.
@@ -230,6 +221,28 @@ class FrameDecoder:
         self._body = self._body_view = self._body_frame = None
         self._body_filled = 0
         return frame
+
+
+def copy_in(data: Buffer, writable: Callable[[], memoryview], commit: Callable[[int], list[T]]) -> list[T]:
+    """Feed `data` through a `writable()`/`commit(n)` pair, as a socket's recv_into would.
+
+    Raises:
+        RemoteProtocolError: from `commit`; its `events` then also holds what earlier commits of
+            this call returned, so no caller loses an event.
+    """
+    src = memoryview(data).cast("B")
+    out: list[T] = []
+    while src:
+        dst = writable()
+        n = min(len(dst), len(src))
+        dst[:n] = src[:n]
+        src = src[n:]
+        try:
+            out += commit(n)
+        except RemoteProtocolError as exc:
+            exc.events = out + exc.events
+            raise
+    return out
 
 
 def _decode_meta(ftype: FrameType, decoder: Any, default: Any, raw: memoryview) -> Any:

@@ -41,11 +41,12 @@ def encode_frame(
     rule = FRAME_RULES[ftype]
     head = bytearray(HEAD_SIZE)
     meta = frame.meta
-    if meta is not None and meta is not META_DEFAULTS.get(ftype):
+    default = META_DEFAULTS.get(ftype)
+    if meta is not None and meta is not default:
         if not rule.meta or type(meta) is not META_TYPES[ftype]:
             raise LocalProtocolError(ErrorCode.BAD_META, f"{ftype.name} cannot carry {type(meta).__name__}")
         _ENCODER.encode_into(meta, head, -1)
-    elif meta is None and rule.meta and META_DEFAULTS.get(ftype) is None:
+    elif meta is None and rule.meta and default is None:
         raise LocalProtocolError(ErrorCode.BAD_META, f"{ftype.name} needs metadata")
     mlen = len(head) - HEAD_SIZE
     payload = frame.payload

@@ -39,29 +39,35 @@ def run(kind: str, main: Callable[[], Awaitable[Any]]) -> Any:
         loop.close()
 
 
-def echo_events(proto: FrameProtocol, events: list[Event]) -> None:
+class EchoServer:
     """The acceptor: answer HELLO, echo every request back as RESPONSE, DATA per chunk, END."""
-    bodies: dict[int, list[Any]] = proto.__dict__.setdefault("bodies", defaultdict(list))
-    for ev in events:
-        if not isinstance(ev, Frame):
-            continue
-        if ev.type is FrameType.HELLO:
-            proto.send(Frame(FrameType.HELLO_ACK, meta=HelloAckMeta(proto.conn.version, credit=64)))
-        elif ev.type in (FrameType.REQUEST, FrameType.DATA):
-            if ev.payload:
-                bodies[ev.stream_id].append(ev.payload)  # the received buffers themselves
-            if ev.end:
-                sid = ev.stream_id
-                proto.conn.send(Frame(FrameType.RESPONSE, sid))
-                for chunk in bodies.pop(sid, []):
-                    proto.conn.send(Frame(FrameType.DATA, sid, None, chunk))
-                proto.send(Frame(FrameType.END, sid))
+
+    def __init__(self) -> None:
+        self.bodies: dict[int, list[Any]] = defaultdict(list)
+
+    def on_events(self, proto: FrameProtocol, events: list[Event]) -> None:
+        for ev in events:
+            if not isinstance(ev, Frame):
+                continue
+            if ev.type is FrameType.HELLO:
+                proto.send(Frame(FrameType.HELLO_ACK, meta=HelloAckMeta(proto.conn.version, credit=64)))
+            elif ev.type in (FrameType.REQUEST, FrameType.DATA):
+                if ev.payload:
+                    self.bodies[ev.stream_id].append(ev.payload)  # the received buffers themselves
+                if ev.end:
+                    self.answer(proto, ev.stream_id)
+
+    def answer(self, proto: FrameProtocol, sid: int) -> None:
+        proto.conn.send(Frame(FrameType.RESPONSE, sid))
+        for chunk in self.bodies.pop(sid, []):
+            proto.conn.send(Frame(FrameType.DATA, sid, None, chunk))
+        proto.send(Frame(FrameType.END, sid))
 
 
 async def echo_server() -> tuple[asyncio.Server, int]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: FrameProtocol(Connection(Side.ACCEPTOR, loop.time()), echo_events), "127.0.0.1", 0
+        lambda: FrameProtocol(Connection(Side.ACCEPTOR, loop.time()), EchoServer().on_events), "127.0.0.1", 0
     )
     return server, server.sockets[0].getsockname()[1]
 

@@ -10,24 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from casola.wire import ErrorCode, FrameDecoder, Limits, RemoteProtocolError
-from tests.wire.vectorlib import load, normalize
+from fuzz.harness import decode_chunks
+from tests.wire.vectorlib import load
 
 CODEC = dict(load("codec"))
 VALID = [bytes.fromhex(c["hex"]) for c in CODEC.values() if "frame" in c]
 FOLLOWER = bytes.fromhex(next(c["hex"] for c in CODEC.values() if c["name"] == "CREDIT +1"))
 
 
-def feed(chunks: list[bytes], limits: Limits | None = None) -> tuple[list[Any], ErrorCode | None]:
-    """Frames decoded (normalized) and the error code, if any, when bytes arrive in `chunks` then EOF."""
-    dec = FrameDecoder(limits) if limits else FrameDecoder()
-    frames: list[Any] = []
-    try:
-        for chunk in chunks:
-            frames += dec.receive_data(chunk)
-        dec.eof()
-    except RemoteProtocolError as exc:
-        return normalize(frames + exc.events), exc.code
-    return normalize(frames), None
+feed = decode_chunks  # chunks (then EOF) -> (normalized frames, error code or None)
 
 
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -9,9 +9,10 @@ from typing import Any
 
 import msgspec
 
-from casola.wire import Connection, Frame, FrameDecoder, FrameType, Side, StreamReset
+from casola.wire import Connection, ErrorCode, Frame, FrameDecoder, FrameType, Side, StreamReset
 from casola.wire.events import ConnectionTerminated, Event
 from casola.wire.meta import META_DEFAULTS, META_TYPES
+from fuzz.harness import normalize
 
 VECTORS = Path(__file__).resolve().parents[2] / "protocol" / "vectors"
 
@@ -35,29 +36,15 @@ def frame_from_json(form: dict[str, Any]) -> Frame:
     return Frame(ftype, form["stream_id"], meta_obj, bytes.fromhex(form["payload_hex"]), form["flags"])
 
 
-def normalize(events: list[Any]) -> list[Any]:
-    """Comparable form: payload views become bytes (h11's normalize_data_events)."""
-    out = []
-    for ev in events:
-        if isinstance(ev, Frame):
-            ev = Frame(ev.type, ev.stream_id, ev.meta, bytes(ev.payload), ev.flags)
-        out.append(ev)
-    return out
-
-
 def event_matches(expected: dict[str, Any], actual: Event) -> bool:
     if "event" in expected:
         kind = {"STREAM_RESET": StreamReset, "CONNECTION_TERMINATED": ConnectionTerminated}[expected["event"]]
         if not isinstance(actual, kind):
             return False
-        return all(getattr(actual, k) == (_code(v) if k == "code" else v) for k, v in expected.items() if k != "event")
+        return all(
+            getattr(actual, k) == (ErrorCode[v] if k == "code" else v) for k, v in expected.items() if k != "event"
+        )
     return normalize([actual]) == [frame_from_json(expected)]
-
-
-def _code(name: str) -> int:
-    from casola.wire import ErrorCode
-
-    return int(ErrorCode[name])
 
 
 def decode_one(hexstr: str) -> Frame:
