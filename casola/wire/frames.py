@@ -33,6 +33,9 @@ HEAD_SIZE: Final = HEAD.size
 
 
 class FrameType(enum.IntEnum):
+    # C-level hash: Enum.__hash__ is Python code and frame types key every dispatch table.
+    __hash__ = int.__hash__
+
     # connection frames (stream id 0)
     HELLO = 0x01
     HELLO_ACK = 0x02

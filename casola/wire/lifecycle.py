@@ -18,11 +18,15 @@ __all__ = ["TRANSITIONS", "ConnState", "Direction", "Kind", "Side"]
 
 
 class Side(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons compared by identity: C-level hash
+
     DIALER = "dialer"  # opened the TCP connection; opens odd stream ids
     ACCEPTOR = "acceptor"  # accepted it; opens even stream ids
 
 
 class ConnState(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons compared by identity: C-level hash
+
     IDLE = "idle"  # nothing exchanged
     AWAIT_ACK = "await_ack"  # dialer: HELLO sent
     AWAIT_ACCEPT = "await_accept"  # acceptor: HELLO received, the application decides
@@ -32,11 +36,15 @@ class ConnState(enum.Enum):
 
 
 class Direction(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons compared by identity: C-level hash
+
     SEND = "send"
     RECV = "recv"
 
 
 class Kind(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons compared by identity: C-level hash
+
     HELLO = "hello"
     HELLO_ACK = "hello_ack"
     GOAWAY = "goaway"  # NO_ERROR: drain

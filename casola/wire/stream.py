@@ -22,6 +22,8 @@ __all__ = ["TRANSITIONS", "Sender", "StreamState", "next_state"]
 
 
 class StreamState(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons compared by identity: C-level hash
+
     IDLE = "idle"  # id not used yet
     OPEN = "open"  # request flowing, no response head yet
     BOTH_OPEN = "both_open"  # request flowing, response flowing
@@ -31,6 +33,8 @@ class StreamState(enum.Enum):
 
 
 class Sender(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons compared by identity: C-level hash
+
     OPENER = "opener"
     RESPONDER = "responder"
 
