@@ -1,0 +1,179 @@
+"""Opening links: dial (send HELLO, wait for HELLO_ACK) and accept (route HELLO to the role).
+
+The same two functions serve TCP and the in-memory link, so a role's handshake code is one path.
+The acceptor's role gets `on_hello(link, frame)`: it checks the credential and either sends
+HELLO_ACK and installs its own `on_events`/`on_lost` on the link, or raises `Refused` (the link then
+sends GOAWAY with the code and closes). SPEC §6.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from casola.net.errors import ConnectionLost
+from casola.net.link import EventHandler, LinkBase, LostHandler
+from casola.net.memlink import memory_pair
+from casola.net.protocol import FrameProtocol
+from casola.wire import (
+    DEFAULT_LIMITS,
+    Connection,
+    ConnectionTerminated,
+    ErrorCode,
+    Event,
+    Frame,
+    FrameType,
+    GoAwayMeta,
+    HelloMeta,
+    Limits,
+    Side,
+)
+
+__all__ = ["HelloHandler", "MemoryDialer", "Refused", "accept_memory", "dial_tcp", "serve_tcp"]
+
+HelloHandler = Callable[[LinkBase, Frame], None]
+
+
+class Refused(ConnectionLost):
+    """The acceptor refused the handshake (GOAWAY with `code`), or the role refuses a HELLO."""
+
+    def __init__(self, code: int, message: str) -> None:
+        try:
+            name = ErrorCode(code).name
+        except ValueError:
+            name = str(code)
+        super().__init__(f"refused ({name}): {message}")
+        self.code = code
+        self.message = message
+
+
+def _acceptor_router(on_hello: HelloHandler) -> EventHandler:
+    """Events of a fresh acceptor link: the first is HELLO (the core enforces it); the rest go to
+    whatever handler the role installed while answering it."""
+
+    def route(link: LinkBase, events: list[Event]) -> None:
+        first = events[0]
+        if not (isinstance(first, Frame) and first.type is FrameType.HELLO):
+            link.close()  # ConnectionTerminated before any HELLO: nothing to tell the role
+            return
+        try:
+            on_hello(link, first)
+        except Refused as exc:
+            link.conn.goaway(exc.code, exc.message[:200])
+            link.close()
+            return
+        if len(events) > 1 and link.on_events is not route:
+            link.on_events(link, events[1:])
+
+    return route
+
+
+class _DialWaiter:
+    """The dialer's events until HELLO_ACK; then the role's."""
+
+    def __init__(self, on_events: EventHandler, on_lost: LostHandler | None) -> None:
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._on_events, self._on_lost = on_events, on_lost
+
+    def events(self, link: LinkBase, events: list[Event]) -> None:
+        for i, ev in enumerate(events):
+            if isinstance(ev, Frame) and ev.type is FrameType.HELLO_ACK:
+                link.on_events, link.on_lost = self._on_events, self._on_lost
+                if not self.done.done():
+                    self.done.set_result(None)
+                if i + 1 < len(events):
+                    link.on_events(link, events[i + 1 :])
+                return
+            if isinstance(ev, Frame) and ev.type is FrameType.GOAWAY:
+                meta = ev.meta
+                assert isinstance(meta, GoAwayMeta)
+                self._fail(Refused(meta.code, meta.message))
+            elif isinstance(ev, ConnectionTerminated):
+                self._fail(Refused(ev.code, ev.message) if ev.code else ConnectionLost(ev.message))
+
+    def lost(self, link: LinkBase, exc: BaseException | None) -> None:
+        self._fail(ConnectionLost(f"connection lost during handshake: {exc or 'closed by peer'}"))
+
+    def _fail(self, exc: ConnectionLost) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+async def _handshake(link: LinkBase, waiter: _DialWaiter, hello: HelloMeta, timeout: float) -> None:
+    link.on_events, link.on_lost = waiter.events, waiter.lost
+    link.send(Frame(FrameType.HELLO, meta=hello))
+    try:
+        await asyncio.wait_for(asyncio.shield(waiter.done), timeout)
+    except BaseException:
+        link.close()
+        raise
+
+
+async def dial_tcp(
+    host: str,
+    port: int,
+    hello: HelloMeta,
+    on_events: EventHandler,
+    on_lost: LostHandler | None = None,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    auto_credit: bool = True,
+    timeout: float = 5.0,
+) -> FrameProtocol:
+    """Connect, send HELLO, wait for HELLO_ACK; afterwards events go to `on_events`.
+
+    Raises:
+        Refused: the acceptor answered GOAWAY (bad credential, version, role).
+        ConnectionLost: the connection failed or closed during the handshake.
+        OSError, asyncio.TimeoutError: connecting failed or took longer than `timeout`.
+    """
+    loop = asyncio.get_running_loop()
+    waiter = _DialWaiter(on_events, on_lost)
+    conn = Connection(Side.DIALER, loop.time(), limits, auto_credit=auto_credit)
+    _, proto = await asyncio.wait_for(loop.create_connection(lambda: FrameProtocol(conn), host, port), timeout)
+    await _handshake(proto, waiter, hello, timeout)
+    return proto
+
+
+async def serve_tcp(
+    host: str, port: int, on_hello: HelloHandler, *, limits: Limits = DEFAULT_LIMITS, auto_credit: bool = True
+) -> asyncio.Server:
+    """Listen for links; each new one's HELLO goes to `on_hello` (see module doc)."""
+    loop = asyncio.get_running_loop()
+    route = _acceptor_router(on_hello)
+
+    def factory() -> FrameProtocol:
+        return FrameProtocol(Connection(Side.ACCEPTOR, loop.time(), limits, auto_credit=auto_credit), route)
+
+    return await loop.create_server(factory, host, port, reuse_address=True)
+
+
+MemoryDialer = Callable[..., Awaitable[LinkBase]]
+
+
+def accept_memory(on_hello: HelloHandler, *, limits: Limits = DEFAULT_LIMITS, auto_credit: bool = True) -> MemoryDialer:
+    """An in-process acceptor: returns a `connect(hello, on_events, on_lost, ...)` coroutine function
+    that behaves like `dial_tcp` against `serve_tcp(on_hello)`."""
+    route = _acceptor_router(on_hello)
+
+    async def connect(
+        hello: HelloMeta,
+        on_events: EventHandler,
+        on_lost: LostHandler | None = None,
+        *,
+        dial_limits: Limits = DEFAULT_LIMITS,
+        dial_auto_credit: bool = True,
+        timeout: float = 5.0,
+    ) -> LinkBase:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        a, b = memory_pair(
+            Connection(Side.DIALER, now, dial_limits, auto_credit=dial_auto_credit),
+            Connection(Side.ACCEPTOR, now, limits, auto_credit=auto_credit),
+        )
+        b.on_events = route
+        waiter = _DialWaiter(on_events, on_lost)
+        await _handshake(a, waiter, hello, timeout)
+        return a
+
+    return connect

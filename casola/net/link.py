@@ -1,0 +1,135 @@
+"""What every role holds for one peer: a `Link` around a `casola.wire.Connection`.
+
+A link moves the core's outbound buffers to the peer, feeds the peer's bytes to the core, arms the
+core's single timer and hands events to the role's `on_events`. Two kinds exist and behave the same:
+`FrameProtocol` (a TCP socket) and `MemoryEnd` (one end of an in-process link for `casola up`). The
+role never knows which one it holds (DESIGN: the in-memory hop "must not be a second code path").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from casola.net.errors import ConnectionLost
+from casola.net.gate import WriteGate
+from casola.wire import Buffer, Connection, ConnState, Event, Frame
+
+__all__ = ["EventHandler", "LinkBase", "LostHandler"]
+
+EventHandler = Callable[["LinkBase", list[Event]], None]
+LostHandler = Callable[["LinkBase", BaseException | None], None]
+
+
+def _ignore_events(link: LinkBase, events: list[Event]) -> None:
+    pass
+
+
+class LinkBase:
+    """The transport-independent half of a link. Subclasses implement `_write`, `_shut` and the
+    reading switches; everything a role calls lives here.
+
+    Attributes a role may set: `on_events`, `on_lost` (swapped after the handshake), `tag` (the
+    role's own object for this peer, e.g. its registry entry).
+    """
+
+    def __init__(self, conn: Connection, on_events: EventHandler | None = None, on_lost: LostHandler | None = None):
+        self.conn = conn
+        self.gate = WriteGate()
+        self.on_events: EventHandler = on_events or _ignore_events
+        self.on_lost: LostHandler | None = on_lost
+        self.tag: Any = None
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._reading_paused = False
+        self._lost = False
+
+    # -- what roles call -----------------------------------------------------------------------
+
+    @property
+    def is_up(self) -> bool:
+        """Handshake done and not closing: new streams may be opened (credit permitting)."""
+        return self.conn.state is ConnState.OPEN and not self._lost
+
+    def send(self, frame: Frame) -> None:
+        """Queue one frame and write it out now. Raises LocalProtocolError (see Connection.send)."""
+        self.conn.send(frame)
+        self._flush()
+
+    def flush(self) -> None:
+        """Write whatever the core queued (after calls that queue frames directly on `conn`)."""
+        self._flush()
+
+    async def drain(self) -> None:
+        """Wait while the peer is not taking our bytes. Raises ConnectionLost."""
+        await self.gate.wait()
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self._set_reading(False)
+
+    def resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self._set_reading(True)
+
+    def close(self) -> None:
+        """Flush what is queued (a GOAWAY, say), then close."""
+        self._flush()
+        self._shut()
+
+    # -- for subclasses --------------------------------------------------------------------------
+
+    def _write(self, out: list[Buffer]) -> None:
+        raise NotImplementedError
+
+    def _shut(self) -> None:
+        raise NotImplementedError
+
+    def _set_reading(self, on: bool) -> None:
+        raise NotImplementedError
+
+    def _deliver(self, events: list[Event]) -> None:
+        if events:
+            self.on_events(self, events)
+        if self.conn.state is ConnState.CLOSED:
+            self.close()  # flushes the GOAWAY the core may have queued
+        else:
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and not self._lost:
+            self._write(out)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        at = self.conn.next_deadline()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = None if at is None else self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self._deliver(self.conn.handle_timer(self._loop.time()))
+
+    def _lose(self, exc: BaseException | None) -> None:
+        """The transport is gone: release waiters, stop the timer, tell the role once."""
+        if self._lost:
+            return
+        self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.gate.fail(ConnectionLost(str(exc) if exc else "connection closed"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost(self, exc)
