@@ -1,0 +1,93 @@
+"""One sync request as the queue node holds it: where it came from, where it runs, what it cost.
+
+A call lives in memory only (DESIGN "Two contracts": no store on the sync path). Until the worker's
+first response frame it keeps the request frames it forwarded, so that it can be retried once on
+another worker (DESIGN: "before the first response byte ... once; after it, never"). Timing follows
+DESIGN "Timing users can see": `wait` (queued before dispatch), `worker-rtt` (dispatch written ->
+worker's answer received), `queue-overhead` (residence minus both), `work` (as the worker reports).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from casola.net.link import LinkBase
+from casola.wire import Frame, RequestMeta
+
+if TYPE_CHECKING:
+    from asyncio import TimerHandle
+
+    from casola.queue.registry import ModelEntry, WorkerEntry
+
+__all__ = ["RETAIN_MAX", "Call"]
+
+RETAIN_MAX = 64 * 1024 * 1024  # request bytes kept for a retry; a bigger request is not retried
+
+
+class Call:
+    __slots__ = (
+        "attempt",
+        "deadline",
+        "frames",
+        "head_seen",
+        "ing",
+        "ing_sid",
+        "meta",
+        "model",
+        "req_done",
+        "retained",
+        "t_dispatch",
+        "t_queued",
+        "t_recv",
+        "timer",
+        "w_sid",
+        "wait",
+        "worker",
+    )
+
+    def __init__(self, ing: LinkBase, ing_sid: int, meta: RequestMeta, model: ModelEntry, now: float) -> None:
+        self.ing = ing
+        self.ing_sid = ing_sid
+        self.meta = meta
+        self.model = model
+        self.t_recv = now
+        self.t_queued = 0.0
+        self.t_dispatch = 0.0
+        self.wait = 0.0
+        self.deadline = now + meta.deadline_ms / 1000 if meta.deadline_ms else 0.0
+        self.frames: list[Frame] = []  # request frames seen so far (REQUEST first), for forwarding/retry
+        self.retained = 0  # their payload bytes
+        self.req_done = False  # the request direction has ended
+        self.head_seen = False  # the worker's RESPONSE arrived: no more retries
+        self.attempt = 0
+        self.worker: WorkerEntry | None = None
+        self.w_sid = 0
+        self.timer: TimerHandle | None = None
+
+    def keep(self, frame: Frame) -> bool:
+        """Remember a request frame (to forward it later, or for a retry); False once the request
+        has grown past RETAIN_MAX, after which nothing more is kept and it cannot be retried."""
+        self.retained += len(frame.payload)
+        if self.retained > RETAIN_MAX:
+            self.frames.clear()
+            return False
+        self.frames.append(frame)
+        return True
+
+    @property
+    def retryable(self) -> bool:
+        """Not answered yet, not retried yet, and every request frame still at hand."""
+        return not self.head_seen and self.attempt == 0 and 0 < len(self.frames) and self.retained <= RETAIN_MAX
+
+    def timing(self, t_answer: float, now: float, work: float | None) -> dict[str, float]:
+        """Stage durations in milliseconds: the worker's answer arrived at `t_answer` and is
+        forwarded `now`; `work` is what the worker reported (ms), if it did."""
+        rtt = t_answer - self.t_dispatch
+        t = {
+            "queue-overhead": max(0.0, (now - self.t_recv) - self.wait - rtt) * 1000,
+            "wait": self.wait * 1000,
+            "worker-rtt": rtt * 1000,
+        }
+        if work is not None:
+            t["work"] = work
+        return t

@@ -1,0 +1,427 @@
+"""The queue node: accepts ingresses and workers, dispatches each request to a worker with a free
+slot, forwards both directions as the same payload buffers, retries once before the first response
+frame, cancels, and times every stage (DESIGN "The path of one request", "Timing users can see").
+
+Everything runs in link callbacks: no task, no await per request. The node never touches payload
+bytes; it re-labels frames with the other link's stream id and sends the same payload objects on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+import msgspec
+
+from casola.auth import SCOPE_INGRESS, SCOPE_WORKER, AuthError, Verifier
+from casola.net.handshake import MemoryDialer, Refused, accept_memory, serve_tcp
+from casola.net.link import LinkBase
+from casola.queue.call import RETAIN_MAX, Call
+from casola.queue.registry import ModelEntry, Registry, WorkerEntry
+from casola.wire import (
+    EndMeta,
+    ErrorCode,
+    ErrorMeta,
+    Event,
+    Frame,
+    FrameType,
+    HeartbeatMeta,
+    HelloAckMeta,
+    HelloMeta,
+    Limits,
+    RequestMeta,
+    ResponseMeta,
+    StreamReset,
+    error_info,
+)
+
+__all__ = ["QueueConfig", "QueueNode"]
+
+log = logging.getLogger("casola.queue")
+
+REQUEST, DATA, END, ERROR, CANCEL, RESPONSE = (
+    FrameType.REQUEST,
+    FrameType.DATA,
+    FrameType.END,
+    FrameType.ERROR,
+    FrameType.CANCEL,
+    FrameType.RESPONSE,
+)
+# Worker errors the node may retry on another worker (before the first response frame only).
+_NOT_RETRIED = frozenset({ErrorCode.OVERLOADED, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CANCELLED})
+
+
+class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:7710"  # frames, for ingresses and workers
+    region: str = "local"
+    node_id: str = "queue-1"
+    max_pending: int = 1024  # requests waiting for a slot, per model; beyond: OVERLOADED (429)
+    retry_after_ms: int = 1000  # advertised with OVERLOADED / NO_CAPACITY
+    models: list[str] = []  # models known before any worker registers (else: unknown -> 404)
+    worker_ping_timeout: float = 5.0  # a worker that answers no PING this long is gone
+
+
+class QueueNode:
+    """One queue node. `start()` listens; `memory_dialer` lets an in-process ingress connect."""
+
+    def __init__(self, config: QueueConfig, verifier: Verifier | None) -> None:
+        self.config = config
+        self.registry = Registry(config.models)
+        self.stats: dict[str, int] = {"requests": 0, "retries": 0, "refused": 0, "worker_failures": 0}
+        self._verifier = verifier
+        self._server: asyncio.Server | None = None
+        self._links: set[LinkBase] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker_limits = Limits(ping_timeout=config.worker_ping_timeout)
+        self.memory_dialer: MemoryDialer = accept_memory(self.on_hello)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        host, _, port = self.config.listen.rpartition(":")
+        self._server = await serve_tcp(host, int(port), self.on_hello)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in list(self._links):
+            link.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # -- handshake ---------------------------------------------------------------------------------
+
+    def on_hello(self, link: LinkBase, frame: Frame) -> None:
+        hello = frame.meta
+        assert isinstance(hello, HelloMeta)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if hello.role == "worker":
+            self._authenticate(hello, SCOPE_WORKER)
+            self._register_worker(link, hello)
+        elif hello.role == "ingress":
+            self._authenticate(hello, SCOPE_INGRESS)
+            link.tag = {}  # ingress-side stream id -> Call
+            link.on_events, link.on_lost = self._ingress_events, self._ingress_lost
+            self._ack(link, credit=link.conn.limits.max_streams)
+        else:
+            raise Refused(ErrorCode.FORBIDDEN_ROLE, f"role {hello.role!r} may not connect to a queue node")
+        self._links.add(link)
+
+    def _authenticate(self, hello: HelloMeta, scope: str) -> None:
+        if self._verifier is None:
+            return
+        try:
+            self._verifier.verify(hello.credential, time.time(), scope)  # expiry is wall-clock
+        except AuthError as exc:
+            code = ErrorCode.FORBIDDEN_ROLE if exc.status == 403 else ErrorCode.UNAUTHENTICATED
+            raise Refused(code, exc.message) from exc
+
+    def _ack(self, link: LinkBase, credit: int) -> None:
+        cfg = self.config
+        link.send(Frame(FrameType.HELLO_ACK, meta=HelloAckMeta(link.conn.version, cfg.node_id, cfg.region, credit)))
+
+    def _register_worker(self, link: LinkBase, hello: HelloMeta) -> None:
+        if not hello.models:
+            raise Refused(ErrorCode.BAD_META, "a worker must serve at least one model")
+        worker = WorkerEntry(link, hello.node_id, list(hello.models), hello.credit, hello.pool, hello.region)
+        link.tag = worker
+        link.on_events, link.on_lost = self._worker_events, self._worker_lost
+        self._ack(link, credit=0)  # the queue node opens streams to the worker, never the reverse
+        self.registry.add(worker)
+        log.info("worker %s registered: models=%s capacity=%d", hello.node_id, hello.models, hello.credit)
+        self._serve_pending(worker)
+
+    # -- from ingresses ----------------------------------------------------------------------------
+
+    def _ingress_events(self, link: LinkBase, events: list[Event]) -> None:
+        now = perf_counter()
+        calls: dict[int, Call] = link.tag
+        for ev in events:
+            if type(ev) is Frame:
+                t = ev.type
+                if t is REQUEST:
+                    self._on_request(link, ev, now)
+                elif t is DATA or t is END:
+                    call = calls.get(ev.stream_id)
+                    if call is not None:
+                        self._on_request_data(call, ev)
+                elif t is CANCEL:
+                    self._cancel(calls.pop(ev.stream_id, None), "cancelled by the client")
+            elif type(ev) is StreamReset:
+                self._cancel(calls.pop(ev.stream_id, None), ev.message)
+
+    def _on_request(self, link: LinkBase, frame: Frame, now: float) -> None:
+        meta = frame.meta
+        assert isinstance(meta, RequestMeta)
+        self.stats["requests"] += 1
+        model = self.registry.models.get(meta.model)
+        sid = frame.stream_id
+        if model is None:
+            return self._refuse(link, sid, ErrorCode.UNKNOWN_MODEL, f"model {meta.model!r} is not served here")
+        if not model.workers:
+            msg = f"no worker for model {meta.model!r} is connected"
+            return self._refuse(link, sid, ErrorCode.NO_CAPACITY, msg, self.config.retry_after_ms)
+        call = Call(link, sid, meta, model, now)
+        call.keep(frame)
+        call.req_done = frame.end
+        link.tag[sid] = call
+        worker = model.pick()
+        if worker is not None:
+            self._start(call, worker)
+        else:
+            self._enqueue(call, now)
+
+    def _on_request_data(self, call: Call, frame: Frame) -> None:
+        call.req_done = frame.end
+        kept = call.keep(frame) if not call.head_seen else True
+        if call.worker is not None:
+            w = call.worker
+            self._send_worker(w, Frame(frame.type, call.w_sid, frame.meta, frame.payload, frame.flags))
+        elif not kept:
+            self._fail(
+                call, ErrorCode.PAYLOAD_TOO_LARGE, f"request bodies waiting for a slot are capped at {RETAIN_MAX} bytes"
+            )
+
+    def _ingress_lost(self, link: LinkBase, exc: BaseException | None) -> None:
+        self._links.discard(link)
+        calls: dict[int, Call] = link.tag
+        for call in list(calls.values()):
+            self._cancel(call, "the ingress went away")
+        calls.clear()
+
+    # -- dispatch ----------------------------------------------------------------------------------
+
+    def _enqueue(self, call: Call, now: float) -> None:
+        model = call.model
+        if len(model.pending) >= self.config.max_pending:
+            msg = f"model {model.name!r}: {len(model.pending)} requests already wait for a slot"
+            self._fail(call, ErrorCode.OVERLOADED, msg, self.config.retry_after_ms)
+            return
+        call.t_queued = now
+        model.pending.append(call)
+        if call.deadline and call.timer is None:
+            call.timer = self._loop.call_later(call.deadline - now, self._expire, call)  # type: ignore[union-attr]
+
+    def _start(self, call: Call, worker: WorkerEntry) -> None:
+        """Open the stream on the worker and forward every request frame seen so far."""
+        loop = self._loop
+        now = perf_counter()
+        if call.t_queued:
+            call.wait += now - call.t_queued
+            call.t_queued = 0.0
+        meta = call.meta
+        if call.deadline:
+            remaining = int((call.deadline - now) * 1000)
+            if remaining <= 0:
+                return self._fail(call, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before a slot was free")
+            meta = msgspec.structs.replace(meta, deadline_ms=remaining, attempt=call.attempt)
+            if call.timer is None:
+                call.timer = loop.call_later(call.deadline - now, self._expire, call)  # type: ignore[union-attr]
+        elif call.attempt:
+            meta = msgspec.structs.replace(meta, attempt=call.attempt)
+        link = worker.link
+        sid = link.conn.next_stream_id()
+        frames = call.frames
+        first = frames[0]
+        link.conn.send(Frame(REQUEST, sid, meta, first.payload, first.flags))
+        for f in frames[1:]:
+            link.conn.send(Frame(f.type, sid, f.meta, f.payload, f.flags))
+        link.flush()
+        call.worker, call.w_sid = worker, sid
+        worker.calls[sid] = call
+        call.t_dispatch = perf_counter()
+
+    def _serve_pending(self, worker: WorkerEntry) -> None:
+        """A worker has free slots: give them to waiting requests, oldest first."""
+        for name in worker.models:
+            pending = self.registry.models[name].pending
+            while pending and worker.free > 0:
+                self._start(pending.popleft(), worker)
+
+    def _retry(self, call: Call, failed: WorkerEntry, why: str) -> None:
+        self.stats["retries"] += 1
+        log.info("retrying %s on another worker: %s", call.meta.model, why)
+        call.attempt += 1
+        call.worker = None
+        other = call.model.pick(exclude=failed)
+        if other is not None:
+            self._start(call, other)
+        elif any(w is not failed for w in call.model.workers):
+            call.t_queued = perf_counter()
+            call.model.pending.appendleft(call)  # it has waited already: first in line
+        else:
+            self._fail(call, ErrorCode.WORKER_FAILED, f"{why}; no other worker to retry on")
+
+    def _expire(self, call: Call) -> None:
+        call.timer = None
+        if call.worker is None:
+            if call in call.model.pending:
+                call.model.pending.remove(call)
+        else:
+            self._release_worker_stream(call, ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        self._fail(call, ErrorCode.DEADLINE_EXCEEDED, f"deadline of {call.meta.deadline_ms} ms exceeded")
+
+    # -- from workers ------------------------------------------------------------------------------
+
+    def _worker_events(self, link: LinkBase, events: list[Event]) -> None:
+        worker: WorkerEntry = link.tag
+        t_answer = perf_counter()
+        credit = False
+        for ev in events:
+            if type(ev) is Frame:
+                t = ev.type
+                call = worker.calls.get(ev.stream_id)
+                if call is not None and (t is RESPONSE or t is DATA or t is END or t is ERROR):
+                    self._FROM_WORKER[t](self, call, ev, t_answer)
+                elif t is FrameType.CREDIT:
+                    credit = True
+                elif t is FrameType.HEARTBEAT:
+                    hb = ev.meta
+                    assert isinstance(hb, HeartbeatMeta)
+                    worker.healthy, worker.load = hb.healthy, hb.load
+                    credit = credit or hb.healthy
+            elif type(ev) is StreamReset:
+                call = worker.calls.pop(ev.stream_id, None)
+                if call is not None:
+                    self._worker_stream_failed(call, worker, ev.code, ev.message)
+        if credit:
+            self._serve_pending(worker)
+
+    def _on_response(self, call: Call, frame: Frame, t_answer: float) -> None:
+        call.head_seen = True
+        call.frames = []  # no retry from here on: let the request buffers go
+        meta = frame.meta
+        assert isinstance(meta, ResponseMeta)
+        work = meta.timing.get("work") if frame.end else None
+        timing = {**meta.timing, **call.timing(t_answer, perf_counter(), work)}  # type: ignore[union-attr]
+        out = ResponseMeta(meta.content_type, meta.headers, timing)
+        self._to_ingress(call, Frame(RESPONSE, call.ing_sid, out, frame.payload, frame.flags))
+        if frame.end:
+            self._done(call)
+
+    def _on_data(self, call: Call, frame: Frame, t_answer: float) -> None:
+        self._to_ingress(call, Frame(DATA, call.ing_sid, None, frame.payload, frame.flags))
+        if frame.end:
+            self._done(call)
+
+    def _on_end(self, call: Call, frame: Frame, t_answer: float) -> None:
+        meta = frame.meta
+        assert isinstance(meta, EndMeta)
+        timing = {**meta.timing, **call.timing(t_answer, perf_counter(), meta.timing.get("work"))}  # type: ignore[union-attr]
+        out = EndMeta(timing, meta.fence, meta.trailers)
+        self._to_ingress(call, Frame(END, call.ing_sid, out, frame.payload, frame.flags))
+        self._done(call)
+
+    def _on_error(self, call: Call, frame: Frame, t_answer: float) -> None:
+        meta = frame.meta
+        assert isinstance(meta, ErrorMeta)
+        worker = call.worker
+        assert worker is not None
+        worker.calls.pop(call.w_sid, None)
+        if call.retryable and error_info(meta.code).retryable and meta.code not in _NOT_RETRIED:
+            self._retry(call, worker, f"worker {worker.node_id} failed: {meta.message}")
+            return
+        timing = {**meta.timing, **call.timing(t_answer, perf_counter(), meta.timing.get("work"))}  # type: ignore[union-attr]
+        out = ErrorMeta(meta.code, meta.message, meta.retry_after_ms, meta.param, timing)
+        self._to_ingress(call, Frame(ERROR, call.ing_sid, out))
+        self._done(call)
+
+    _FROM_WORKER: dict[FrameType, Callable[[QueueNode, Call, Frame, float], None]] = {
+        RESPONSE: _on_response,
+        DATA: _on_data,
+        END: _on_end,
+        ERROR: _on_error,
+    }
+
+    def _worker_lost(self, link: LinkBase, exc: BaseException | None) -> None:
+        self._links.discard(link)
+        worker: WorkerEntry = link.tag
+        self.registry.remove(worker)
+        log.warning("worker %s lost (%s); %d requests in flight", worker.node_id, exc or "closed", len(worker.calls))
+        calls, worker.calls = list(worker.calls.values()), {}
+        for call in calls:
+            self._worker_stream_failed(call, worker, ErrorCode.WORKER_FAILED, "the worker disconnected")
+        for name in worker.models:
+            model = self.registry.models[name]
+            if not model.workers:
+                self._fail_pending(model, ErrorCode.NO_CAPACITY, f"no worker for model {name!r} is connected")
+
+    def _worker_stream_failed(self, call: Call, worker: WorkerEntry, code: int, message: str) -> None:
+        self.stats["worker_failures"] += 1
+        if call.retryable and (code == ErrorCode.SHUTTING_DOWN or error_info(code).retryable):
+            self._retry(call, worker, f"worker {worker.node_id}: {message}")
+        else:
+            self._fail(call, ErrorCode.WORKER_FAILED, f"worker failed mid-request: {message}")
+
+    # -- endings -----------------------------------------------------------------------------------
+
+    def _cancel(self, call: Call | None, message: str) -> None:
+        """The client no longer wants the answer: free its slot or its place in line."""
+        if call is None:
+            return
+        if call.timer is not None:
+            call.timer.cancel()
+        if call.worker is None:
+            if call in call.model.pending:
+                call.model.pending.remove(call)
+        else:
+            self._release_worker_stream(call, ErrorCode.CANCELLED, message)
+
+    def _release_worker_stream(self, call: Call, code: int, message: str) -> None:
+        worker = call.worker
+        if worker is not None and worker.calls.pop(call.w_sid, None) is not None:
+            if worker.link.conn.is_open(call.w_sid):
+                worker.link.conn.reset(call.w_sid, code, message)
+                worker.link.flush()
+
+    def _fail(self, call: Call, code: int, message: str, retry_after_ms: int = 0) -> None:
+        self.stats["refused"] += 1
+        now = perf_counter()
+        timing = {"queue-overhead": (now - call.t_recv - call.wait) * 1000, "wait": call.wait * 1000}
+        self._to_ingress(call, Frame(ERROR, call.ing_sid, ErrorMeta(code, message, retry_after_ms, timing=timing)))
+        self._done(call)
+
+    def _fail_pending(self, model: ModelEntry, code: int, message: str) -> None:
+        while model.pending:
+            self._fail(model.pending.popleft(), code, message, self.config.retry_after_ms)
+
+    def _refuse(self, link: LinkBase, sid: int, code: int, message: str, retry_after_ms: int = 0) -> None:
+        self.stats["refused"] += 1
+        link.send(Frame(ERROR, sid, ErrorMeta(code, message, retry_after_ms)))
+
+    def _done(self, call: Call) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        call.ing.tag.pop(call.ing_sid, None)
+        if call.worker is not None:
+            call.worker.calls.pop(call.w_sid, None)
+
+    def _to_ingress(self, call: Call, frame: Frame) -> None:
+        link = call.ing
+        if link.conn.is_open(call.ing_sid):
+            link.send(frame)
+
+    def _send_worker(self, worker: WorkerEntry, frame: Frame) -> None:
+        if worker.link.conn.is_open(frame.stream_id):
+            worker.link.send(frame)
+
+    # -- what operators and the ingress read ---------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "node_id": self.config.node_id,
+            "region": self.config.region,
+            "workers": len(self.registry.workers),
+            "models": self.registry.snapshot(),
+            "stats": dict(self.stats),
+        }

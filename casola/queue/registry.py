@@ -1,0 +1,100 @@
+"""Who can run what: the workers connected to this queue node and the models they serve.
+
+A worker's free slots are its link's send credit (SPEC §7): the worker grants one CREDIT per slot
+that frees, so "has a free slot" is `link.conn.send_credit > 0`, kept by the core, never guessed.
+Each model keeps a bounded FIFO of requests waiting for a slot; bounded, so overload is refused at
+once (OVERLOADED) instead of buffered.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from casola.net.link import LinkBase
+
+if TYPE_CHECKING:
+    from casola.queue.call import Call
+
+__all__ = ["ModelEntry", "Registry", "WorkerEntry"]
+
+
+class WorkerEntry:
+    """One connected worker (one link)."""
+
+    __slots__ = ("calls", "capacity", "healthy", "link", "load", "models", "node_id", "pool", "region")
+
+    def __init__(self, link: LinkBase, node_id: str, models: list[str], capacity: int, pool: str, region: str) -> None:
+        self.link = link
+        self.node_id = node_id
+        self.models = models
+        self.capacity = capacity
+        self.pool = pool or "shared"
+        self.region = region
+        self.healthy = True
+        self.load = 0.0
+        self.calls: dict[int, Call] = {}  # worker-side stream id -> call
+
+    @property
+    def free(self) -> int:
+        return self.link.conn.send_credit if self.link.is_up and self.healthy else 0
+
+
+class ModelEntry:
+    """One model: its workers and its waiting requests."""
+
+    __slots__ = ("name", "pending", "workers")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.workers: list[WorkerEntry] = []
+        self.pending: deque[Call] = deque()  # waiting for a slot, oldest first (lazy removal)
+
+    def pick(self, exclude: WorkerEntry | None = None) -> WorkerEntry | None:
+        """The worker with the most free slots (ties: the first registered), or None."""
+        best, most = None, 0
+        for w in self.workers:
+            f = w.free
+            if f > most and w is not exclude:
+                best, most = w, f
+        return best
+
+    @property
+    def live_workers(self) -> int:
+        return sum(1 for w in self.workers if w.link.is_up and w.healthy)
+
+
+class Registry:
+    """Models by name; models named in configuration exist before any worker serves them."""
+
+    def __init__(self, models: list[str] | tuple[str, ...] = ()) -> None:
+        self.models: dict[str, ModelEntry] = {m: ModelEntry(m) for m in models}
+        self.workers: list[WorkerEntry] = []
+
+    def add(self, worker: WorkerEntry) -> None:
+        self.workers.append(worker)
+        for m in worker.models:
+            entry = self.models.get(m)
+            if entry is None:
+                entry = self.models[m] = ModelEntry(m)
+            entry.workers.append(worker)
+
+    def remove(self, worker: WorkerEntry) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+        for m in worker.models:
+            entry = self.models.get(m)
+            if entry is not None and worker in entry.workers:
+                entry.workers.remove(worker)
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Per model: live workers, slots, free slots, waiting requests (for /healthz and signals)."""
+        return {
+            name: {
+                "workers": e.live_workers,
+                "slots": sum(w.capacity for w in e.workers),
+                "free": sum(w.free for w in e.workers),
+                "pending": len(e.pending),
+            }
+            for name, e in self.models.items()
+        }

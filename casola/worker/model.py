@@ -1,0 +1,96 @@
+"""The handler interface every model implements, and the adapter for blocking (CPU/GPU) code.
+
+A model is an object with a `name` and `async def __call__(call: WorkCall)`. Inference libraries
+block; `BlockingModel` runs them in the runtime's thread pool one output piece at a time, so the
+event loop never stalls and a CANCEL stops the work between pieces (`cancelled` is set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Executor
+from typing import Protocol
+
+from casola.wire import Buffer
+from casola.wire.meta import Param
+from casola.worker.call import WorkCall
+
+__all__ = ["BlockingModel", "Model", "param_bool", "param_float", "param_int"]
+
+
+class Model(Protocol):
+    name: str
+
+    async def __call__(self, call: WorkCall) -> None: ...
+
+
+_DONE = object()
+
+
+class BlockingModel:
+    """Base for handlers whose work blocks. Subclasses implement `run`.
+
+    `run(body, params, cancelled)` returns the whole answer, or an iterable of pieces (streamed as
+    DATA frames as each is produced). It should check `cancelled.is_set()` between pieces.
+    """
+
+    name = "blocking"
+    content_type = "application/octet-stream"
+    executor: Executor | None = None  # set by the runtime
+
+    def run(self, body: Buffer, params: Mapping[str, Param], cancelled: threading.Event) -> Buffer | Iterable[Buffer]:
+        raise NotImplementedError
+
+    async def __call__(self, call: WorkCall) -> None:
+        loop = asyncio.get_running_loop()
+        body = await call.body()
+        cancelled = threading.Event()
+        try:
+            out = await loop.run_in_executor(self.executor, self.run, body, call.params, cancelled)
+            if isinstance(out, bytes | bytearray | memoryview):
+                call.respond(out, self.content_type)
+                return
+            it: Iterator[Buffer] = iter(out)
+            call.start(self.content_type)
+            while (piece := await loop.run_in_executor(self.executor, next, it, _DONE)) is not _DONE:
+                await call.write(piece)  # type: ignore[arg-type]
+            call.end()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+
+def _param(params: Mapping[str, Param], name: str) -> Param:
+    return params.get(name, params.get(name.replace("-", "_")))
+
+
+def param_float(params: Mapping[str, Param], name: str, default: float = 0.0) -> float:
+    """A numeric parameter; HTTP headers deliver strings, frames may deliver numbers.
+
+    Raises:
+        HandlerError: the value is not a number.
+    """
+    from casola.worker.call import HandlerError
+
+    v = _param(params, name)
+    if v is None or v == "":
+        return default
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise HandlerError(f"parameter {name!r} must be a number, got {v!r}", param=name) from None
+
+
+def param_int(params: Mapping[str, Param], name: str, default: int = 0) -> int:
+    return int(param_float(params, name, default))
+
+
+def param_bool(params: Mapping[str, Param], name: str, default: bool = False) -> bool:
+    v = _param(params, name)
+    if v is None:
+        return default
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)

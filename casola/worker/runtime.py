@@ -1,0 +1,201 @@
+"""The worker runtime: dial the queue node(s), register, run handlers, stream answers, drain.
+
+Each queue node gets one persistent link (redialled with backoff after a loss). HELLO carries the
+worker credential, the models, the pool and the capacity as initial credit: the queue node may open
+that many streams; one CREDIT goes back each time a slot frees (SPEC §7). A request runs as one task;
+CANCEL (or the link's loss) cancels it. `drain()` (SIGTERM) sends GOAWAY so nothing new arrives,
+lets running handlers finish, then closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+
+from casola.net.handshake import dial_tcp
+from casola.net.link import LinkBase
+from casola.net.pool import Redialer
+from casola.wire import (
+    ErrorCode,
+    Event,
+    Frame,
+    FrameType,
+    HeartbeatMeta,
+    HelloMeta,
+    Limits,
+    StreamReset,
+)
+from casola.worker.call import HandlerError, WorkCall
+from casola.worker.model import BlockingModel, Model
+
+__all__ = ["WorkerConfig", "WorkerRuntime"]
+
+log = logging.getLogger("casola.worker")
+
+
+class WorkerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    queue: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:7710"])  # queue nodes, host:port
+    models: list[str] = msgspec.field(default_factory=lambda: ["echo"])
+    capacity: int = 64  # requests run at once (the slots granted as credit)
+    pool: str = "sync"  # sync | async | shared
+    region: str = "local"
+    node_id: str = ""
+    threads: int = 4  # thread pool for blocking handlers
+    heartbeat_interval: float = 1.0
+
+
+class WorkerRuntime:
+    def __init__(self, config: WorkerConfig, models: Sequence[Model], credential: str) -> None:
+        self.config = config
+        self.models: dict[str, Model] = {m.name: m for m in models}
+        self.node_id = config.node_id or f"worker-{os.getpid()}"
+        self.executor = ThreadPoolExecutor(config.threads, thread_name_prefix="casola-handler")
+        for m in models:
+            if isinstance(m, BlockingModel):
+                m.executor = self.executor
+        self._credential = credential
+        self._tasks: dict[tuple[LinkBase, int], tuple[asyncio.Task[None], WorkCall]] = {}
+        self._redialers: list[Redialer] = []
+        self._draining = False
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._limits = Limits(ping_interval=1.0, ping_timeout=5.0)
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(self.executor)
+        for address in self.config.queue:
+            host, _, port = address.rpartition(":")
+            r = Redialer(lambda h=host, p=int(port): self._dial(h, p), name=f"{self.node_id}->{address}")
+            self._redialers.append(r)
+            r.start()
+        self._heartbeat = loop.create_task(self._beat())
+
+    async def wait_registered(self, timeout: float = 10.0) -> None:
+        """Until every queue node has accepted us (tests, `casola up` readiness)."""
+        await asyncio.wait_for(asyncio.gather(*(r.up.wait() for r in self._redialers)), timeout)
+
+    async def _dial(self, host: str, port: int) -> LinkBase:
+        cfg = self.config
+        hello = HelloMeta(
+            "worker",
+            credential=self._credential,
+            node_id=self.node_id,
+            region=cfg.region,
+            credit=cfg.capacity,
+            models=list(self.models),
+            pool=cfg.pool,  # type: ignore[arg-type]
+        )
+        link = await dial_tcp(host, port, hello, self._on_events, self._on_lost, limits=self._limits, auto_credit=False)
+        log.info("%s registered with %s:%d (models %s)", self.node_id, host, port, list(self.models))
+        return link
+
+    # -- streams -----------------------------------------------------------------------------------
+
+    def _on_events(self, link: LinkBase, events: list[Event]) -> None:
+        tasks = self._tasks
+        for ev in events:
+            if type(ev) is Frame:
+                t = ev.type
+                if t is FrameType.REQUEST:
+                    self._begin(link, ev)
+                elif t is FrameType.DATA or t is FrameType.END:
+                    entry = tasks.get((link, ev.stream_id))
+                    if entry is not None:
+                        entry[1].feed(ev.payload, ev.end)
+                elif t is FrameType.CANCEL:
+                    self._cancel(link, ev.stream_id)
+            elif type(ev) is StreamReset:
+                self._cancel(link, ev.stream_id)
+
+    def _begin(self, link: LinkBase, frame: Frame) -> None:
+        call = WorkCall(link, frame.stream_id, frame)
+        call.release = lambda: self._grant(link)
+        model = self.models.get(call.meta.model)
+        if model is None or self._draining:
+            code = ErrorCode.UNKNOWN_MODEL if model is None else ErrorCode.SHUTTING_DOWN
+            call.fail(code, f"this worker does not serve {call.meta.model!r}" if model is None else "worker draining")
+            return
+        if len(self._tasks) >= self.config.capacity:  # several queue nodes share our slots
+            call.fail(ErrorCode.NO_CAPACITY, "all slots of this worker are busy")
+            return
+        task = asyncio.get_running_loop().create_task(self._run(model, call))
+        self._tasks[(link, frame.stream_id)] = (task, call)
+
+    async def _run(self, model: Model, call: WorkCall) -> None:
+        try:
+            await model(call)
+            if not call.finished:
+                call.end() if call.started else call.respond(b"")
+        except asyncio.CancelledError:
+            call.cancelled = True
+        except HandlerError as exc:
+            call.fail(exc.code, exc.message, exc.param)
+        except Exception as exc:
+            log.exception("handler %s failed", call.meta.model)
+            call.fail(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._tasks.pop((call.link, call.sid), None)
+            if call.release is not None:  # cancelled, or the last frame could not be sent
+                call.release = None
+                self._grant(call.link)
+                call.link.flush()
+
+    def _cancel(self, link: LinkBase, sid: int) -> None:
+        entry = self._tasks.get((link, sid))
+        if entry is not None:
+            entry[1].cancelled = True
+            entry[0].cancel()
+
+    def _grant(self, link: LinkBase) -> None:
+        """A slot freed: queue one CREDIT (the caller flushes)."""
+        if link.is_up and not self._draining:
+            link.conn.grant(1)
+
+    def _on_lost(self, link: LinkBase, exc: BaseException | None) -> None:
+        log.warning("%s lost its queue node link (%s)", self.node_id, exc or "closed")
+        for (lk, _sid), (task, call) in list(self._tasks.items()):
+            if lk is link:
+                call.cancelled = True
+                task.cancel()
+
+    async def _beat(self) -> None:
+        cfg = self.config
+        while True:
+            await asyncio.sleep(cfg.heartbeat_interval)
+            meta = HeartbeatMeta(self.active, cfg.capacity, not self._draining, self.active / max(cfg.capacity, 1))
+            for r in self._redialers:
+                if r.link is not None and r.link.is_up:
+                    r.link.send(Frame(FrameType.HEARTBEAT, meta=meta))
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Accept nothing new, finish what runs (up to `timeout`), then close every link."""
+        self._draining = True
+        for r in self._redialers:
+            if r.link is not None and r.link.is_up:
+                r.link.conn.goaway(ErrorCode.NO_ERROR, "worker draining")
+                r.link.flush()
+        running = [t for t, _ in self._tasks.values()]
+        if running:
+            _done, late = await asyncio.wait(running, timeout=timeout)
+            for t in late:
+                t.cancel()
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for t, _ in list(self._tasks.values()):
+            t.cancel()
+        await asyncio.gather(*(r.stop() for r in self._redialers), return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
