@@ -1,0 +1,1 @@
+"""The edge ingress: HTTP and raw-frame listeners, API surfaces, auth, Server-Timing."""

@@ -1,0 +1,166 @@
+"""The ingress's raw-frame listener: third-party socket clients and edge proxies speak SPEC.md here.
+
+A client dials, sends HELLO (role `client`, its API key as credential) and opens streams as on any
+casola link. Each stream is relayed to a queue node; the answer comes back with the ingress's own
+stage added to the same timing fields the HTTP surface puts in Server-Timing (RESPONSE meta at the
+first byte, END meta totals). The tenant comes from the key, never from the client's metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from casola.auth import SCOPE_RUN, AuthError
+from casola.ingress.upstream import Upstream
+from casola.net.handshake import Refused, serve_tcp
+from casola.net.link import LinkBase
+from casola.wire import (
+    FLAG_END,
+    EndMeta,
+    ErrorCode,
+    ErrorMeta,
+    Event,
+    Frame,
+    FrameType,
+    HelloAckMeta,
+    HelloMeta,
+    RequestMeta,
+    ResponseMeta,
+    StreamReset,
+)
+
+if TYPE_CHECKING:
+    from casola.ingress.server import Ingress
+
+__all__ = ["FrameListener"]
+
+CLIENT_CREDIT = 256  # streams one raw client may have open at once
+
+
+class _Relay:
+    """One client stream and its upstream stream."""
+
+    __slots__ = ("client", "csid", "ing", "model", "t_answer", "t_sent", "t_start", "up", "usid")
+
+    def __init__(self, ing: Ingress, client: LinkBase, csid: int, up: LinkBase, model: str, t_start: float) -> None:
+        self.ing, self.client, self.csid, self.up, self.model = ing, client, csid, up, model
+        self.usid = 0
+        self.t_start = self.t_sent = self.t_answer = t_start
+
+    def _ingress_ms(self, now: float) -> float:
+        return ((now - self.t_start) - (self.t_answer - self.t_sent)) * 1000
+
+    def on_frame(self, frame: Frame, t: float) -> None:
+        ft, meta = frame.type, frame.meta
+        now = perf_counter()
+        self.t_answer = t
+        if ft is FrameType.RESPONSE:
+            assert isinstance(meta, ResponseMeta)
+            meta = ResponseMeta(meta.content_type, meta.headers, {"ingress": self._ingress_ms(now), **meta.timing})
+        elif ft is FrameType.END:
+            assert isinstance(meta, EndMeta)
+            meta = EndMeta({"ingress": self._ingress_ms(now), **meta.timing}, meta.fence, meta.trailers)
+        elif ft is FrameType.ERROR:
+            assert isinstance(meta, ErrorMeta)
+            meta = msgspec.structs.replace(meta, timing={"ingress": self._ingress_ms(now), **meta.timing})
+        if self.client.conn.is_open(self.csid):
+            self.client.send(Frame(ft, self.csid, meta, frame.payload, frame.flags))
+        if ft is FrameType.END or ft is FrameType.ERROR or frame.flags & FLAG_END:
+            self._done()
+
+    def on_reset(self, code: int, message: str) -> None:
+        if self.client.conn.is_open(self.csid):
+            self.client.send(Frame(FrameType.ERROR, self.csid, ErrorMeta(code, message)))
+        self._done()
+
+    def _done(self) -> None:
+        self.client.tag.relays.pop(self.csid, None)
+
+
+class _Client:
+    """One raw client connection: its key's tenant and region pin, and its open streams."""
+
+    __slots__ = ("region", "relays", "tenant")
+
+    def __init__(self, tenant: str, region: str) -> None:
+        self.tenant, self.region = tenant, region
+        self.relays: dict[int, _Relay] = {}
+
+
+class FrameListener:
+    def __init__(self, ing: Ingress) -> None:
+        self.ing = ing
+        self._links: set[LinkBase] = set()
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        return await serve_tcp(host, port, self.on_hello)
+
+    def close_all(self) -> None:
+        for link in list(self._links):
+            link.close()
+
+    def on_hello(self, link: LinkBase, frame: Frame) -> None:
+        hello = frame.meta
+        assert isinstance(hello, HelloMeta)
+        if hello.role != "client":
+            raise Refused(ErrorCode.FORBIDDEN_ROLE, f"role {hello.role!r} may not connect to an ingress")
+        try:
+            claims = self.ing.authenticate(hello.credential, SCOPE_RUN)
+        except AuthError as exc:
+            code = ErrorCode.FORBIDDEN_ROLE if exc.status == 403 else ErrorCode.UNAUTHENTICATED
+            raise Refused(code, exc.message) from exc
+        tenant = claims.tenant if claims is not None else ""
+        link.tag = _Client(tenant, claims.region if claims is not None else "")
+        link.on_events, link.on_lost = self._on_events, self._on_lost
+        self._links.add(link)
+        ack = HelloAckMeta(link.conn.version, self.ing.config.node_id, "", CLIENT_CREDIT)
+        link.send(Frame(FrameType.HELLO_ACK, meta=ack))
+
+    def _on_events(self, link: LinkBase, events: list[Event]) -> None:
+        relays = link.tag.relays
+        for ev in events:
+            if type(ev) is Frame:
+                ft = ev.type
+                if ft is FrameType.REQUEST:
+                    self._open(link, ev)
+                elif ft is FrameType.DATA or ft is FrameType.END:
+                    r = relays.get(ev.stream_id)
+                    if r is not None and r.up.conn.is_open(r.usid):
+                        r.up.send(Frame(ft, r.usid, ev.meta, ev.payload, ev.flags))
+                elif ft is FrameType.CANCEL:
+                    self._cancel(relays.pop(ev.stream_id, None))
+            elif type(ev) is StreamReset:
+                self._cancel(relays.pop(ev.stream_id, None))
+
+    def _open(self, link: LinkBase, frame: Frame) -> None:
+        meta = frame.meta
+        assert isinstance(meta, RequestMeta)
+        ing = self.ing
+        client: _Client = link.tag
+        up = ing.upstream.pick(client.region)
+        if up is None:
+            err = ErrorMeta(ErrorCode.NO_CAPACITY, "no queue node is reachable or has room", 1000)
+            link.send(Frame(FrameType.ERROR, frame.stream_id, err))
+            return
+        deadline = meta.deadline_ms or ing.config.default_deadline_ms
+        meta = msgspec.structs.replace(meta, tenant=client.tenant, trace=True, deadline_ms=deadline)
+        relay = _Relay(ing, link, frame.stream_id, up, meta.model, perf_counter())
+        client.relays[frame.stream_id] = relay
+        relay.t_sent = perf_counter()
+        relay.usid = ing.upstream.open(up, Frame(FrameType.REQUEST, 0, meta, frame.payload, frame.flags), relay)
+
+    @staticmethod
+    def _cancel(relay: _Relay | None) -> None:
+        if relay is not None and relay.usid:
+            Upstream.cancel(relay.up, relay.usid, "the client cancelled")
+
+    def _on_lost(self, link: LinkBase, exc: BaseException | None) -> None:
+        self._links.discard(link)
+        relays = link.tag.relays
+        for relay in list(relays.values()):
+            self._cancel(relay)
+        relays.clear()

@@ -1,0 +1,593 @@
+"""The ingress's HTTP/1.1 server: an asyncio protocol around httptools, no framework.
+
+`HttpProtocol` parses with httptools (llhttp) and calls the app's handler with an `Exchange` as soon as
+a request head is complete; the body is pushed to the app as it arrives. It keeps HTTP/1.1 honest:
+keep-alive, strictly ordered pipelining (bounded look-ahead), chunked bodies both ways, 100-continue,
+head/URL/header/body limits, request-smuggling refusal (Content-Length with Transfer-Encoding), lingering
+close, and three timeouts (idle, head, body) driven by one timer handle per connection that is re-armed
+lazily. Flow control (STYLE §6): explicit write-buffer marks and a `WriteGate` for writers; read pausing
+for the app (`pause_body`), for pipelined look-ahead and for buffered body bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from time import monotonic as _clock
+from typing import Any, Final, cast
+
+import httptools
+import msgspec
+
+from casola.ingress.exchange import Exchange, error_response
+from casola.net.gate import WriteGate
+
+__all__ = ["Exchange", "Handler", "HttpLimits", "HttpProtocol", "RequestError", "serve_http"]
+
+_log: Final = logging.getLogger("casola.ingress")
+
+Handler = Callable[[Exchange], None]
+
+# Buffered request-body bytes (pipelined requests, or an app that has not set on_body yet) above which
+# reading pauses, and below which it resumes. Same marks as the frame protocol's write buffer.
+RX_HIGH: Final = 1024 * 1024
+RX_LOW: Final = 256 * 1024
+# After an error response or a Connection: close, the write side is shut and the read side drained for
+# up to this long, so that unread request bytes do not make the kernel send a RST that destroys the
+# response in flight (RFC 9112 §9.6; nginx's lingering_close, 5 s there).
+LINGER: Final = 2.0
+
+_SPECIAL: Final = frozenset((b"content-length", b"transfer-encoding", b"expect"))
+_INF: Final = float("inf")
+
+# Timestamps (t_start, deadlines) read time.monotonic(): what asyncio's loop.time() returns. uvloop's
+# loop.time() reads the same clock but at 1 ms resolution, cached per loop iteration: too coarse to time
+# sub-millisecond overhead. On Linux perf_counter() reads this clock too, so `perf_counter() - t_start`
+# is a valid duration there.
+
+# Read-pause reasons (bits); reading resumes when none is left.
+_P_APP: Final = 1  # the app paused the body of the request being answered
+_P_PIPE: Final = 2  # max_pipeline requests are parsed ahead
+_P_BUF: Final = 4  # buffered body bytes above RX_HIGH
+_P_STOP: Final = 8  # parsing stopped for good: an error response waits behind earlier responses
+
+# What the connection's one timer checks.
+_T_NONE: Final = 0
+_T_IDLE: Final = 1
+_T_HEAD: Final = 2
+_T_BODY: Final = 3
+_T_LINGER: Final = 4
+
+
+class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-connection limits; every one has a status and a precedent.
+
+    Attributes:
+        max_head: request line + headers (+ trailers), bytes -> 431. nginx's default is 4 x 8 KiB
+            buffers, node's --max-http-header-size is 16 KiB.
+        max_url: request target, bytes -> 414. nginx: one 8 KiB buffer; many CDNs use 8 KiB.
+        max_headers: header fields -> 431. Apache's LimitRequestFields and h11 use 100.
+        max_body: Content-Length above it -> 413 before reading; chunked bodies cumulatively -> 413 + close.
+            64 MiB fits a few minutes of 16 kHz audio as WAV, or a large prompt with images.
+        idle_timeout: keep-alive connection with no request in progress -> closed quietly (uvicorn 5 s,
+            nginx 75 s).
+        head_timeout: a request head must complete within this from its first byte -> 408 + close
+            (nginx client_header_timeout 60 s; shorter here against slowloris).
+        body_timeout: no body bytes for this long while the app waits for the body -> 408 + close
+            (nginx client_body_timeout 60 s).
+        max_pipeline: requests parsed ahead of the one being answered; beyond, reading pauses.
+        write_high, write_low: transport write-buffer marks (asyncio and uvloop defaults differ).
+    """
+
+    max_head: int = 16 * 1024
+    max_url: int = 8 * 1024
+    max_headers: int = 100
+    max_body: int = 64 * 1024 * 1024
+    idle_timeout: float = 30.0
+    head_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_pipeline: int = 16
+    write_high: int = 1024 * 1024
+    write_low: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if min(self.max_head, self.max_url, self.max_headers, self.max_pipeline) < 1 or self.max_body < 0:
+            raise ValueError("HTTP limits must be positive")
+        if min(self.idle_timeout, self.head_timeout, self.body_timeout) <= 0:
+            raise ValueError("HTTP timeouts must be positive")
+        if not 0 <= self.write_low <= self.write_high:
+            raise ValueError("need 0 <= write_low <= write_high")
+
+
+_DEFAULT_LIMITS: Final = HttpLimits()
+
+
+class RequestError(Exception):
+    """The request broke HTTP or a limit; what `on_abort` gets when that happens mid-body.
+
+    Attributes:
+        status: the HTTP status answered (or that would have been, had the response not started).
+        code: the error envelope's code, e.g. "request_too_large".
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing while the connection closes."""
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One HTTP/1.1 server connection. The `on_*` methods are httptools callbacks, not for the app."""
+
+    __slots__ = tuple(
+        "_active _broken _buffered _check _chunked _cl _closing _cur _feeding _gate _handler _head_len "
+        "_idle_t0 _in_head _last_rx _limits _linger_t0 _lingering _loop _max_body _max_head _max_headers "
+        "_max_pipeline _max_url _now _parser _pause _pending _queue _raw _raw_cap _server_line _tick _timer "
+        "_timer_at _transport _url".split()
+    )
+
+    def __init__(
+        self, handler: Handler, limits: HttpLimits = _DEFAULT_LIMITS, *, server_header: bytes = b"casola"
+    ) -> None:
+        """Args:
+            handler: called with each `Exchange` when its request head is complete.
+            limits: sizes, counts and timeouts for this connection.
+            server_header: the `Server:` value; b"" sends none.
+
+        Raises:
+            Nothing; the parser and timer start in `connection_made`.
+        """
+        self._handler = handler
+        self._limits = limits
+        self._max_head, self._max_url, self._max_headers = limits.max_head, limits.max_url, limits.max_headers
+        self._max_body, self._max_pipeline = limits.max_body, limits.max_pipeline
+        self._raw_cap = 2 * limits.max_body + limits.max_head  # chunked framing, extensions, trailers
+        self._tick = min(limits.idle_timeout, limits.head_timeout, limits.body_timeout)
+        self._server_line = b"Server: " + server_header + b"\r\n" if server_header else b""
+        self._parser = httptools.HttpRequestParser(self)
+        self._loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)
+        self._transport: asyncio.Transport = cast(asyncio.Transport, None)
+        self._gate = WriteGate()
+        self._queue: deque[Exchange] = deque()  # head complete, waiting for the one being answered
+        self._active: Exchange | None = None  # handed to the handler, response not ended
+        self._cur: Exchange | None = None  # being parsed (head or body)
+        self._check: Exchange | None = None  # ended with its body unread: close unless it ends this read
+        self._pending: RequestError | None = None  # to answer after the queued requests, then close
+        self._in_head = False
+        self._url = b""
+        self._head_len = self._raw = 0
+        self._cl = -1
+        self._chunked = False
+        self._pause = 0
+        self._buffered = 0
+        self._feeding = self._broken = self._closing = self._lingering = False
+        self._now = self._last_rx = self._idle_t0 = self._linger_t0 = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _INF
+
+    # -- transport callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport = t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = t.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t.set_write_buffer_limits(high=self._limits.write_high, low=self._limits.write_low)
+        self._idle_t0 = now = _clock()
+        self._arm_at(now + self._tick)
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken:
+            return  # closing, lingering, or an error is waiting its turn: discard
+        self._now = self._last_rx = _clock()
+        cur = self._cur
+        self._feeding = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            self._parse_failed(exc.__context__)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._reject(RequestError(400, "bad_request", f"malformed HTTP request: {exc}"))
+        finally:
+            self._feeding = False
+        if self._check is not None:  # a response ended before its body did, and this read did not finish it
+            self._check = None
+            self._close(linger=True)
+        elif cur is not None and cur is self._cur and not self._broken:
+            self._count_raw(len(data))
+
+    def eof_received(self) -> bool:
+        # The client closed its side: it is gone, as uvicorn and nginx take it (a half-closed client that
+        # still waits for answers is rare; an abandoned generation on a GPU is not). The request being
+        # answered is aborted (on_abort(None)), queued ones are dropped, and the connection closes.
+        self._closing = self._broken = True
+        ex = self._active
+        if ex is not None and not ex.finished and not ex._gone:
+            ex._lose(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = self._broken = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        lost = exc if isinstance(exc, ConnectionError) else ConnectionResetError("the client connection closed")
+        self._gate.fail(lost)
+        ex = self._active
+        self._active = self._cur = self._check = None
+        self._queue.clear()  # never started: nothing to tell
+        if ex is not None and not ex.finished and not ex._gone:
+            ex._lose(exc)
+
+    def pause_writing(self) -> None:
+        self._gate.pause()
+
+    def resume_writing(self) -> None:
+        self._gate.resume()
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._closing:
+            raise _Stop
+        self._cur = Exchange(self, self._now)
+        self._in_head = True
+        self._url = b""
+        self._head_len = self._raw = 0
+        self._cl = -1
+        self._chunked = False
+
+    def on_url(self, url: bytes) -> None:
+        if self._url:
+            url = self._url + url  # split across reads
+        self._url = url
+        self._head_len = len(url)
+        if len(url) > self._max_url:
+            raise RequestError(414, "url_too_long", f"the request URL exceeds {self._max_url} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = self._head_len + len(name) + len(value) + 4
+        self._head_len = size
+        if size > self._max_head:
+            raise RequestError(431, "headers_too_large", f"the request head exceeds {self._max_head} bytes")
+        if self._in_head:  # else a trailer field: counted against max_head, then dropped
+            headers = self._cur.headers  # type: ignore[union-attr]
+            if len(headers) >= self._max_headers:
+                raise RequestError(431, "headers_too_large", f"more than {self._max_headers} header fields")
+            name = name.lower()
+            if name in _SPECIAL:
+                self._special(name, value)
+            headers.append((name, value.rstrip()))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        ex: Exchange = self._cur  # type: ignore[assignment]
+        version = p.get_http_version()
+        if version == "1.0":
+            ex._http10 = True
+            ex._expect = False  # RFC 9110 §10.1.1: ignore 100-continue from HTTP/1.0
+        elif version != "1.1":
+            raise RequestError(400, "bad_request", f"HTTP/{version} is not supported")
+        if p.should_upgrade():
+            raise RequestError(400, "bad_request", "protocol upgrades (and CONNECT) are not supported")
+        url = self._url
+        i = url.find(b"?")
+        if i < 0:
+            ex.path = url
+        else:
+            ex.path, ex.query = url[:i], url[i + 1 :]
+        ex.method = p.get_method()
+        ex._keep_alive = p.should_keep_alive()
+        if not self._chunked and self._cl <= 0:
+            ex.body_complete = True
+        if self._active is None:
+            self._dispatch(ex)
+        else:
+            self._queue.append(ex)
+            if len(self._queue) >= self._max_pipeline:
+                self._set_pause(_P_PIPE, True)
+
+    def on_body(self, chunk: bytes) -> None:
+        ex: Exchange = self._cur  # type: ignore[assignment]
+        if ex.finished or ex._gone:
+            return  # answered without reading it: dropped (the connection closes unless it ends now)
+        ex._rx += len(chunk)
+        if ex._rx > self._max_body:
+            raise RequestError(413, "request_too_large", f"the request body exceeds {self._max_body} bytes")
+        if ex._ready and not ex._paused and not ex._buf and (cb := ex._on_body) is not None:
+            try:
+                cb(chunk)
+            except Exception as exc:
+                self._app_failed(ex, exc)
+            return
+        if ex._buf is None:
+            ex._buf = deque()
+        ex._buf.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > RX_HIGH:
+            self._set_pause(_P_BUF, True)
+
+    def on_message_complete(self) -> None:
+        ex: Exchange = self._cur  # type: ignore[assignment]
+        self._cur = None
+        ex.body_complete = True
+        if ex is self._check:  # answered early, and the unread rest arrived in the same read
+            self._check = None
+            self._next()
+        elif ex._ready and not (ex._buf or ex._paused or ex._end_sent or ex.finished or ex._gone):
+            if (end := ex._on_body_end) is not None:
+                ex._end_sent = True
+                try:
+                    end()
+                except Exception as exc:
+                    self._app_failed(ex, exc)
+
+    def _special(self, name: bytes, value: bytes) -> None:
+        """Content-Length, Transfer-Encoding, Expect: the headers that frame the request."""
+        if name == b"content-length":
+            if self._chunked:  # request smuggling (RFC 9112 §6.1); llhttp refuses it too
+                raise RequestError(400, "bad_request", "Content-Length with Transfer-Encoding")
+            value = value.strip()
+            if not value.isdigit():  # llhttp refuses these too
+                raise RequestError(400, "bad_request", "invalid Content-Length")
+            # 19+ digits cannot fit a sane limit (and int() refuses more than 4300 digits)
+            self._cl = int(value) if len(value) < 19 else self._max_body + 1
+            if self._cl > self._max_body:
+                raise RequestError(413, "request_too_large", f"the request body exceeds {self._max_body} bytes")
+        elif name == b"transfer-encoding":
+            if self._cl >= 0:
+                raise RequestError(400, "bad_request", "Transfer-Encoding with Content-Length")
+            if value.strip().lower() != b"chunked":
+                raise RequestError(501, "not_implemented", "only Transfer-Encoding: chunked is supported")
+            self._chunked = True
+        elif value.strip().lower() == b"100-continue":
+            cast(Exchange, self._cur)._expect = True
+        else:
+            raise RequestError(417, "expectation_failed", "only Expect: 100-continue is supported")
+
+    # -- requests in, responses out ------------------------------------------------------------
+
+    def _dispatch(self, ex: Exchange) -> None:
+        """Hand a request to the app, then send 100 Continue and buffered body as the app wants."""
+        self._active = ex
+        try:
+            self._handler(ex)
+        except Exception as exc:
+            self._app_failed(ex, exc)
+        ex._ready = True
+        if ex.finished or ex._gone:
+            return
+        if ex._expect and not ex.started and not ex.body_complete:
+            ex._write_continue()
+        if ex._buf or ex.body_complete:
+            ex._deliver()
+
+    def _response_done(self, ex: Exchange) -> None:
+        """An exchange ended its response: close, or go on with the next request."""
+        self._active = None
+        if ex._buf:
+            self._drop_buffered(ex)
+        if self._pause & _P_APP:
+            self._set_pause(_P_APP, False)
+        if self._closing:
+            return
+        if ex._close:
+            self._close(linger=True)
+        elif not ex.body_complete:
+            if self._feeding and ex is self._cur:
+                self._check = ex  # the rest may be in this very read; else close (never read on to keep alive)
+            else:
+                self._close(linger=True)
+        else:
+            self._next()
+
+    def _next(self) -> None:
+        if self._closing:
+            return
+        if self._queue:
+            ex = self._queue.popleft()
+            if self._pause & _P_PIPE and len(self._queue) < self._max_pipeline:
+                self._set_pause(_P_PIPE, False)
+            self._dispatch(ex)
+        elif self._pending is not None:
+            self._send_reject(self._pending)
+        else:
+            self._idle_t0 = self._now if self._feeding else _clock()
+
+    def _app_failed(self, ex: Exchange, exc: Exception) -> None:
+        """The handler or one of its callbacks raised: 500 if nothing was sent, else abort."""
+        _log.error("HTTP handler failed for %s %s", ex.method.decode(), ex.path.decode("latin-1"), exc_info=exc)
+        if ex.finished or ex._gone:
+            return
+        if ex.started:
+            ex.abort()
+        else:
+            ex.send_error(500, "internal server error", "server_error", "internal_error")
+
+    def _body_paused(self, ex: Exchange, paused: bool) -> None:
+        if ex is self._active:
+            self._set_pause(_P_APP, paused)
+
+    def _drop_buffered(self, ex: Exchange) -> None:
+        """Body chunks the app never took: gone with their exchange (else they would count forever)."""
+        buf, ex._buf = ex._buf, None
+        self._unbuffered(sum(map(len, buf or ())))
+
+    def _unbuffered(self, n: int) -> None:
+        self._buffered -= n
+        if self._pause & _P_BUF and self._buffered <= RX_LOW:
+            self._set_pause(_P_BUF, False)
+
+    def _set_pause(self, bit: int, on: bool) -> None:
+        old = self._pause
+        new = old | bit if on else old & ~bit
+        if new == old:
+            return
+        self._pause = new
+        if self._closing:
+            return
+        if not old:
+            self._transport.pause_reading()
+        elif not new:
+            self._transport.resume_reading()
+            self._last_rx = _clock()  # the body timeout counts from here
+
+    # -- errors and closing --------------------------------------------------------------------
+
+    def _parse_failed(self, cause: BaseException | None) -> None:
+        if isinstance(cause, _Stop):
+            return
+        if isinstance(cause, RequestError):
+            self._reject(cause)
+            return
+        _log.error("HTTP parser callback failed", exc_info=cause)
+        self._reject(RequestError(500, "internal_error", "internal server error"))
+
+    def _count_raw(self, n: int) -> None:
+        """Bound what httptools accumulates inside one head or chunked body across reads."""
+        self._raw += n
+        if self._in_head and self._raw > self._max_head:
+            self._reject(RequestError(431, "headers_too_large", f"the request head exceeds {self._max_head} bytes"))
+        elif self._raw > self._raw_cap:
+            self._reject(RequestError(413, "request_too_large", f"the request body exceeds {self._max_body} bytes"))
+
+    def _reject(self, err: RequestError) -> None:
+        """The request being parsed broke a rule: answer it in turn, then close; parse nothing more."""
+        self._broken = True
+        if self._closing:
+            return  # e.g. llhttp refusing bytes after a Connection: close message we already answered
+        ex = self._cur
+        if ex is not None and (ex.finished or ex._gone):
+            self._check = None
+            self._close(linger=True)  # already answered: nothing more to say
+        elif ex is not None and ex is self._active:
+            self._fail_active(ex, err)
+        else:
+            if ex is not None and self._queue and self._queue[-1] is ex:
+                self._queue.pop()  # never started
+            if self._active is None:
+                self._send_reject(err)
+            else:
+                self._pending = err
+                self._set_pause(_P_STOP, True)
+
+    def _send_reject(self, err: RequestError) -> None:
+        head_only = self._cur is not None and self._cur.method == b"HEAD"
+        self._transport.write(error_response(err.status, err.message, err.code, self._server_line, head_only=head_only))
+        self._close(linger=True)
+
+    def _fail_active(self, ex: Exchange, err: RequestError) -> None:
+        """The request being answered failed on our side (limit, timeout, EOF): error it, tell the app."""
+        started = ex.started
+        if not started:
+            self._transport.write(error_response(err.status, err.message, err.code, self._server_line))
+        self._active = None
+        self._close(linger=not started)
+        ex._lose(err)
+
+    def _close(self, *, linger: bool) -> None:
+        """Close the connection; with `linger`, shut the write side and drain the read side first."""
+        if self._closing:
+            return
+        self._closing = self._broken = True
+        t = self._transport
+        if linger and t.can_write_eof():
+            self._lingering = True
+            if self._pause:
+                self._pause = 0
+                t.resume_reading()
+            t.write_eof()
+            self._linger_t0 = now = _clock()
+            self._arm_at(now + LINGER)
+        else:
+            t.close()
+
+    # -- the one timer ---------------------------------------------------------------------------
+
+    def _arm_at(self, when: float) -> None:
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Check the deadline that applies now; act on it, or re-arm (at most one tick ahead).
+
+        Re-arming no further than the shortest timeout ahead keeps the invariant that the timer fires
+        no later than any deadline a state change can set, so state changes never touch the timer.
+        """
+        self._timer = None
+        if self._closing and not self._lingering:
+            return
+        now = _clock()
+        due, kind = self._deadline()
+        if due <= now + 0.001:  # uvloop's timers are 1 ms grained and may fire a fraction early
+            self._expire(kind)
+        else:
+            self._arm_at(min(due, now + self._tick))
+
+    def _deadline(self) -> tuple[float, int]:
+        if self._lingering:
+            return self._linger_t0 + LINGER, _T_LINGER
+        ex = self._active
+        if ex is not None:
+            if not ex.body_complete and not self._pause:  # the app waits for body bytes
+                return self._last_rx + self._limits.body_timeout, _T_BODY
+            return _INF, _T_NONE  # the app is answering: its own business
+        if self._in_head and self._cur is not None:
+            return self._cur.t_start + self._limits.head_timeout, _T_HEAD
+        return self._idle_t0 + self._limits.idle_timeout, _T_IDLE
+
+    def _expire(self, kind: int) -> None:
+        if kind == _T_BODY:
+            self._broken = True
+            err = RequestError(408, "request_timeout", "the request body stalled")
+            self._fail_active(cast(Exchange, self._active), err)
+        elif kind == _T_HEAD:
+            self._broken = True
+            self._send_reject(RequestError(408, "request_timeout", "the request head was not received in time"))
+        else:  # idle keep-alive, or lingering over
+            self._closing = self._broken = True
+            self._transport.close()
+
+
+async def serve_http(
+    handler: Handler,
+    host: str,
+    port: int,
+    limits: HttpLimits = _DEFAULT_LIMITS,
+    *,
+    server_header: bytes = b"casola",
+    **kw: Any,
+) -> asyncio.Server:
+    """Listen for HTTP/1.1 on host:port (0 picks a free port).
+
+    Args:
+        handler: called with each `Exchange` when its head is complete (a plain function).
+        host, port: where to listen.
+        limits: per-connection limits and timeouts.
+        server_header: the `Server:` value (b"" sends none).
+        **kw: passed on to `loop.create_server` (backlog, reuse_port, ssl, ...).
+
+    Returns:
+        The listening server; close it with `server.close()` and `await server.wait_closed()`.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: HttpProtocol(handler, limits, server_header=server_header), host, port, reuse_address=True, **kw
+    )

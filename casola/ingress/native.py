@@ -1,0 +1,230 @@
+"""`POST /v1/run/{model}`: one HTTP exchange joined to one upstream stream, both ways streamed.
+
+Request: the body goes upstream as it arrives (a small body travels as one REQUEST frame with
+FLAG_END; a large one as REQUEST + DATA* + END, never joined). Request metadata comes from headers:
+`X-Casola-Param-<name>` (model parameters), `X-Casola-Deadline-Ms`, `Content-Type`, `X-Region`.
+
+Response: the HTTP status is committed at the first answer byte, not at the worker's response head,
+so a worker that fails before producing any byte still yields a clean 502 + `x-should-retry`. A
+one-frame answer goes out with Content-Length and the complete Server-Timing header; a streamed one
+is chunked, its header carries what is known at the first byte and the totals follow in a
+`Server-Timing` trailer (declared with `Trailer: server-timing`). An error after the first byte
+aborts the chunked body (no terminating chunk), so no client mistakes it for a complete answer.
+"""
+
+from __future__ import annotations
+
+import math
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+from casola.ingress.http import Exchange
+from casola.ingress.timing import server_timing
+from casola.ingress.upstream import Upstream
+from casola.net.link import LinkBase
+from casola.wire import FLAG_END, EndMeta, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta, error_info
+
+if TYPE_CHECKING:
+    from casola.ingress.server import Ingress
+
+__all__ = ["OPEN_AT", "RunExchange", "error_headers"]
+
+OPEN_AT = 64 * 1024  # buffer a body up to this before opening the stream: small requests = 1 frame
+_OCTET = "application/octet-stream"
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "trailer", "upgrade"})
+_RESPONSE, _DATA, _END, _ERROR = FrameType.RESPONSE, FrameType.DATA, FrameType.END, FrameType.ERROR
+
+
+def error_headers(code: int, retry_after_ms: int) -> list[tuple[bytes, bytes]]:
+    """Retry hints: `x-should-retry` (what OpenAI's SDKs read) and `Retry-After` in seconds."""
+    info = error_info(code)
+    out = [(b"x-should-retry", b"true" if info.retryable else b"false")]
+    if retry_after_ms or info.http in (429, 503):
+        out.append((b"retry-after", str(max(1, math.ceil(retry_after_ms / 1000))).encode()))
+    return out
+
+
+class RunExchange:
+    """One native run request in flight; the upstream's `Sink` for its stream."""
+
+    __slots__ = (
+        "buf",
+        "buffered",
+        "committed",
+        "done",
+        "ex",
+        "ing",
+        "link",
+        "meta",
+        "model",
+        "rmeta",
+        "sid",
+        "t0",
+        "t_answer",
+        "t_sent",
+        "trace",
+    )
+
+    def __init__(self, ing: Ingress, ex: Exchange, link: LinkBase, meta: RequestMeta, trace: bool) -> None:
+        self.ing, self.ex, self.link, self.meta, self.trace = ing, ex, link, meta, trace
+        self.model = meta.model
+        self.t0 = perf_counter()  # the loop's clock (uvloop: cached, 1 ms steps) is too coarse here
+        self.buf: list[bytes] = []
+        self.buffered = 0
+        self.sid = 0
+        self.t_sent = self.t_answer = 0.0
+        self.rmeta: ResponseMeta | None = None
+        self.committed = False
+        self.done = False
+        ex.on_body, ex.on_body_end, ex.on_abort = self.on_body, self.on_body_end, self.on_abort
+
+    # -- request body -> upstream -------------------------------------------------------------------
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.sid:
+            Upstream.send_body(self.link, self.sid, chunk, False)
+            self._backpressure()
+            return
+        self.buf.append(chunk)
+        self.buffered += len(chunk)
+        if self.buffered >= OPEN_AT:
+            self._open(end=False)
+
+    def on_body_end(self) -> None:
+        if self.sid:
+            Upstream.send_body(self.link, self.sid, b"", True)
+        elif not self.done:
+            self._open(end=True)
+
+    def _open(self, end: bool) -> None:
+        buf = self.buf
+        payload = buf[0] if len(buf) == 1 else b"".join(buf)  # joins only bodies below OPEN_AT
+        self.buf = []
+        if not self.link.is_up or self.link.conn.send_credit <= 0:
+            self._error(ErrorCode.OVERLOADED, "the queue node is not taking more requests", 1000)
+            return
+        self.t_sent = perf_counter()
+        self.sid = self.ing.upstream.open(
+            self.link, Frame(FrameType.REQUEST, 0, self.meta, payload, FLAG_END if end else 0), self
+        )
+        if not end:
+            self._backpressure()
+
+    def _backpressure(self) -> None:
+        if self.link.gate.paused:
+            self.ex.pause_body()
+            self.ing.loop.create_task(self._resume_when_drained())
+
+    async def _resume_when_drained(self) -> None:
+        try:
+            await self.link.drain()
+        except ConnectionError:
+            return
+        self.ex.resume_body()
+
+    def on_abort(self, exc: BaseException | None) -> None:
+        if not self.done:
+            self.done = True
+            if self.sid:
+                Upstream.cancel(self.link, self.sid)
+            self.ing.finished(self.model, 499, None, 0.0, self.t0)
+
+    # -- upstream answer -> HTTP ----------------------------------------------------------------------
+
+    def on_frame(self, frame: Frame, t: float) -> None:
+        if self.done:
+            return
+        ft = frame.type
+        if ft is _RESPONSE:
+            self.t_answer = t
+            self.rmeta = frame.meta  # type: ignore[assignment]
+            if frame.flags & FLAG_END:
+                self._respond_whole(frame.payload, self.rmeta.timing)  # type: ignore[union-attr]
+            elif len(frame.payload):
+                self._commit()
+                self.ex.write(frame.payload)
+        elif ft is _DATA:
+            if not self.committed:
+                self._commit()
+            self.ex.write(frame.payload)
+            if frame.flags & FLAG_END:
+                self._finish_stream(t, None)
+        elif ft is _END:
+            meta = frame.meta
+            assert isinstance(meta, EndMeta)
+            if not self.committed:
+                self.t_answer = t
+                self._respond_whole(frame.payload, meta.timing)
+            else:
+                if len(frame.payload):
+                    self.ex.write(frame.payload)
+                self._finish_stream(t, meta.timing)
+        elif ft is _ERROR:
+            meta = frame.meta
+            assert isinstance(meta, ErrorMeta)
+            self.t_answer = t
+            self._error(meta.code, meta.message, meta.retry_after_ms, meta.param, meta.timing)
+
+    def on_reset(self, code: int, message: str) -> None:
+        if not self.done:
+            self._error(code, message, 0)
+
+    def _ingress_ms(self, now: float) -> float:
+        waited = (self.t_answer - self.t_sent) if self.t_sent else 0.0
+        return ((now - self.t0) - waited) * 1000
+
+    def _headers(self, timing: dict[str, float] | None, now: float) -> list[tuple[bytes, bytes]]:
+        meta = self.rmeta
+        ct = (meta.content_type if meta is not None else "") or self.meta.content_type or _OCTET
+        headers = [(b"content-type", ct.encode("latin-1"))]
+        if meta is not None and meta.headers:
+            headers += [
+                (k.lower().encode(), v.encode("latin-1"))
+                for k, v in meta.headers.items()
+                if k.lower() not in _HOP_BY_HOP
+            ]
+        if self.trace:
+            headers.append((b"server-timing", server_timing(self._ingress_ms(now), timing or {})))
+        if self.ing.timing_allow_origin:
+            headers.append((b"timing-allow-origin", self.ing.timing_allow_origin))
+        return headers
+
+    def _respond_whole(self, payload: bytes | bytearray | memoryview, timing: dict[str, float]) -> None:
+        now = perf_counter()
+        self.committed = self.done = True
+        self.ex.respond(200, self._headers(timing, now), payload)
+        self.ing.finished(self.model, 200, timing, self._ingress_ms(now), self.t0)
+
+    def _commit(self) -> None:
+        self.committed = True
+        timing = self.rmeta.timing if self.rmeta is not None else None
+        trailers = (b"server-timing",) if self.trace else ()
+        self.ex.start(200, self._headers(timing, perf_counter()), trailers=trailers)
+
+    def _finish_stream(self, t: float, timing: dict[str, float] | None) -> None:
+        self.done = True
+        self.t_answer = t
+        now = perf_counter()
+        ingress_ms = self._ingress_ms(now)
+        trailers = [(b"server-timing", server_timing(ingress_ms, timing or {}))] if self.trace else []
+        self.ex.end(trailers)
+        self.ing.finished(self.model, 200, timing, ingress_ms, self.t0)
+
+    def _error(
+        self, code: int, message: str, retry_after_ms: int, param: str = "", timing: dict[str, float] | None = None
+    ) -> None:
+        self.done = True
+        info = error_info(code)
+        now = perf_counter()
+        if self.committed:
+            self.ex.abort()  # mid-stream: truncate, never fake a complete answer
+        else:
+            headers = error_headers(code, retry_after_ms)
+            if self.trace:
+                headers.append((b"server-timing", server_timing(self._ingress_ms(now), timing or {})))
+            try:
+                name = ErrorCode(code).name.lower()
+            except ValueError:
+                name = str(code)
+            self.ex.send_error(info.http, message, info.type, name, param or None, headers)
+        self.ing.finished(self.model, info.http, timing, self._ingress_ms(now), self.t0)

@@ -1,0 +1,188 @@
+"""The ingress: HTTP and raw-frame listeners, routing, local auth, and the bookkeeping per request.
+
+Routes: `POST /v1/run/{model}` (native, streamed both ways), `GET /healthz`, `GET /metrics`.
+Authentication is local (Ed25519 tokens, `casola.auth`): no remote call on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from time import perf_counter
+from typing import Any
+
+import msgspec
+
+from casola.auth import SCOPE_RUN, AuthError, Claims, Verifier
+from casola.ingress.envelope import JSON_CT
+from casola.ingress.frames import FrameListener
+from casola.ingress.http import Exchange, HttpLimits, serve_http
+from casola.ingress.metrics import CONTENT_TYPE as METRICS_CT
+from casola.ingress.metrics import Metrics
+from casola.ingress.native import RunExchange
+from casola.ingress.upstream import QueueNodeSpec, Upstream
+from casola.wire import RequestMeta
+
+__all__ = ["Ingress", "IngressConfig"]
+
+log = logging.getLogger("casola.ingress")
+
+_RUN = b"/v1/run/"
+_PARAM = b"x-casola-param-"
+
+
+class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    http: str = "127.0.0.1:8000"
+    frames: str = "127.0.0.1:7700"  # raw-frame listener; "" disables it
+    node_id: str = "ingress-1"
+    trace: bool = False  # Server-Timing on every response (else only with X-Casola-Trace: 1)
+    timing_allow_origin: str = ""  # e.g. "*": lets browsers read Server-Timing
+    max_inflight: int = 4096  # requests in progress; beyond: 429 at once
+    default_deadline_ms: int = 0  # applied when a request names none; 0 = none
+    queue_nodes: list[QueueNodeSpec] = []  # `casola ingress`; `casola up` adds its own queue node
+    max_body: int = 64 * 1024 * 1024
+    max_head: int = 16 * 1024
+    max_headers: int = 100
+    idle_timeout: float = 30.0
+    head_timeout: float = 10.0
+    body_timeout: float = 30.0
+
+
+class Ingress:
+    def __init__(self, config: IngressConfig, verifier: Verifier | None, upstream: Upstream) -> None:
+        self.config = config
+        self.verifier = verifier
+        self.upstream = upstream
+        self.metrics = Metrics()
+        self.timing_allow_origin = config.timing_allow_origin.encode()
+        self.loop: asyncio.AbstractEventLoop  # set in start()
+        self.in_flight = 0
+        self.queue_snapshot: Any = None
+        self._servers: list[asyncio.Server] = []
+        self.frames = FrameListener(self)
+        self._limits = HttpLimits(
+            max_body=config.max_body,
+            max_head=config.max_head,
+            max_headers=config.max_headers,
+            idle_timeout=config.idle_timeout,
+            head_timeout=config.head_timeout,
+            body_timeout=config.body_timeout,
+        )
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        host, _, port = self.config.http.rpartition(":")
+        self._servers.append(await serve_http(self.handle, host, int(port), self._limits))
+        if self.config.frames:
+            host, _, port = self.config.frames.rpartition(":")
+            self._servers.append(await self.frames.start(host, int(port)))
+
+    @property
+    def ports(self) -> list[int]:
+        return [int(s.sockets[0].getsockname()[1]) for s in self._servers]
+
+    async def stop(self) -> None:
+        for s in self._servers:
+            s.close()
+        self.frames.close_all()
+        for s in self._servers:
+            await s.wait_closed()
+
+    # -- per request -------------------------------------------------------------------------------
+
+    def handle(self, ex: Exchange) -> None:
+        path = ex.path
+        if path.startswith(_RUN):
+            if ex.method != b"POST":
+                return ex.send_error(
+                    405, "use POST", "invalid_request_error", "method_not_allowed", None, [(b"allow", b"POST")]
+                )
+            return self._run(ex, path[len(_RUN) :])
+        if path == b"/healthz" and ex.method in (b"GET", b"HEAD"):
+            return self._healthz(ex)
+        if path == b"/metrics" and ex.method in (b"GET", b"HEAD"):
+            return ex.respond(200, [(b"content-type", METRICS_CT)], self.metrics.render())
+        ex.send_error(
+            404, f"no route for {ex.method.decode()} {path.decode('latin-1')}", "invalid_request_error", "not_found"
+        )
+
+    def authenticate(self, token: str | bytes | None, scope: str = SCOPE_RUN) -> Claims | None:
+        """Claims of a valid key; None when auth is off. Raises AuthError."""
+        if self.verifier is None:
+            return None
+        return self.verifier.verify(token, time.time(), scope)
+
+    def _run(self, ex: Exchange, model_b: bytes) -> None:
+        try:
+            claims = self.authenticate(ex.header(b"authorization"))
+        except AuthError as exc:
+            kind = "authentication_error" if exc.status == 401 else "permission_error"
+            return ex.send_error(exc.status, exc.message, kind, exc.code)
+        if not model_b or b"/" in model_b:
+            return ex.send_error(
+                404, "no model in the path: POST /v1/run/{model}", "invalid_request_error", "not_found"
+            )
+        try:
+            meta, region = self._request_meta(ex, model_b.decode(), claims)
+        except ValueError as exc:
+            return ex.send_error(400, str(exc), "invalid_request_error", "bad_request")
+        if claims is not None and claims.region and region and region != claims.region:
+            msg = f"this key is pinned to region {claims.region!r}"
+            return ex.send_error(403, msg, "permission_error", "region_pinned")
+        region = region or (claims.region if claims is not None else "")
+        if self.in_flight >= self.config.max_inflight:
+            return ex.send_error(
+                429,
+                "too many requests in progress",
+                "rate_limit_error",
+                "overloaded",
+                None,
+                [(b"retry-after", b"1"), (b"x-should-retry", b"true")],
+            )
+        link = self.upstream.pick(region)
+        if link is None:
+            where = f" in region {region!r}" if region else ""
+            msg = f"no queue node{where} is reachable or has room"
+            return ex.send_error(
+                503, msg, "no_capacity", "no_capacity", None, [(b"retry-after", b"1"), (b"x-should-retry", b"true")]
+            )
+        self.in_flight += 1
+        self.metrics.in_flight = self.in_flight
+        RunExchange(self, ex, link, meta, meta.trace)
+
+    def _request_meta(self, ex: Exchange, model: str, claims: Claims | None) -> tuple[RequestMeta, str]:
+        params: dict[str, Any] = {}
+        deadline = self.config.default_deadline_ms
+        trace = self.config.trace
+        content_type = region = ""
+        for name, value in ex.headers:
+            if name.startswith(_PARAM):
+                params[name[len(_PARAM) :].decode("latin-1")] = value.decode("latin-1")
+            elif name == b"x-casola-deadline-ms":
+                if not value.isdigit() or int(value) > 0xFFFF_FFFF:
+                    raise ValueError("X-Casola-Deadline-Ms must be a whole number of milliseconds")
+                deadline = int(value)
+            elif name == b"x-casola-trace":
+                trace = trace or value in (b"1", b"true", b"on")
+            elif name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"x-region":
+                region = value.decode("latin-1")
+        tenant = claims.tenant if claims is not None else ""
+        return RequestMeta(model, deadline, content_type, params, trace, tenant), region
+
+    def finished(
+        self, model: str, status: int, timing: dict[str, float] | None, ingress_ms: float, t_start: float
+    ) -> None:
+        """One request is over (any outcome): count it and free its place."""
+        self.in_flight -= 1
+        self.metrics.in_flight = self.in_flight
+        self.metrics.observe(model, status, perf_counter() - t_start, timing, ingress_ms)
+
+    def _healthz(self, ex: Exchange) -> None:
+        nodes = self.upstream.snapshot()
+        body: dict[str, Any] = {"status": "ok" if any(n["up"] for n in nodes) else "unavailable", "queue_nodes": nodes}
+        if self.queue_snapshot is not None:
+            body["models"] = self.queue_snapshot()
+        ex.respond(200 if body["status"] == "ok" else 503, [(b"content-type", JSON_CT)], msgspec.json.encode(body))

@@ -1,0 +1,29 @@
+"""Server-Timing (DESIGN "Timing users can see"): stage durations in milliseconds, µs precision.
+
+The queue node reports `queue-overhead`, `wait`, `worker-rtt` and the worker's `work`; the ingress
+adds its own residence minus the time it waited on the queue node. The header value is built by hand
+(one join) because it is on every traced response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+__all__ = ["STAGES", "server_timing"]
+
+# The order stages appear in; unknown ones (a later stage such as `filter`) follow in their order.
+STAGES: Final = ("ingress", "queue-overhead", "wait", "worker-rtt", "work")
+
+
+def server_timing(ingress_ms: float, upstream: Mapping[str, float]) -> bytes:
+    """`ingress;dur=0.120, queue-overhead;dur=0.041, ...` as header-value bytes."""
+    parts = [f"ingress;dur={ingress_ms:.3f}"]
+    for name in STAGES[1:]:
+        v = upstream.get(name)
+        if v is not None:
+            parts.append(f"{name};dur={v:.3f}")
+    for name, v in upstream.items():
+        if name not in STAGES:
+            parts.append(f"{name};dur={v:.3f}")
+    return ", ".join(parts).encode()
