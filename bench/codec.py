@@ -243,10 +243,13 @@ def bench_small(t: Timer) -> dict[str, Any]:
 
 
 def bench_large(t: Timer, rng: random.Random) -> dict[str, Any]:
-    print("\n2. Large DATA payloads (us: median (min-max); GB/s from the median). own = total - fill;"
-          " rest = own - alloc")
-    print(f"{'payload':>8}  {'decode total us':<22}{'GB/s':>5}{'fill us':>9}{'GB/s':>6}  {'decoder own us':<20}"
-          f"{'GB/s':>6}{'alloc us':>10}{'rest us':>9}  {'encode us':<16}{'GB/s':>7}")
+    print(
+        "\n2. Large DATA payloads (us: median (min-max); GB/s from the median). own = total - fill; rest = own - alloc"
+    )
+    print(
+        f"{'payload':>8}  {'decode total us':<22}{'GB/s':>5}{'fill us':>9}{'GB/s':>6}  {'decoder own us':<20}"
+        f"{'GB/s':>6}{'alloc us':>10}{'rest us':>9}  {'encode us':<16}{'GB/s':>7}"
+    )
     res: dict[str, Any] = {}
     for size in LARGE_SIZES:
         frame = Frame(FrameType.DATA, 1, None, rng.randbytes(size), 0)
@@ -255,14 +258,25 @@ def bench_large(t: Timer, rng: random.Random) -> dict[str, Any]:
         own, bare = t.diff("decode", "fill"), t.diff("decode", "fill", "alloc")
         label = f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
         dec, fil, enc = st["decode"], st["fill"], st["encode"]
-        print(f"{label:>8}  {dec.us():<22}{size / dec.med:>5.1f}{fil.med / 1e3:>9.1f}{size / fil.med:>6.1f}  "
-              f"{own.us():<20}{size / own.med:>6.1f}{st['alloc'].med / 1e3:>10.1f}{bare.med / 1e3:>9.1f}  "
-              f"{enc.us():<16}{size / enc.med:>7,.0f}")
+        print(
+            f"{label:>8}  {dec.us():<22}{size / dec.med:>5.1f}{fil.med / 1e3:>9.1f}{size / fil.med:>6.1f}  "
+            f"{own.us():<20}{size / own.med:>6.1f}{st['alloc'].med / 1e3:>10.1f}{bare.med / 1e3:>9.1f}  "
+            f"{enc.us():<16}{size / enc.med:>7,.0f}"
+        )
         res[label] = {
-            "bytes": size, "decode_total_us": dec.js(), "fill_us": fil.js(), "decoder_own_us": own.js(),
-            "alloc_us": st["alloc"].js(), "rest_us": bare.js(), "encode_us": enc.js(),
-            "decode_total_gbps": size / dec.med, "fill_gbps": size / fil.med, "decoder_own_gbps": size / own.med,
-            "encode_gbps": size / enc.med, "payload_is_own_memoryview": True, "encode_lends_payload": True,
+            "bytes": size,
+            "decode_total_us": dec.js(),
+            "fill_us": fil.js(),
+            "decoder_own_us": own.js(),
+            "alloc_us": st["alloc"].js(),
+            "rest_us": bare.js(),
+            "encode_us": enc.js(),
+            "decode_total_gbps": size / dec.med,
+            "fill_gbps": size / fil.med,
+            "decoder_own_gbps": size / own.med,
+            "encode_gbps": size / enc.med,
+            "payload_is_own_memoryview": True,
+            "encode_lends_payload": True,
         }
     return res
 
@@ -289,26 +303,43 @@ def bench_baseline(t: Timer, rng: random.Random) -> dict[str, Any]:
 
     s_wire = s_enc()
     assert mdec.decode(m_wire) == msg and s_dec() == payload
-    st = t.run({
-        "casola enc": encode_op(frame), "casola dec": decode,
-        "msgspec enc": repeat(menc.encode, msg), "msgspec dec": repeat(mdec.decode, m_wire),
-        "stdlib enc": repeat(s_enc), "stdlib dec": repeat(s_dec),
-    })
+    st = t.run(
+        {
+            "casola enc": encode_op(frame),
+            "casola dec": decode,
+            "msgspec enc": repeat(menc.encode, msg),
+            "msgspec dec": repeat(mdec.decode, m_wire),
+            "stdlib enc": repeat(s_enc),
+            "stdlib dec": repeat(s_dec),
+        }
+    )
     raw = len(wire_of(frame))
-    rows = {"casola": ("casola REQUEST frame", raw), "msgspec": ("msgspec JSON, base64 bytes", len(m_wire)),
-            "stdlib": ("stdlib json + base64", len(s_wire))}
+    rows = {
+        "casola": ("casola REQUEST frame", raw),
+        "msgspec": ("msgspec JSON, base64 bytes", len(m_wire)),
+        "stdlib": ("stdlib json + base64", len(s_wire)),
+    }
     base = st["casola enc"].med + st["casola dec"].med
     print("\n3. Baseline, same 1 MiB payload (us: median (min-max); the casola decode includes the fill)")
-    print(f"{'format':<28}{'wire bytes':>11}{'overhead':>9}  {'encode us':<27}{'decode us':<27}"
-          f"{'enc+dec us':>10}{'x casola':>10}")
+    print(
+        f"{'format':<28}{'wire bytes':>11}{'overhead':>9}  {'encode us':<27}{'decode us':<27}"
+        f"{'enc+dec us':>10}{'x casola':>10}"
+    )
     res: dict[str, Any] = {}
     for key, (name, size) in rows.items():
         enc, dec = st[f"{key} enc"], st[f"{key} dec"]
         both, over = enc.med + dec.med, (size / raw - 1) * 100
-        print(f"{name:<28}{size:>11,}{over:>8.1f}%  {enc.us():<27}{dec.us():<27}{both / 1e3:>10,.1f}"
-              f"{both / base:>9.1f}x")
-        res[key] = {"wire_bytes": size, "overhead_pct": over, "encode_us": enc.js(), "decode_us": dec.js(),
-                    "enc_dec_us": both / 1e3, "ratio_vs_casola": both / base}
+        print(
+            f"{name:<28}{size:>11,}{over:>8.1f}%  {enc.us():<27}{dec.us():<27}{both / 1e3:>10,.1f}{both / base:>9.1f}x"
+        )
+        res[key] = {
+            "wire_bytes": size,
+            "overhead_pct": over,
+            "encode_us": enc.js(),
+            "decode_us": dec.js(),
+            "enc_dec_us": both / 1e3,
+            "ratio_vs_casola": both / base,
+        }
     return res
 
 
@@ -342,10 +373,17 @@ def bench_vectors(t: Timer, directory: Path) -> dict[str, Any]:
         return {"skipped": note.strip(), "not_decodable": skipped}
     mix = b"".join(cases)
     st = t.run({"mix": stream_decode_op(mix * -(-SMALL_STREAM // len(mix)))})["mix"]
-    print(f"   {len(cases)} frames, {len(mix):,} B per pass: {rate_str(st.rate())} frames/s,"
-          f" {st.med:,.0f} ({st.lo:,.0f}-{st.hi:,.0f}) ns/frame")
-    return {"cases": len(cases), "mix_bytes": len(mix), "frames_per_s": st.rate(), "ns_per_frame": st.js(1.0),
-            "not_decodable": skipped}
+    print(
+        f"   {len(cases)} frames, {len(mix):,} B per pass: {rate_str(st.rate())} frames/s,"
+        f" {st.med:,.0f} ({st.lo:,.0f}-{st.hi:,.0f}) ns/frame"
+    )
+    return {
+        "cases": len(cases),
+        "mix_bytes": len(mix),
+        "frames_per_s": st.rate(),
+        "ns_per_frame": st.js(1.0),
+        "not_decodable": skipped,
+    }
 
 
 def summary(res: dict[str, Any]) -> dict[str, Any]:
@@ -360,14 +398,22 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "json_overhead_pct": b["msgspec"]["overhead_pct"],
     }
     print("\nTargets (64 KiB / 1 MiB / 8 MiB where three figures)")
-    print(f"   small REQUEST+meta decodes/s per core: {dps:,.0f} (>= {TARGET_DECODES:,}: "
-          f"{'yes' if out['small_decodes_per_s_ge_500k'] else 'NO'})")
-    print(f"   decoder own time beyond the fill: {triple(own)} us; of which the fresh bytearray(size): "
-          f"{triple(alloc)} us; the rest: {triple(bare)} us")
-    print(f"   one more copy of 8 MiB would add {copy_8m:,.0f} us -> no payload copy: "
-          f"{'yes' if out['large_no_payload_copy'] else 'NO'}")
-    print(f"   JSON+base64 of 1 MiB: msgspec {out['json_base64_ms']['msgspec']:.2f} ms, stdlib "
-          f"{out['json_base64_ms']['stdlib']:.2f} ms per encode+decode, {out['json_overhead_pct']:+.1f}% bytes")
+    print(
+        f"   small REQUEST+meta decodes/s per core: {dps:,.0f} (>= {TARGET_DECODES:,}: "
+        f"{'yes' if out['small_decodes_per_s_ge_500k'] else 'NO'})"
+    )
+    print(
+        f"   decoder own time beyond the fill: {triple(own)} us; of which the fresh bytearray(size): "
+        f"{triple(alloc)} us; the rest: {triple(bare)} us"
+    )
+    print(
+        f"   one more copy of 8 MiB would add {copy_8m:,.0f} us -> no payload copy: "
+        f"{'yes' if out['large_no_payload_copy'] else 'NO'}"
+    )
+    print(
+        f"   JSON+base64 of 1 MiB: msgspec {out['json_base64_ms']['msgspec']:.2f} ms, stdlib "
+        f"{out['json_base64_ms']['stdlib']:.2f} ms per encode+decode, {out['json_overhead_pct']:+.1f}% bytes"
+    )
     return out
 
 
@@ -380,16 +426,28 @@ def main(argv: list[str] | None = None) -> int:
     reps, target_s = (3, 0.03) if args.quick else (7, 0.2)
     t, rng = Timer(reps, target_s), random.Random(20261123)
     env = {
-        "date": datetime.date.today().isoformat(), "python": platform.python_version(),
-        "platform": platform.platform(), "cpus": os.cpu_count(), "reps": reps, "rep_target_s": target_s,
-        "quick": args.quick, "msgspec": msgspec.__version__,
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "reps": reps,
+        "rep_target_s": target_s,
+        "quick": args.quick,
+        "msgspec": msgspec.__version__,
         "command": " ".join(["bench/codec.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    print(f"casola codec benchmark: CPython {env['python']}, {env['platform']}, {env['cpus']} CPUs,"
-          f" {env['date']}, {reps} reps of ~{target_s * 1e3:.0f} ms{' (quick)' if args.quick else ''}")
+    print(
+        f"casola codec benchmark: CPython {env['python']}, {env['platform']}, {env['cpus']} CPUs,"
+        f" {env['date']}, {reps} reps of ~{target_s * 1e3:.0f} ms{' (quick)' if args.quick else ''}"
+    )
     t0 = time.perf_counter()
-    res: dict[str, Any] = {"env": env, "small": bench_small(t), "large": bench_large(t, rng),
-                           "baseline": bench_baseline(t, rng), "vectors": bench_vectors(t, args.vectors)}
+    res: dict[str, Any] = {
+        "env": env,
+        "small": bench_small(t),
+        "large": bench_large(t, rng),
+        "baseline": bench_baseline(t, rng),
+        "vectors": bench_vectors(t, args.vectors),
+    }
     res["targets"] = summary(res)
     env["elapsed_s"] = round(time.perf_counter() - t0, 1)
     print(f"\n({env['elapsed_s']} s)")

@@ -26,6 +26,20 @@ def _ignore_events(link: LinkBase, events: list[Event]) -> None:
     pass
 
 
+# Write coalescing. While a batch of received events is being handled, frames sent to any link are
+# only queued; the batch's end writes each touched link once. At concurrency 32 one incoming batch
+# can dispatch 32 requests: one syscall instead of 32. Nothing waits longer than the batch itself.
+_batch_depth = 0
+_dirty: list[LinkBase] = []
+
+
+def _flush_dirty() -> None:
+    while _dirty:
+        link = _dirty.pop()
+        link._dirty = False
+        link._flush()
+
+
 class LinkBase:
     """The transport-independent half of a link. Subclasses implement `_write`, `_shut` and the
     reading switches; everything a role calls lives here.
@@ -46,6 +60,8 @@ class LinkBase:
         self._timer_at: float | None = None
         self._reading_paused = False
         self._lost = False
+        self._dirty = False
+        self._flush_scheduled = False
 
     # -- what roles call -----------------------------------------------------------------------
 
@@ -55,12 +71,28 @@ class LinkBase:
         return self.conn.state is ConnState.OPEN and not self._lost
 
     def send(self, frame: Frame) -> None:
-        """Queue one frame and write it out now. Raises LocalProtocolError (see Connection.send)."""
+        """Queue one frame and write it out now (at the end of the event batch being handled, if
+        any). Raises LocalProtocolError (see Connection.send)."""
         self.conn.send(frame)
-        self._flush()
+        self.flush()
 
     def flush(self) -> None:
         """Write whatever the core queued (after calls that queue frames directly on `conn`)."""
+        if _batch_depth:
+            if not self._dirty:
+                self._dirty = True
+                _dirty.append(self)
+        else:
+            self._flush()
+
+    def flush_soon(self) -> None:
+        """Write on the next loop iteration: tasks finishing in the same iteration share one write."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_scheduled = False
         self._flush()
 
     async def drain(self) -> None:
@@ -94,8 +126,15 @@ class LinkBase:
         raise NotImplementedError
 
     def _deliver(self, events: list[Event]) -> None:
+        global _batch_depth
         if events:
-            self.on_events(self, events)
+            _batch_depth += 1
+            try:
+                self.on_events(self, events)
+            finally:
+                _batch_depth -= 1
+                if not _batch_depth:
+                    _flush_dirty()
         if self.conn.state is ConnState.CLOSED:
             self.close()  # flushes the GOAWAY the core may have queued
         else:

@@ -235,10 +235,12 @@ class QueueNode:
         link.conn.send(Frame(REQUEST, sid, meta, first.payload, first.flags))
         for f in frames[1:]:
             link.conn.send(Frame(f.type, sid, f.meta, f.payload, f.flags))
-        link.flush()
         call.worker, call.w_sid = worker, sid
         worker.calls[sid] = call
+        # Dispatched = handed to the transport: the write syscall (which wakes the worker's side)
+        # is transmission, so it counts in worker-rtt, not in the node's own overhead.
         call.t_dispatch = perf_counter()
+        link.flush()
 
     def _serve_pending(self, worker: WorkerEntry) -> None:
         """A worker has free slots: give them to waiting requests, oldest first."""

@@ -57,7 +57,7 @@ class WorkCall:
         if self.release is not None:
             self.release()
             self.release = None
-        self.link.flush()
+        self.link.flush_soon()  # answers finishing in one loop iteration leave in one write
 
     # -- input -----------------------------------------------------------------------------------
 

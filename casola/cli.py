@@ -1,0 +1,110 @@
+"""The `casola` command: `up`, `ingress`, `queue`, `worker`, `keys`.
+
+`casola up` is what a new user runs first: the ingress and a queue node in this process (joined by
+the in-memory link), local worker processes from the config (with no config: one `echo` worker), a
+development API key in `<state-dir>/dev-api-key`. Each role also runs alone, which is how a
+multi-region deployment is laid out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from casola.auth.cli import add_keys_parser, run_keys
+from casola.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+ROLES = ("up", "ingress", "queue", "worker")
+# glibc trims and regrows the heap around uvloop's large reads (PERF-ANCHORS finding 1); a 128 MiB
+# top pad keeps large payloads off brk/munmap churn. Read at process start, so we re-exec once.
+MALLOC_ENV = {"MALLOC_TOP_PAD_": str(128 * 1024 * 1024)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="casola", description="low-latency inference router")
+    p.add_argument("--state-dir", default=None, help="keys and runtime state (default: ./.casola or the config's)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{up,ingress,queue,worker,keys}")
+
+    up = sub.add_parser("up", help="ingress + queue node in one process, plus local workers")
+    _common(up)
+    up.add_argument("--http", help="HTTP listener host:port (default 127.0.0.1:8000)")
+    up.add_argument("--frames", help="raw-frame listener host:port (default 127.0.0.1:7700)")
+    up.add_argument("--queue", help="queue node listener host:port (default 127.0.0.1:7710)")
+    up.add_argument("--trace", action="store_true", help="Server-Timing on every response")
+
+    ing = sub.add_parser("ingress", help="the edge ingress alone")
+    _common(ing)
+    ing.add_argument("--http")
+    ing.add_argument("--frames")
+    ing.add_argument("--queue-node", action="append", default=[], help="queue node host:port[@region] (repeatable)")
+    ing.add_argument("--trace", action="store_true")
+
+    q = sub.add_parser("queue", help="a queue node alone")
+    _common(q)
+    q.add_argument("--listen", help="host:port for ingresses and workers (default 127.0.0.1:7710)")
+    q.add_argument("--region")
+
+    w = sub.add_parser("worker", help="a worker process")
+    _common(w)
+    w.add_argument("--queue", action="append", default=[], help="queue node host:port (repeatable)")
+    w.add_argument("--models", help="comma-separated model names (default: echo)")
+    w.add_argument("--capacity", type=int, help="requests run at once")
+    w.add_argument("--pool", choices=("sync", "async", "shared"))
+    w.add_argument("--node-id")
+    w.add_argument("--credential-file", help="worker key file (default: <state-dir>/worker-key)")
+
+    add_keys_parser(sub)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file (see casola/config.py)")
+    p.add_argument("--state-dir", default=argparse.SUPPRESS, help="as the global --state-dir")
+    p.add_argument("--log-level", help="debug, info, warning, error")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "keys":
+        args.state_dir = args.state_dir or ".casola"
+        return run_keys(args)
+    if argv is None and not os.environ.get("MALLOC_TOP_PAD_") and not os.environ.get("CASOLA_NO_MALLOC_TUNE"):
+        os.execve(sys.executable, [sys.executable, "-m", "casola", *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"casola: {exc}", file=sys.stderr)
+        return 2
+    state_dir = Path(args.state_dir or config.state_dir)
+    logging.basicConfig(
+        level=(args.log_level or config.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    from casola import roles  # late: keeps `casola keys` light
+
+    return roles.run(args, config, state_dir)
+
+
+def apply_overrides(args: argparse.Namespace, config: Config) -> Config:
+    """Command-line flags win over the config file."""
+    import msgspec
+
+    ing, q = config.ingress, config.queue
+    if getattr(args, "http", None):
+        ing = msgspec.structs.replace(ing, http=args.http)
+    if getattr(args, "frames", None) is not None and args.command in ("up", "ingress"):
+        ing = msgspec.structs.replace(ing, frames=args.frames)
+    if getattr(args, "trace", False):
+        ing = msgspec.structs.replace(ing, trace=True)
+    if args.command == "up" and args.queue:
+        q = msgspec.structs.replace(q, listen=args.queue)
+    if getattr(args, "listen", None):
+        q = msgspec.structs.replace(q, listen=args.listen)
+    if getattr(args, "region", None):
+        q = msgspec.structs.replace(q, region=args.region)
+    return msgspec.structs.replace(config, ingress=ing, queue=q)

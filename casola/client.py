@@ -1,0 +1,231 @@
+"""An asyncio client speaking casola frames to an ingress's raw-frame listener (SPEC.md).
+
+    client = await Client.connect("127.0.0.1:7700", api_key)
+    result = await client.run("echo", b"hello")          # whole answer
+    async with client.stream("echo", b"hi", params={"chunks": 3}) as s:
+        async for chunk in s:                            # answer pieces as they are produced
+            ...
+    s.timing  # the same stage figures as HTTP's Server-Timing (ingress, queue-overhead, ...)
+
+Errors come back as `RequestFailed` with the wire code, whether it may be retried, and Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+
+from casola.net.errors import ConnectionLost
+from casola.net.handshake import dial_tcp
+from casola.net.link import LinkBase
+from casola.wire import (
+    FLAG_END,
+    Buffer,
+    CasolaError,
+    ConnectionTerminated,
+    EndMeta,
+    ErrorCode,
+    ErrorMeta,
+    Event,
+    Frame,
+    FrameType,
+    HelloMeta,
+    RequestMeta,
+    ResponseMeta,
+    StreamReset,
+    error_info,
+)
+from casola.wire.meta import Param
+
+__all__ = ["Client", "RequestFailed", "Result", "Stream"]
+
+CHUNK = 1024 * 1024  # request bodies are sent in frames of at most this size
+
+
+class RequestFailed(CasolaError):
+    def __init__(self, code: int, message: str, retry_after_ms: int = 0, timing: dict[str, float] | None = None):
+        try:
+            name = ErrorCode(code).name
+        except ValueError:
+            name = str(code)
+        super().__init__(f"{name}: {message}")
+        self.code, self.message, self.retry_after_ms = code, message, retry_after_ms
+        self.retryable = error_info(code).retryable
+        self.timing = timing or {}
+
+
+class Result:
+    __slots__ = ("content_type", "headers", "payload", "timing")
+
+    def __init__(self, payload: bytes, content_type: str, headers: dict[str, str], timing: dict[str, float]) -> None:
+        self.payload, self.content_type, self.headers, self.timing = payload, content_type, headers, timing
+
+
+class Stream:
+    """One request's answer, piece by piece. Iterate it; then `timing` holds the totals."""
+
+    def __init__(self, client: Client, sid: int) -> None:
+        self._client, self.sid = client, sid
+        self.head: ResponseMeta | None = None
+        self.timing: dict[str, float] = {}
+        self._items: list[Buffer] = []
+        self._ended = False
+        self._error: BaseException | None = None
+        self._wake: asyncio.Future[None] | None = None
+
+    def _push(self, frame: Frame) -> None:
+        ft, meta = frame.type, frame.meta
+        if ft is FrameType.RESPONSE:
+            assert isinstance(meta, ResponseMeta)
+            self.head, self.timing = meta, dict(meta.timing)
+        elif ft is FrameType.END:
+            assert isinstance(meta, EndMeta)
+            self.timing.update(meta.timing)
+        elif ft is FrameType.ERROR:
+            assert isinstance(meta, ErrorMeta)
+            self._fail(RequestFailed(meta.code, meta.message, meta.retry_after_ms, dict(meta.timing)))
+            return
+        if len(frame.payload):
+            self._items.append(frame.payload)
+        if frame.end:
+            self._ended = True
+        self._poke()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error, self._ended = exc, True
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def __aiter__(self) -> AsyncIterator[Buffer]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Buffer]:
+        while True:
+            while self._items:
+                yield self._items.pop(0)
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                return
+            self._wake = asyncio.get_running_loop().create_future()
+            await self._wake
+
+    async def read(self) -> bytes:
+        return b"".join([bytes(c) for c in [c async for c in self]])
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._ended:
+            self._client._cancel(self.sid)
+
+
+class Client:
+    def __init__(self, link: LinkBase) -> None:
+        self._link = link
+        self._streams: dict[int, Stream] = {}
+
+    @classmethod
+    async def connect(cls, address: str = "127.0.0.1:7700", api_key: str = "", *, timeout: float = 5.0) -> Client:
+        """Dial the ingress and authenticate.
+
+        Raises:
+            casola.net.handshake.Refused: the key was refused (UNAUTHENTICATED / FORBIDDEN_ROLE).
+            ConnectionLost, OSError, TimeoutError: could not connect.
+        """
+        host, _, port = address.rpartition(":")
+        box: list[Client] = []
+        link = await dial_tcp(
+            host,
+            int(port),
+            HelloMeta("client", credential=api_key),
+            lambda lk, evs: box[0]._on_events(evs),
+            lambda lk, exc: box[0]._on_lost(exc) if box else None,
+            timeout=timeout,
+        )
+        box.append(cls(link))
+        return box[0]
+
+    def stream(
+        self,
+        model: str,
+        payload: Buffer = b"",
+        *,
+        params: Mapping[str, Param] | None = None,
+        content_type: str = "",
+        deadline_ms: int = 0,
+    ) -> Stream:
+        """Send a request; its answer arrives through the returned `Stream`.
+
+        Raises:
+            ConnectionLost: the connection is gone. RequestFailed: no stream credit (OVERLOADED).
+        """
+        link = self._link
+        if not link.is_up:
+            raise ConnectionLost("the connection to the ingress is closed")
+        if link.conn.send_credit <= 0:
+            raise RequestFailed(ErrorCode.OVERLOADED, "too many requests open on this connection")
+        sid = link.conn.next_stream_id()
+        meta = RequestMeta(model, deadline_ms, content_type, dict(params or {}), True)
+        view = memoryview(payload)
+        first, rest = view[:CHUNK], view[CHUNK:]
+        stream = self._streams[sid] = Stream(self, sid)
+        link.conn.send(Frame(FrameType.REQUEST, sid, meta, first, 0 if len(rest) else FLAG_END))
+        while len(rest):
+            piece, rest = rest[:CHUNK], rest[CHUNK:]
+            link.conn.send(Frame(FrameType.DATA, sid, None, piece, 0 if len(rest) else FLAG_END))
+        link.flush()
+        return stream
+
+    async def run(self, model: str, payload: Buffer = b"", **kw: object) -> Result:
+        """Send a request and wait for the whole answer. Raises RequestFailed, ConnectionLost."""
+        s = self.stream(model, payload, **kw)  # type: ignore[arg-type]
+        body = await s.read()
+        head = s.head or ResponseMeta()
+        return Result(body, head.content_type, dict(head.headers), s.timing)
+
+    async def close(self) -> None:
+        self._link.close()
+        await self._link.closed
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _cancel(self, sid: int) -> None:
+        self._streams.pop(sid, None)
+        if self._link.conn.is_open(sid):
+            self._link.conn.reset(sid, ErrorCode.CANCELLED, "cancelled by the client")
+            self._link.flush()
+
+    def _on_events(self, events: list[Event]) -> None:
+        streams = self._streams
+        for ev in events:
+            if type(ev) is Frame:
+                s = streams.get(ev.stream_id)
+                if s is not None:
+                    if ev.end or ev.type is FrameType.ERROR:
+                        del streams[ev.stream_id]
+                    s._push(ev)
+            elif type(ev) is StreamReset:
+                s = streams.pop(ev.stream_id, None)
+                if s is not None:
+                    s._fail(RequestFailed(ev.code, ev.message))
+            elif type(ev) is ConnectionTerminated:
+                self._on_lost(None)
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        streams, self._streams = self._streams, {}
+        for s in streams.values():
+            s._fail(ConnectionLost(f"connection to the ingress lost: {exc or 'closed'}"))

@@ -1,0 +1,100 @@
+"""The TOML configuration of every role (`casola up --config casola.toml`).
+
+Every section and key is optional; what is left out takes the default shown. An unknown key is an
+error (a typo must not silently fall back to a default). Example, with the defaults:
+
+```toml
+state_dir = ".casola"            # signing key, API keys, revocation list (--state-dir wins)
+log_level = "info"
+
+[ingress]
+http = "127.0.0.1:8000"          # HTTP/1.1 listener
+frames = "127.0.0.1:7700"        # raw-frame listener ("" = off)
+trace = false                    # Server-Timing on every response (else per request: X-Casola-Trace: 1)
+timing_allow_origin = ""         # e.g. "*" so browsers may read Server-Timing
+max_inflight = 4096              # requests in progress; beyond, 429 at once
+default_deadline_ms = 0          # 0 = none
+max_body = 67108864              # bytes; larger bodies get 413
+max_head = 16384                 # request line + headers; larger -> 431
+max_headers = 100
+idle_timeout = 30.0              # keep-alive connections idle this long are closed
+head_timeout = 10.0              # a request head must arrive within this (slow clients) -> 408
+body_timeout = 30.0              # a body stalled this long -> 408
+# `casola ingress` (separate process) names its queue nodes; `casola up` uses its own.
+# [[ingress.queue_nodes]]
+# address = "127.0.0.1:7710"
+# region = "eu-west"
+
+[queue]
+listen = "127.0.0.1:7710"        # frames, for ingresses and workers
+region = "local"
+node_id = "queue-1"
+max_pending = 1024               # requests waiting for a slot, per model; beyond, 429
+retry_after_ms = 1000
+models = []                      # models known before a worker registers (others: 404 until one does)
+worker_ping_timeout = 5.0        # a worker silent this long is considered dead
+
+[[workers]]                      # local worker processes started by `casola up`
+models = ["echo"]
+count = 1                        # processes
+capacity = 64                    # requests each runs at once
+pool = "sync"                    # sync | async | shared
+threads = 4                      # thread pool for blocking handlers
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+from casola.ingress.server import IngressConfig
+from casola.queue.node import QueueConfig
+
+__all__ = ["Config", "ConfigError", "WorkerSpec", "load_config"]
+
+
+class WorkerSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    models: list[str] = msgspec.field(default_factory=lambda: ["echo"])
+    count: int = 1
+    capacity: int = 64
+    pool: str = "sync"
+    threads: int = 4
+
+
+def _default_workers() -> list[WorkerSpec]:
+    return [WorkerSpec()]
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    state_dir: str = ".casola"
+    log_level: str = "info"
+    ingress: IngressConfig = msgspec.field(default_factory=IngressConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    workers: list[WorkerSpec] = msgspec.field(default_factory=_default_workers)
+
+
+class ConfigError(ValueError):
+    """The configuration file cannot be read or does not match the schema."""
+
+
+def load_config(path: str | Path | None) -> Config:
+    """The configuration in `path`, or every default when `path` is None.
+
+    Raises:
+        ConfigError: unreadable file, invalid TOML, unknown key or wrong type (the message says where).
+    """
+    if path is None:
+        return Config()
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,244 @@
+"""Running each role as a process: `casola up`, `casola ingress`, `casola queue`, `casola worker`.
+
+Each runs on uvloop (when installed) until SIGINT/SIGTERM. A worker drains on SIGTERM (finishes what
+runs, accepts nothing new); `casola up` passes SIGTERM on to its workers and waits for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from casola.auth import SCOPE_INGRESS, SCOPE_RUN, SCOPE_WORKER, KeyStore
+from casola.config import Config, WorkerSpec
+from casola.net.loop import loop_name
+from casola.net.loop import run as run_loop
+from casola.queue.node import QueueNode
+from casola.worker import Echo, Model, WorkerConfig, WorkerRuntime
+
+__all__ = ["BUILTIN_MODELS", "run"]
+
+log = logging.getLogger("casola")
+
+BUILTIN_MODELS: dict[str, type] = {"echo": Echo}
+
+
+def run(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
+    from casola.cli import apply_overrides
+
+    config = apply_overrides(args, config)
+    main = {"up": _up, "ingress": _ingress, "queue": _queue, "worker": _worker}[args.command]
+    try:
+        return run_loop(main(args, config, state_dir))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _until_signalled() -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    got: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: (got.append(s), stop.set()))
+    await stop.wait()
+    return got[0]
+
+
+def _keys(state_dir: Path) -> KeyStore:
+    return KeyStore(state_dir)
+
+
+def _ingress_credential(ks: KeyStore) -> str:
+    return ks.ensure_key("ingress-key", "_system", [SCOPE_INGRESS], "ingress to queue nodes")
+
+
+# -- casola up ---------------------------------------------------------------------------------------
+
+
+async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
+    from casola.ingress.server import Ingress
+    from casola.ingress.upstream import Upstream
+
+    ks = _keys(state_dir)
+    verifier = ks.verifier()
+    dev_key = ks.ensure_key("dev-api-key", "dev", [SCOPE_RUN], "development key (casola up)")
+    worker_key = ks.ensure_key("worker-key", "_workers", [SCOPE_WORKER], "local workers")
+    node = QueueNode(config.queue, verifier)
+    await node.start()
+    upstream = Upstream(config.ingress.queue_nodes, _ingress_credential(ks), config.ingress.node_id)
+    upstream.add_memory(node.memory_dialer, config.queue.region)
+    ingress = Ingress(config.ingress, verifier, upstream)
+    ingress.queue_snapshot = ingress.metrics.queue_snapshot = node.registry.snapshot
+    await upstream.start(wait=5.0)
+    await ingress.start()
+    queue_addr = f"{config.queue.listen.rpartition(':')[0]}:{node.port}"
+    workers = _LocalWorkers(config.workers, queue_addr, state_dir, worker_key)
+    workers.start()
+    http_port, *rest = ingress.ports
+    endpoints = {
+        "http": f"http://{config.ingress.http.rpartition(':')[0]}:{http_port}",
+        "frames": f"{config.ingress.frames.rpartition(':')[0]}:{rest[0]}" if rest else "",
+        "queue": queue_addr,
+        "loop": loop_name(),
+    }
+    (state_dir / "endpoints.json").write_text(json.dumps(endpoints))
+    _banner(endpoints, state_dir, dev_key)
+    try:
+        await _until_signalled()
+    finally:
+        log.info("casola up: stopping")
+        await workers.stop()
+        await ingress.stop()
+        await upstream.stop()
+        await node.stop()
+    return 0
+
+
+def _banner(endpoints: dict[str, str], state_dir: Path, dev_key: str) -> None:
+    key_file = state_dir / "dev-api-key"
+    print(
+        f"casola up: ingress {endpoints['http']}  raw frames {endpoints['frames'] or 'off'}  "
+        f"queue node {endpoints['queue']}  ({endpoints['loop']})\n"
+        f"  development API key: {key_file} (tenant 'dev')\n"
+        f"  try: curl -sS -H \"Authorization: Bearer $(cat {key_file})\" -H 'X-Casola-Trace: 1' -i \\\n"
+        f"         --data-binary 'hello' {endpoints['http']}/v1/run/echo",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class _LocalWorkers:
+    """Worker processes of `casola up`; one that dies unexpectedly is restarted after a pause."""
+
+    def __init__(self, specs: list[WorkerSpec], queue: str, state_dir: Path, credential: str) -> None:
+        self._specs, self._queue, self._state_dir = specs, queue, state_dir
+        self._credential = credential
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        n = 0
+        for spec in self._specs:
+            for _ in range(spec.count):
+                n += 1
+                self._tasks.append(loop.create_task(self._keep(spec, n)))
+
+    def _argv(self, spec: WorkerSpec, n: int) -> list[str]:
+        return [
+            sys.executable, "-m", "casola", "--state-dir", str(self._state_dir), "worker",
+            "--queue", self._queue, "--models", ",".join(spec.models), "--capacity", str(spec.capacity),
+            "--pool", spec.pool, "--node-id", f"worker-{n}",
+        ]  # fmt: skip
+
+    async def _keep(self, spec: WorkerSpec, n: int) -> None:
+        from casola.cli import MALLOC_ENV
+
+        env = {**os.environ, **MALLOC_ENV, "CASOLA_WORKER_KEY": self._credential}
+        while not self._stopping:
+            proc = await asyncio.create_subprocess_exec(*self._argv(spec, n), env=env)
+            self.procs[n] = proc
+            rc = await proc.wait()
+            if not self._stopping:
+                log.warning("worker-%d exited with %s; restarting in 1 s", n, rc)
+                await asyncio.sleep(1.0)
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        self._stopping = True
+        procs = [p for p in self.procs.values() if p.returncode is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), timeout)
+        except TimeoutError:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+            await asyncio.gather(*(p.wait() for p in procs))
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# -- the roles alone ---------------------------------------------------------------------------------
+
+
+async def _ingress(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
+    from casola.ingress.server import Ingress
+    from casola.ingress.upstream import QueueNodeSpec, Upstream
+
+    ks = _keys(state_dir)
+    nodes = list(config.ingress.queue_nodes)
+    for item in args.queue_node:
+        address, _, region = item.partition("@")
+        nodes.append(QueueNodeSpec(address=address, region=region))
+    if not nodes:
+        nodes = [QueueNodeSpec(address=config.queue.listen)]
+    upstream = Upstream(nodes, _ingress_credential(ks), config.ingress.node_id)
+    ingress = Ingress(config.ingress, ks.verifier(), upstream)
+    await upstream.start(wait=2.0)
+    await ingress.start()
+    log.info("ingress listening on %s (frames %s), queue nodes %s", config.ingress.http, config.ingress.frames, nodes)
+    try:
+        await _until_signalled()
+    finally:
+        await ingress.stop()
+        await upstream.stop()
+    return 0
+
+
+async def _queue(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
+    node = QueueNode(config.queue, _keys(state_dir).verifier())
+    await node.start()
+    log.info(
+        "queue node %s listening on %s (region %s)", config.queue.node_id, config.queue.listen, config.queue.region
+    )
+    try:
+        await _until_signalled()
+    finally:
+        await node.stop()
+    return 0
+
+
+async def _worker(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
+    spec = config.workers[0] if config.workers else WorkerSpec()
+    names = args.models.split(",") if args.models else spec.models
+    unknown = [m for m in names if m not in BUILTIN_MODELS]
+    if unknown:
+        print(f"casola worker: unknown model(s) {unknown}; built in: {sorted(BUILTIN_MODELS)}", file=sys.stderr)
+        return 2
+    wc = WorkerConfig(
+        queue=args.queue or [config.queue.listen],
+        models=names,
+        capacity=args.capacity or spec.capacity,
+        pool=args.pool or spec.pool,
+        node_id=args.node_id or "",
+        threads=spec.threads,
+        region=config.queue.region,
+    )
+    credential = _worker_credential(args, state_dir)
+    models: list[Model] = [BUILTIN_MODELS[m]() for m in names]
+    runtime = WorkerRuntime(wc, models, credential)
+    await runtime.start()
+    sig = await _until_signalled()
+    if sig == signal.SIGTERM:
+        log.info("%s draining (%d in flight)", runtime.node_id, runtime.active)
+        await runtime.drain()
+    else:
+        await runtime.stop()
+    return 0
+
+
+def _worker_credential(args: argparse.Namespace, state_dir: Path) -> str:
+    if args.credential_file:
+        return Path(args.credential_file).read_text().strip()
+    if os.environ.get("CASOLA_WORKER_KEY"):
+        return os.environ["CASOLA_WORKER_KEY"].strip()
+    return _keys(state_dir).ensure_key("worker-key", "_workers", [SCOPE_WORKER], "local workers")

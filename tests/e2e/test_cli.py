@@ -1,0 +1,104 @@
+"""`casola up` as a new user runs it: a real process with a worker process, the dev key, the banner,
+one request, and a clean stop on SIGTERM. Plus the TOML configuration's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from casola.config import ConfigError, load_config
+from tests.e2e.stack import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict:  # type: ignore[type-arg]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, "casola up exited early"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                body = json.loads(r.read())
+                if body.get("models", {}).get("echo", {}).get("workers", 0) >= 1:
+                    return body  # type: ignore[no-any-return]
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("casola up did not become ready")
+
+
+def test_casola_up_serves_echo_with_the_dev_key(tmp_path: Path) -> None:
+    http, frames, queue = _free_port(), _free_port(), _free_port()
+    state = tmp_path / "state"
+    argv = [
+        sys.executable,
+        "-m",
+        "casola",
+        "--state-dir",
+        str(state),
+        "up",
+        "--http",
+        f"127.0.0.1:{http}",
+        "--frames",
+        f"127.0.0.1:{frames}",
+        "--queue",
+        f"127.0.0.1:{queue}",
+    ]
+    proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ})
+    try:
+        health = _wait_ready(f"http://127.0.0.1:{http}/healthz", proc)
+        assert health["status"] == "ok"
+        key = (state / "dev-api-key").read_text().strip()
+        assert key.startswith("csk_") and (state / "dev-api-key").stat().st_mode & 0o077 == 0
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{http}/v1/run/echo",
+            data=b"hello casola",
+            headers={"Authorization": f"Bearer {key}", "X-Casola-Trace": "1"},
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.read() == b"hello casola"
+            assert "worker-rtt;dur=" in r.headers["Server-Timing"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert 'casola_stage_seconds_bucket{le="0.0005",stage="queue-overhead"}' in text
+        assert 'casola_model_workers{model="echo"} 1.0' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    banner = err.decode()
+    assert "dev-api-key" in banner and f"http://127.0.0.1:{http}/v1/run/echo" in banner
+
+
+def test_config_file_is_strict_and_clear(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[ingress]\ntrace = true\n[queue]\nmax_pending = 5\n[[workers]]\nmodels = ["echo"]\ncount = 2\n')
+    cfg = load_config(good)
+    assert cfg.ingress.trace and cfg.queue.max_pending == 5 and cfg.workers[0].count == 2
+    assert load_config(None).ingress.http == "127.0.0.1:8000"
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[ingress]\ntrcae = true\n")
+    with pytest.raises(ConfigError, match="trcae"):
+        load_config(typo)
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('[queue]\nmax_pending = "many"\n')
+    with pytest.raises(ConfigError, match="max_pending"):
+        load_config(wrong)
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text("[ingress\n")
+        load_config(bad)
