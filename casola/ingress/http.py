@@ -487,7 +487,7 @@ class HttpProtocol(asyncio.Protocol):
         self._close(linger=True)
 
     def _fail_active(self, ex: Exchange, err: RequestError) -> None:
-        """The request being answered failed on our side (limit, timeout, EOF): error it, tell the app."""
+        """The request being answered broke a limit, stalled or went bad mid-body: error it, tell the app."""
         started = ex.started
         if not started:
             self._transport.write(error_response(err.status, err.message, err.code, self._server_line))
