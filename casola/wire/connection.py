@@ -76,6 +76,7 @@ class Connection:
         self._rx_credit = CreditWindow(auto=auto_credit)
         self._out: list[Buffer] = []
         self._streams: dict[int, StreamState] = {}
+        self._peer_open = 0  # streams in _streams that the peer opened (CREDIT bound, SPEC §7.1)
         self._local_parity = 1 if side is Side.DIALER else 0
         self._next_local_id = 1 if side is Side.DIALER else 2
         self._last_peer_id = 0
@@ -156,6 +157,7 @@ class Connection:
             return []
         self.state = ConnState.CLOSED
         self._streams.clear()
+        self._peer_open = 0
         return [ConnectionTerminated(ErrorCode.NO_ERROR, "peer closed the connection", remote=True)]
 
     # -- sending -----------------------------------------------------------------------------
@@ -308,6 +310,7 @@ class Connection:
             raise RemoteProtocolError(ErrorCode.CREDIT_VIOLATION, f"stream {sid} opened without credit")
         self._last_peer_id = sid
         self._streams[sid] = next_state(StreamState.IDLE, _OPENER, FrameType.REQUEST, bool(frame.flags & FLAG_END))  # type: ignore[assignment]
+        self._peer_open += 1
         events.append(frame)
 
     def _refuse_late_stream(self, sid: int) -> None:
@@ -345,6 +348,7 @@ class Connection:
         self.send_credit = 0
         if self.state is ConnState.CLOSED:
             self._streams.clear()
+            self._peer_open = 0
             events.append(ConnectionTerminated(meta.code, meta.message, remote=True))  # type: ignore[union-attr]
             return
         for sid in [s for s in self._streams if (s & 1) == self._local_parity and s > meta.last_stream_id]:  # type: ignore[union-attr]
@@ -408,8 +412,7 @@ class Connection:
         t, meta = frame.type, frame.meta
         new_state = self._check_lifecycle(Direction.SEND, _kind(frame), frame)
         if t is FrameType.CREDIT:
-            peer_streams = sum(1 for s in self._streams if (s & 1) != self._local_parity)
-            if self._rx_credit.outstanding + meta.grant + peer_streams > self.limits.max_streams:  # type: ignore[union-attr]
+            if self._rx_credit.outstanding + meta.grant + self._peer_open > self.limits.max_streams:  # type: ignore[union-attr]
                 raise LocalProtocolError(ErrorCode.CREDIT_VIOLATION, "grant exceeds limits.max_streams")
             self._rx_credit.granted(meta.grant)  # type: ignore[union-attr]
         elif t is FrameType.HELLO:
@@ -426,6 +429,7 @@ class Connection:
             self.send_credit = 0
             if meta.code != ErrorCode.NO_ERROR:  # type: ignore[union-attr]
                 self._streams.clear()
+                self._peer_open = 0
         self.state = new_state
 
     # -- internals: shared ---------------------------------------------------------------------
@@ -469,6 +473,7 @@ class Connection:
     def _close_stream(self, sid: int) -> None:
         del self._streams[sid]
         if (sid & 1) != self._local_parity:
+            self._peer_open -= 1
             grant = self._rx_credit.released()
             if grant and self.state is _OPEN:
                 self._rx_credit.granted(grant)
@@ -484,6 +489,7 @@ class Connection:
             self._queue(Frame(FrameType.GOAWAY, meta=GoAwayMeta(exc.code, self._last_peer_id, exc.message[:200])))
         self.state = ConnState.CLOSED
         self._streams.clear()
+        self._peer_open = 0
         self._error = exc
 
     def _time_out(self, message: str) -> list[Event]:

@@ -40,6 +40,9 @@ class Echo:
 
     async def _run(self, call: WorkCall) -> None:
         p = call.params
+        if not p:  # the common case: nothing to parse
+            call.respond(await call.body(), call.meta.content_type or "application/octet-stream")
+            return
         if (msg := p.get("fail")) not in (None, ""):
             raise HandlerError(str(msg), param="fail")
         delay = param_float(p, "delay-ms") / 1000
