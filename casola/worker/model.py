@@ -8,6 +8,7 @@ event loop never stalls and a CANCEL stops the work between pieces (`cancelled` 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor
@@ -33,7 +34,8 @@ class BlockingModel:
     """Base for handlers whose work blocks. Subclasses implement `run`.
 
     `run(body, params, cancelled)` returns the whole answer, or an iterable of pieces (streamed as
-    DATA frames as each is produced). It should check `cancelled.is_set()` between pieces.
+    DATA frames as each is produced). Each piece is produced in the thread pool; on CANCEL no
+    further piece is asked for, `cancelled` is set and a generator is closed (its `finally` runs).
     """
 
     name = "blocking"
@@ -45,21 +47,47 @@ class BlockingModel:
 
     async def __call__(self, call: WorkCall) -> None:
         loop = asyncio.get_running_loop()
+        pool = self.executor or _default_pool(loop)
         body = await call.body()
         cancelled = threading.Event()
+        step: concurrent.futures.Future[object] = pool.submit(self.run, body, call.params, cancelled)
+        it: Iterator[Buffer] | None = None
         try:
-            out = await loop.run_in_executor(self.executor, self.run, body, call.params, cancelled)
+            out = await asyncio.wrap_future(step)
             if isinstance(out, bytes | bytearray | memoryview):
                 call.respond(out, self.content_type)
                 return
-            it: Iterator[Buffer] = iter(out)
+            it = iter(out)  # type: ignore[arg-type]
             call.start(self.content_type)
-            while (piece := await loop.run_in_executor(self.executor, next, it, _DONE)) is not _DONE:
+            while True:
+                step = pool.submit(next, it, _DONE)
+                piece = await asyncio.wrap_future(step)
+                if piece is _DONE:
+                    break
                 await call.write(piece)  # type: ignore[arg-type]
             call.end()
         except asyncio.CancelledError:
             cancelled.set()
+            if it is not None:  # close the generator once its current piece is done (same thread order)
+                gen = it
+                step.add_done_callback(lambda _: pool.submit(_close, gen))
             raise
+
+
+def _close(it: Iterator[Buffer]) -> None:
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+def _default_pool(loop: asyncio.AbstractEventLoop) -> Executor:
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="casola-handler")
+    return _POOL
+
+
+_POOL: Executor | None = None
 
 
 def _param(params: Mapping[str, Param], name: str) -> Param:
