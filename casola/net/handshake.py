@@ -168,8 +168,8 @@ def accept_memory(on_hello: HelloHandler, *, limits: Limits = DEFAULT_LIMITS, au
         loop = asyncio.get_running_loop()
         now = loop.time()
         a, b = memory_pair(
-            Connection(Side.DIALER, now, dial_limits, auto_credit=dial_auto_credit),
-            Connection(Side.ACCEPTOR, now, limits, auto_credit=auto_credit),
+            Connection(Side.DIALER, now, dial_limits, auto_credit=dial_auto_credit, in_memory=True),
+            Connection(Side.ACCEPTOR, now, limits, auto_credit=auto_credit, in_memory=True),
         )
         b.on_events = route
         waiter = _DialWaiter(on_events, on_lost)

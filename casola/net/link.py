@@ -9,14 +9,17 @@ role never knows which one it holds (DESIGN: the in-memory hop "must not be a se
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from casola.net.errors import ConnectionLost
 from casola.net.gate import WriteGate
-from casola.wire import Buffer, Connection, ConnState, Event, Frame
+from casola.wire import Connection, ConnState, ErrorCode, Event, Frame
 
 __all__ = ["EventHandler", "LinkBase", "LostHandler"]
+
+log = logging.getLogger("casola.net")
 
 EventHandler = Callable[["LinkBase", list[Event]], None]
 LostHandler = Callable[["LinkBase", BaseException | None], None]
@@ -62,6 +65,7 @@ class LinkBase:
         self._lost = False
         self._dirty = False
         self._flush_scheduled = False
+        self._shut_after_error = False
 
     # -- what roles call -----------------------------------------------------------------------
 
@@ -116,7 +120,8 @@ class LinkBase:
 
     # -- for subclasses --------------------------------------------------------------------------
 
-    def _write(self, out: list[Buffer]) -> None:
+    def _write(self, out: list[Any]) -> None:
+        """Move the core's output to the peer: buffers (TCP) or frames (in-memory link)."""
         raise NotImplementedError
 
     def _shut(self) -> None:
@@ -131,11 +136,16 @@ class LinkBase:
             _batch_depth += 1
             try:
                 self.on_events(self, events)
+            except Exception:  # a role's bug must not become a fatal transport error (STYLE §5)
+                log.exception("event handler failed; closing the link to %s", getattr(self, "peername", "?"))
+                if self.conn.state is ConnState.OPEN:
+                    self.conn.goaway(ErrorCode.INTERNAL_ERROR, "internal error")
+                self._shut_after_error = True
             finally:
                 _batch_depth -= 1
                 if not _batch_depth:
                     _flush_dirty()
-        if self.conn.state is ConnState.CLOSED:
+        if self.conn.state is ConnState.CLOSED or self._shut_after_error:
             self.close()  # flushes the GOAWAY the core may have queued
         else:
             self._flush()

@@ -1,17 +1,21 @@
 """The in-memory link: two `casola.wire.Connection`s in one process, joined without a socket.
 
 `casola up` runs the ingress and the queue node in one process; the hop between them is this link.
-It carries the same frames as TCP: each end's outbound buffers are fed to the other end's
-`receive_data`, so the codec, the state machines, credits and limits all run exactly as on a
-socket (one memcpy per hop, as on TCP). Delivery happens on the next loop iteration (never inside
-the sender's call), and a bounded backlog drives the sender's `WriteGate` like a socket buffer.
+It carries the same frames as TCP, through the same state machines: both `Connection`s run in
+in-memory mode, so one end's `data_to_send()` yields `Frame` objects and the other end takes them
+with `receive_frames()`. Stream states, credits, GOAWAY and payload limits behave exactly as on a
+socket; only the byte codec is skipped (it is exercised by every socket hop and by the vectors),
+and payloads cross without a copy. Delivery happens on the next loop iteration (never inside the
+sender's call), and a bounded backlog drives the sender's `WriteGate` like a socket buffer.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from casola.net.link import EventHandler, LinkBase, LostHandler
 from casola.net.protocol import WRITE_HIGH, WRITE_LOW
-from casola.wire import Buffer, Connection, RemoteProtocolError
+from casola.wire import Connection, Event, Frame, RemoteProtocolError
 
 __all__ = ["MemoryEnd", "memory_pair"]
 
@@ -24,13 +28,13 @@ class MemoryEnd(LinkBase):
     def __init__(self, conn: Connection, on_events: EventHandler | None = None, on_lost: LostHandler | None = None):
         super().__init__(conn, on_events, on_lost)
         self.peername = ("memory", 0)
-        self._backlog: list[Buffer] = []  # written, not yet delivered to the peer
+        self._backlog: list[Frame] = []  # written, not yet delivered to the peer
         self._backlog_bytes = 0
         self._scheduled = False
 
-    def _write(self, out: list[Buffer]) -> None:
+    def _write(self, out: list[Any]) -> None:
         self._backlog += out
-        self._backlog_bytes += sum(len(b) for b in out)  # type: ignore[arg-type]
+        self._backlog_bytes += sum(len(f.payload) for f in out)
         if self._backlog_bytes > WRITE_HIGH:
             self.gate.pause()
         self._schedule()
@@ -46,13 +50,10 @@ class MemoryEnd(LinkBase):
         if self._lost or peer._lost or peer._reading_paused or not self._backlog:
             return
         out, self._backlog, self._backlog_bytes = self._backlog, [], 0
-        now = self._loop.time()
-        events = []
         try:
-            for buf in out:
-                events += peer.conn.receive_data(buf, now) if len(buf) else []  # type: ignore[arg-type]
+            events: list[Event] = peer.conn.receive_frames(out, self._loop.time())
         except RemoteProtocolError as exc:
-            peer._deliver(events + exc.events)
+            peer._deliver(exc.events)
             peer.close()
             return
         if self.gate.paused and self._backlog_bytes <= WRITE_LOW:

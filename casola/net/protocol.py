@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import cast
+from typing import Any, cast
 
 from casola.net.link import EventHandler, LinkBase, LostHandler
-from casola.wire import Buffer, Connection, RemoteProtocolError
+from casola.wire import Connection, RemoteProtocolError
 
 __all__ = ["WRITE_HIGH", "WRITE_LOW", "FrameProtocol"]
 
@@ -76,7 +76,7 @@ class FrameProtocol(LinkBase, asyncio.BufferedProtocol):
 
     # -- LinkBase --------------------------------------------------------------------------------
 
-    def _write(self, out: list[Buffer]) -> None:
+    def _write(self, out: list[Any]) -> None:
         t = self._transport
         if t is not None and not t.is_closing():
             t.writelines(out)

@@ -57,13 +57,25 @@ class Connection:
 
     _RECEIVERS: ClassVar[dict[FrameType, Callable[[Connection, Frame, list[Event]], None]]]
 
-    def __init__(self, side: Side, now: float, limits: Limits = DEFAULT_LIMITS, *, auto_credit: bool = True) -> None:
+    def __init__(
+        self,
+        side: Side,
+        now: float,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        auto_credit: bool = True,
+        in_memory: bool = False,
+    ) -> None:
         """Args:
         side: DIALER if we opened the TCP connection (we send HELLO), else ACCEPTOR.
         now: the current clock reading, seconds (monotonic; any origin).
         limits: our receive limits and timers.
         auto_credit: re-grant stream credits as streams close (ingress/queue links). A worker
             passes False and calls `grant()` as slots free.
+        in_memory: both ends live in one process (the in-memory link): `data_to_send()` yields
+            the `Frame` objects themselves, and the peer takes them with `receive_frames()`. The
+            state machines, credits and payload limits run exactly as for bytes; only the codec
+            (exercised by every socket and by the vectors) is skipped, and payloads are not copied.
         """
         self.side = side
         self.limits = limits
@@ -74,7 +86,8 @@ class Connection:
         self.send_credit = 0  # streams we may still open
         self._decoder = FrameDecoder(limits)
         self._rx_credit = CreditWindow(auto=auto_credit)
-        self._out: list[Buffer] = []
+        self._out: list[Buffer | Frame] = []
+        self._in_memory = in_memory
         self._streams: dict[int, StreamState] = {}
         self._peer_open = 0  # streams in _streams that the peer opened (CREDIT bound, SPEC §7.1)
         self._local_parity = 1 if side is Side.DIALER else 0
@@ -115,6 +128,20 @@ class Connection:
             frames: list[Frame] = self._decoder.commit(n)
         except RemoteProtocolError as exc:
             frames, err = exc.events, exc
+        return self._receive(frames, err)
+
+    def receive_frames(self, frames: list[Frame], now: float) -> list[Event]:
+        """In-memory link: frames from the peer's `data_to_send()`, already objects.
+
+        Raises:
+            RemoteProtocolError: as `commit()`.
+        """
+        if self._error is not None:
+            raise self._error
+        self._now = now
+        return self._receive(frames, None)
+
+    def _receive(self, frames: list[Frame], err: RemoteProtocolError | None) -> list[Event]:
         events: list[Event] = []
         try:
             for frame in frames:
@@ -179,8 +206,9 @@ class Connection:
             self._send_connection_frame(frame)
         self._out[mark:mark] = buffers  # before any CREDIT that closing the stream queued
 
-    def data_to_send(self) -> list[Buffer]:
-        """Everything queued since the last call, in order: header blocks and payload objects."""
+    def data_to_send(self) -> list[Buffer | Frame]:
+        """Everything queued since the last call, in order: header blocks and payload objects
+        (in-memory mode: the frames)."""
         out, self._out = self._out, []
         return out
 
@@ -496,8 +524,12 @@ class Connection:
         self._terminate(RemoteProtocolError(ErrorCode.TIMEOUT, message))
         return [ConnectionTerminated(ErrorCode.TIMEOUT, message, remote=False)]
 
-    def _encode(self, frame: Frame) -> list[Buffer]:
-        return encode_frame(frame, self._peer_max_meta, self._peer_max_payload, self.version)
+    def _encode(self, frame: Frame) -> list[Buffer | Frame]:
+        if self._in_memory:
+            if len(frame.payload) > self._peer_max_payload:  # the limit the encoder would enforce
+                raise LocalProtocolError(ErrorCode.FRAME_SIZE, f"payload of {len(frame.payload)} bytes over the limit")
+            return [frame]
+        return encode_frame(frame, self._peer_max_meta, self._peer_max_payload, self.version)  # type: ignore[return-value]
 
     def _queue(self, frame: Frame) -> None:
         """Queue a frame the core sends by itself (PONG, CREDIT, refusals, GOAWAY): no state checks."""
