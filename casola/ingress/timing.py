@@ -12,18 +12,15 @@ from typing import Final
 
 __all__ = ["STAGES", "server_timing"]
 
-# The order stages appear in; unknown ones (a later stage such as `filter`) follow in their order.
+# The stages, in the order they appear: the ingress's own, then the queue node's in the order it
+# reports them (queue-overhead, wait, worker-rtt, work; later stages such as `filter` follow).
 STAGES: Final = ("ingress", "queue-overhead", "wait", "worker-rtt", "work")
 
 
 def server_timing(ingress_ms: float, upstream: Mapping[str, float]) -> bytes:
     """`ingress;dur=0.120, queue-overhead;dur=0.041, ...` as header-value bytes."""
     parts = [f"ingress;dur={ingress_ms:.3f}"]
-    for name in STAGES[1:]:
-        v = upstream.get(name)
-        if v is not None:
-            parts.append(f"{name};dur={v:.3f}")
-    for name, v in upstream.items():
-        if name not in STAGES:
+    for name, v in upstream.items():  # the queue node sends them in STAGES order
+        if name != "ingress":
             parts.append(f"{name};dur={v:.3f}")
     return ", ".join(parts).encode()

@@ -80,12 +80,13 @@ class Call:
         return not self.head_seen and self.attempt == 0 and 0 < len(self.frames) and self.retained <= RETAIN_MAX
 
     def timing(self, t_answer: float, now: float, work: float | None) -> dict[str, float]:
-        """Stage durations in milliseconds: the worker's answer arrived at `t_answer` and is
-        forwarded `now`; `work` is what the worker reported (ms), if it did."""
+        """Stage durations in milliseconds, in Server-Timing order: the worker's answer arrived at
+        `t_answer` and is forwarded `now`; `work` is what the worker reported (ms), if it did."""
         rtt = t_answer - self.t_dispatch
+        wait = self.wait
         t = {
-            "queue-overhead": max(0.0, (now - self.t_recv) - self.wait - rtt) * 1000,
-            "wait": self.wait * 1000,
+            "queue-overhead": max(0.0, (now - self.t_recv) - wait - rtt) * 1000,
+            "wait": wait * 1000,
             "worker-rtt": rtt * 1000,
         }
         if work is not None:

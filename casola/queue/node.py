@@ -303,8 +303,8 @@ class QueueNode:
         call.frames = []  # no retry from here on: let the request buffers go
         meta = frame.meta
         assert isinstance(meta, ResponseMeta)
-        work = meta.timing.get("work") if frame.end else None
-        timing = {**meta.timing, **call.timing(t_answer, perf_counter(), work)}  # type: ignore[union-attr]
+        timing = call.timing(t_answer, perf_counter(), None)
+        timing.update(meta.timing)  # the worker's stages (work) after the node's
         out = ResponseMeta(meta.content_type, meta.headers, timing)
         self._to_ingress(call, Frame(RESPONSE, call.ing_sid, out, frame.payload, frame.flags))
         if frame.end:
@@ -318,7 +318,8 @@ class QueueNode:
     def _on_end(self, call: Call, frame: Frame, t_answer: float) -> None:
         meta = frame.meta
         assert isinstance(meta, EndMeta)
-        timing = {**meta.timing, **call.timing(t_answer, perf_counter(), meta.timing.get("work"))}  # type: ignore[union-attr]
+        timing = call.timing(t_answer, perf_counter(), None)
+        timing.update(meta.timing)
         out = EndMeta(timing, meta.fence, meta.trailers)
         self._to_ingress(call, Frame(END, call.ing_sid, out, frame.payload, frame.flags))
         self._done(call)
@@ -332,7 +333,8 @@ class QueueNode:
         if call.retryable and error_info(meta.code).retryable and meta.code not in _NOT_RETRIED:
             self._retry(call, worker, f"worker {worker.node_id} failed: {meta.message}")
             return
-        timing = {**meta.timing, **call.timing(t_answer, perf_counter(), meta.timing.get("work"))}  # type: ignore[union-attr]
+        timing = call.timing(t_answer, perf_counter(), None)
+        timing.update(meta.timing)
         out = ErrorMeta(meta.code, meta.message, meta.retry_after_ms, meta.param, timing)
         self._to_ingress(call, Frame(ERROR, call.ing_sid, out))
         self._done(call)
