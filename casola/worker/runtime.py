@@ -62,6 +62,8 @@ class WorkerRuntime:
         self._tasks: dict[tuple[LinkBase, int], tuple[asyncio.Task[None], WorkCall]] = {}
         self._redialers: list[Redialer] = []
         self._draining = False
+        self._freed: dict[LinkBase, int] = {}  # slots freed this loop iteration, per link
+        self._grant_scheduled = False
         self._heartbeat: asyncio.Task[None] | None = None
         self._limits = Limits(ping_interval=1.0, ping_timeout=5.0)
 
@@ -147,7 +149,6 @@ class WorkerRuntime:
             if call.release is not None:  # cancelled, or the last frame could not be sent
                 call.release = None
                 self._grant(call.link)
-                call.link.flush()
 
     def _cancel(self, link: LinkBase, sid: int) -> None:
         entry = self._tasks.get((link, sid))
@@ -156,9 +157,20 @@ class WorkerRuntime:
             entry[0].cancel()
 
     def _grant(self, link: LinkBase) -> None:
-        """A slot freed: queue one CREDIT (the caller flushes)."""
-        if link.is_up and not self._draining:
-            link.conn.grant(1)
+        """A slot freed. Slots freed in the same loop iteration go back as one CREDIT(n), written
+        together with the answers that freed them (the answers' flush is scheduled after this)."""
+        self._freed[link] = self._freed.get(link, 0) + 1
+        if not self._grant_scheduled:
+            self._grant_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_grants)
+
+    def _send_grants(self) -> None:
+        self._grant_scheduled = False
+        freed, self._freed = self._freed, {}
+        for link, n in freed.items():
+            if link.is_up and not self._draining:
+                link.conn.grant(n)
+            link.flush()
 
     def _on_lost(self, link: LinkBase, exc: BaseException | None) -> None:
         log.warning("%s lost its queue node link (%s)", self.node_id, exc or "closed")
