@@ -102,3 +102,48 @@ def test_config_file_is_strict_and_clear(tmp_path: Path) -> None:
         bad = tmp_path / "bad.toml"
         bad.write_text("[ingress\n")
         load_config(bad)
+
+
+def test_roles_run_as_separate_processes(tmp_path: Path) -> None:
+    """`casola queue`, `casola ingress` and `casola worker` as three processes sharing a state dir."""
+    http, queue = _free_port(), _free_port()
+    state = str(tmp_path / "state")
+    base = [sys.executable, "-m", "casola", "--state-dir", state]
+    env = {**os.environ, "CASOLA_NO_MALLOC_TUNE": "1"}
+    procs = [subprocess.Popen([*base, "queue", "--listen", f"127.0.0.1:{queue}"], cwd=ROOT, env=env)]
+    try:
+        time.sleep(0.5)
+        procs.append(subprocess.Popen([*base, "worker", "--queue", f"127.0.0.1:{queue}"], cwd=ROOT, env=env))
+        ingress = [
+            *base,
+            "ingress",
+            "--http",
+            f"127.0.0.1:{http}",
+            "--frames",
+            "",
+            "--queue-node",
+            f"127.0.0.1:{queue}@eu",
+        ]
+        procs.append(subprocess.Popen(ingress, cwd=ROOT, env=env))
+        key = subprocess.run(
+            [*base, "keys", "create", "--tenant", "acme"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+        end = time.monotonic() + 30
+        while True:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{http}/v1/run/echo",
+                data=b"three processes",
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    assert r.read() == b"three processes"
+                    break
+            except (urllib.error.URLError, ConnectionError):  # not up yet, or no worker yet (503)
+                assert time.monotonic() < end, "the three roles never served a request"
+                time.sleep(0.2)
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            assert p.wait(20) == 0
