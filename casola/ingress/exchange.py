@@ -199,6 +199,12 @@ class Exchange:
         """True while the transport's write buffer is above write_high (then `await drain()`)."""
         return self._proto._gate.paused
 
+    @property
+    def write_buffered(self) -> int:
+        """Response bytes accepted but not yet taken by the client (the transport's write buffer)."""
+        t = self._proto._transport
+        return 0 if t is None or t.is_closing() else t.get_write_buffer_size()
+
     def pause_body(self) -> None:
         """Stop reading the socket; no `on_body` call happens until `resume_body()`. Idempotent; raises nothing."""
         if not self._paused:

@@ -14,6 +14,7 @@ aborts the chunked body (no terminating chunk), so no client mistakes it for a c
 
 from __future__ import annotations
 
+import logging
 import math
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -27,9 +28,14 @@ from casola.wire import FLAG_END, EndMeta, ErrorCode, ErrorMeta, Frame, FrameTyp
 if TYPE_CHECKING:
     from casola.ingress.server import Ingress
 
-__all__ = ["OPEN_AT", "RunExchange", "error_headers"]
+__all__ = ["OPEN_AT", "SLOW_CLIENT_MAX", "RunExchange", "error_headers"]
 
 OPEN_AT = 64 * 1024  # buffer a body up to this before opening the stream: small requests = 1 frame
+# A streamed answer is pushed as the worker produces it; frames have no per-stream byte credit, so
+# a client that stops reading would make the ingress buffer without bound. Past this many unread
+# bytes the stream is cancelled upstream (the worker's slot frees) and the connection aborted.
+SLOW_CLIENT_MAX = 32 * 1024 * 1024
+log = logging.getLogger("casola.ingress")
 _OCTET = "application/octet-stream"
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "trailer", "upgrade"})
 _RESPONSE, _DATA, _END, _ERROR = FrameType.RESPONSE, FrameType.DATA, FrameType.END, FrameType.ERROR
@@ -149,6 +155,8 @@ class RunExchange:
             self.ex.write(frame.payload)
             if frame.flags & FLAG_END:
                 self._finish_stream(t, None)
+            elif self.ex.writing_paused and self.ex.write_buffered > SLOW_CLIENT_MAX:
+                self._drop_slow_client()
         elif ft is _END:
             meta = frame.meta
             assert isinstance(meta, EndMeta)
@@ -164,6 +172,13 @@ class RunExchange:
             assert isinstance(meta, ErrorMeta)
             self.t_answer = t
             self._error(meta.code, meta.message, meta.retry_after_ms, meta.param, meta.timing)
+
+    def _drop_slow_client(self) -> None:
+        log.warning("%s: client not reading (%d bytes unread); cancelling", self.model, self.ex.write_buffered)
+        self.done = True
+        Upstream.cancel(self.link, self.sid, "the client stopped reading")
+        self.ex.abort()
+        self.ing.finished(self.model, 499, None, 0.0, self.t0)
 
     def on_reset(self, code: int, message: str) -> None:
         if not self.done:

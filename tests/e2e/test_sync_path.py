@@ -212,3 +212,34 @@ def test_retry_before_first_byte_goes_to_another_worker(tmp_path: Path) -> None:
         await stack.stop()
 
     run_uvloop(main)
+
+
+def test_a_client_that_stops_reading_is_dropped_not_buffered_without_bound(tmp_path: Path) -> None:
+    async def main() -> None:
+        import socket
+
+        from casola.ingress.native import SLOW_CLIENT_MAX
+
+        stack = await Stack(tmp_path).start()
+        await stack.add_worker()
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", stack.http_port))
+        size = SLOW_CLIENT_MAX + 8 * 1024 * 1024
+        head = (
+            f"POST /v1/run/echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {stack.api_key}\r\n"
+            f"X-Casola-Param-Chunks: {size // (1024 * 1024)}\r\nContent-Length: {size}\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, head.encode() + bytes(size))  # ... and never reads
+        for _ in range(500):
+            if stack.ingress.in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert stack.ingress.in_flight == 0  # the ingress gave up on it
+        assert stack.ingress.metrics.requests.get(("echo", 499)) == 1
+        sock.close()
+        await stack.stop()
+
+    run_uvloop(main)
