@@ -44,8 +44,13 @@ async def _until_signalled() -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     got: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        got.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: (got.append(s), stop.set()))
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
     return got[0]
 

@@ -38,3 +38,12 @@ def test_wire_core_is_mypy_strict_clean() -> None:
 
     stdout, stderr, status = api.run(["--config-file", str(ROOT / "setup.cfg"), str(ROOT / "casola" / "wire")])
     assert status == 0, stdout[-3000:] + stderr
+
+
+def test_the_whole_package_type_checks() -> None:
+    """casola/wire is held to --strict (setup.cfg); the rest must at least type-check."""
+    pytest.importorskip("mypy")
+    from mypy import api
+
+    stdout, stderr, status = api.run(["--config-file", str(ROOT / "setup.cfg"), str(ROOT / "casola")])
+    assert status == 0, stdout[-3000:] + stderr

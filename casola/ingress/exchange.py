@@ -347,7 +347,7 @@ class Exchange:
             if n > _JOIN_MAX:
                 self._proto._transport.writelines([b"%x\r\n" % n, data, b"\r\n"])
             elif n:  # an empty chunk would end the body
-                self._proto._transport.write(b"%x\r\n%b\r\n" % (n, data))
+                self._proto._transport.write(b"%x\r\n%b\r\n" % (n, data))  # type: ignore[str-format]  # %b takes any buffer
         elif mode == _LENGTH:
             left = self._out_left - len(data)
             if left < 0:

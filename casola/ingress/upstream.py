@@ -9,6 +9,7 @@ surface or a raw-frame client. One link multiplexes every client's requests.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from time import perf_counter
@@ -68,7 +69,7 @@ class Upstream:
         self._nodes: list[_Node] = []
         for spec in nodes:
             host, _, port = spec.address.rpartition(":")
-            self._add(spec, lambda h=host, p=int(port): dial_tcp(h, p, self._hello, self._on_events, self._on_lost))
+            self._add(spec, functools.partial(dial_tcp, host, int(port), self._hello, self._on_events, self._on_lost))
 
     def add_memory(self, dialer: MemoryDialer, region: str = "") -> None:
         """The in-process queue node of `casola up`: same frames, no socket."""

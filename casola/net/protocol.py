@@ -41,7 +41,7 @@ class FrameProtocol(LinkBase, asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peername = transport.get_extra_info("peername")
-        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        self._transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self._flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:

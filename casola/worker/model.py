@@ -12,7 +12,7 @@ import concurrent.futures
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor
-from typing import Protocol
+from typing import Protocol, cast
 
 from casola.wire import Buffer
 from casola.wire.meta import Param
@@ -57,7 +57,7 @@ class BlockingModel:
             if isinstance(out, bytes | bytearray | memoryview):
                 call.respond(out, self.content_type)
                 return
-            it = iter(out)  # type: ignore[arg-type]
+            it = iter(cast(Iterable[Buffer], out))
             call.start(self.content_type)
             while True:
                 step = pool.submit(next, it, _DONE)

@@ -10,6 +10,7 @@ lets running handlers finish, then closes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -76,7 +77,7 @@ class WorkerRuntime:
         loop.set_default_executor(self.executor)
         for address in self.config.queue:
             host, _, port = address.rpartition(":")
-            r = Redialer(lambda h=host, p=int(port): self._dial(h, p), name=f"{self.node_id}->{address}")
+            r = Redialer(functools.partial(self._dial, host, int(port)), name=f"{self.node_id}->{address}")
             self._redialers.append(r)
             r.start()
         self._heartbeat = loop.create_task(self._beat())
