@@ -1,9 +1,10 @@
-"""The `casola` command: `up`, `ingress`, `queue`, `worker`, `keys`.
+"""The `casola` command: `up`, `ingress`, `queue`, `worker`, `keys`, `certs`.
 
 `casola up` is what a new user runs first: the ingress and a queue node in this process (joined by
 the in-memory link), local worker processes from the config (with no config: one `echo` worker), a
-development API key in `<state-dir>/dev-api-key`. Each role also runs alone, which is how a
-multi-region deployment is laid out.
+development API key in `<state-dir>/dev-api-key`; with `--tls`, HTTPS with development certificates
+from `<state-dir>/certs` (`casola certs dev` makes them alone). Each role also runs alone, which is how
+a multi-region deployment is laid out.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from casola.auth.cli import add_keys_parser, run_keys
@@ -28,7 +30,7 @@ MALLOC_ENV = {"MALLOC_TOP_PAD_": str(128 * 1024 * 1024)}
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="casola", description="low-latency inference router")
     p.add_argument("--state-dir", default=None, help="keys and runtime state (default: ./.casola or the config's)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{up,ingress,queue,worker,keys}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{up,ingress,queue,worker,keys,certs}")
 
     up = sub.add_parser("up", help="ingress + queue node in one process, plus local workers")
     _common(up)
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--frames", help="raw-frame listener host:port (default 127.0.0.1:7700)")
     up.add_argument("--queue", help="queue node listener host:port (default 127.0.0.1:7710)")
     up.add_argument("--trace", action="store_true", help="Server-Timing on every response")
+    up.add_argument("--tls", action="store_true", help="HTTPS with development certificates in <state-dir>/certs")
 
     ing = sub.add_parser("ingress", help="the edge ingress alone")
     _common(ing)
@@ -59,7 +62,24 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--credential-file", help="worker key file (default: <state-dir>/worker-key)")
 
     add_keys_parser(sub)
+    _certs_parser(sub)
     return p
+
+
+def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    certs = sub.add_parser("certs", help="TLS certificates for the ingress")
+    csub = certs.add_subparsers(dest="certs_command", metavar="{dev}", required=True)
+    dev = csub.add_parser("dev", help="a local CA and a server certificate it signs, for HTTPS in development")
+    dev.add_argument("--out", help="directory for the files (default: <state-dir>/certs)")
+    dev.add_argument(
+        "--host",
+        action="append",
+        dest="hosts",
+        metavar="NAME",
+        help="DNS name or IP address the certificate is for; repeatable (default: localhost 127.0.0.1 ::1)",
+    )
+    dev.add_argument("--force", action="store_true", help="issue a new CA and certificate even if the old are fine")
+    dev.add_argument("--state-dir", default=argparse.SUPPRESS, help="as the global --state-dir")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -73,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         args.state_dir = args.state_dir or ".casola"
         return run_keys(args)
+    if args.command == "certs":
+        return _run_certs(Path(args.out) if args.out else Path(args.state_dir or ".casola") / "certs", args)
     if argv is None and not os.environ.get("MALLOC_TOP_PAD_") and not os.environ.get("CASOLA_NO_MALLOC_TUNE"):
         os.execve(sys.executable, [sys.executable, "-m", "casola", *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
     try:
@@ -88,6 +110,37 @@ def main(argv: list[str] | None = None) -> int:
     from casola import roles  # late: keeps `casola keys` light
 
     return roles.run(args, config, state_dir)
+
+
+def _run_certs(out: Path, args: argparse.Namespace) -> int:
+    """`casola certs dev`: make or reuse the files, print where they are and how to use them."""
+    from casola.certs import DEFAULT_HOSTS, make_dev_certs  # late: keeps the other commands light
+
+    hosts: Sequence[str] = args.hosts or DEFAULT_HOSTS
+    try:
+        paths = make_dev_certs(out, hosts, force=args.force)
+    except (ValueError, OSError) as exc:
+        print(f"casola certs dev: {exc}", file=sys.stderr)
+        return 1
+    ca = paths.ca.resolve()
+    host = f"[{hosts[0]}]" if ":" in hosts[0] else hosts[0]  # an IPv6 address goes in brackets in a URL
+    print(
+        f"development certificates for {', '.join(hosts)} in {out}:\n"
+        f"  CA certificate (clients trust it)  {ca}\n"
+        f"  CA key (keep private)              {paths.ca_key.resolve()}\n"
+        f"  server certificate chain           {paths.cert.resolve()}\n"
+        f"  server key                         {paths.key.resolve()}\n"
+        f"serve HTTPS with them: in the config\n"
+        f"  [ingress]\n"
+        f'  tls_cert = "{paths.cert.resolve()}"\n'
+        f'  tls_key = "{paths.key.resolve()}"\n'
+        f"  (`casola up --tls` makes and uses <state-dir>/certs by itself)\n"
+        f"trust them:\n"
+        f"  Python clients (ssl, httpx, fal-client): export SSL_CERT_FILE={ca}  (replaces the default CA list)\n"
+        f"  requests: export REQUESTS_CA_BUNDLE={ca}\n"
+        f"  curl --cacert {ca} https://{host}:8000/healthz"
+    )
+    return 0
 
 
 def apply_overrides(args: argparse.Namespace, config: Config) -> Config:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from ssl import SSLContext
 from types import TracebackType
 
 from casola.net.errors import ConnectionLost
@@ -133,8 +134,17 @@ class Client:
         self._streams: dict[int, Stream] = {}
 
     @classmethod
-    async def connect(cls, address: str = "127.0.0.1:7700", api_key: str = "", *, timeout: float = 5.0) -> Client:
-        """Dial the ingress and authenticate.
+    async def connect(
+        cls,
+        address: str = "127.0.0.1:7700",
+        api_key: str = "",
+        *,
+        timeout: float = 5.0,
+        ssl: SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> Client:
+        """Dial the ingress and authenticate (over TLS with `ssl`, e.g.
+        `ssl.create_default_context(cafile=".casola/certs/ca.pem")`).
 
         Raises:
             casola.net.handshake.Refused: the key was refused (UNAUTHENTICATED / FORBIDDEN_ROLE).
@@ -149,6 +159,8 @@ class Client:
             lambda lk, evs: box[0]._on_events(evs),
             lambda lk, exc: box[0]._on_lost(exc) if box else None,
             timeout=timeout,
+            ssl=ssl,
+            server_hostname=server_hostname,
         )
         box.append(cls(link))
         return box[0]

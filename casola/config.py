@@ -20,6 +20,8 @@ max_headers = 100
 idle_timeout = 30.0              # keep-alive connections idle this long are closed
 head_timeout = 10.0              # a request head must arrive within this (slow clients) -> 408
 body_timeout = 30.0              # a body stalled this long -> 408
+tls_cert = ""                    # PEM chain, leaf first; with tls_key the HTTP listener speaks HTTPS
+tls_key = ""                     # its private key; both "" = plain HTTP (dev pair: `casola certs dev`)
 # `casola ingress` (separate process) names its queue nodes; `casola up` uses its own.
 # [[ingress.queue_nodes]]
 # address = "127.0.0.1:7710"

@@ -2,6 +2,7 @@
 
 Each runs on uvloop (when installed) until SIGINT/SIGTERM. A worker drains on SIGTERM (finishes what
 runs, accepts nothing new); `casola up` passes SIGTERM on to its workers and waits for them.
+`casola up --tls` serves HTTPS with development certificates from `<state-dir>/certs` (`casola.certs`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import signal
 import sys
 from pathlib import Path
 
+import msgspec
+
 from casola.auth import SCOPE_INGRESS, SCOPE_RUN, SCOPE_WORKER, KeyStore
+from casola.certs import DEFAULT_HOSTS, make_dev_certs
 from casola.config import Config, WorkerSpec
 from casola.net.loop import loop_name
 from casola.net.loop import run as run_loop
@@ -70,6 +74,9 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     from casola.ingress.server import Ingress
     from casola.ingress.upstream import Upstream
 
+    ca: Path | None = None
+    if getattr(args, "tls", False):
+        config, ca = _with_dev_certs(config, state_dir)
     ks = _keys(state_dir)
     verifier = ks.verifier()
     dev_key = ks.ensure_key("dev-api-key", "dev", [SCOPE_RUN], "development key (casola up)")
@@ -87,13 +94,13 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     workers.start()
     http_port, *rest = ingress.ports
     endpoints = {
-        "http": f"http://{config.ingress.http.rpartition(':')[0]}:{http_port}",
+        "http": f"{'https' if ingress.tls else 'http'}://{config.ingress.http.rpartition(':')[0]}:{http_port}",
         "frames": f"{config.ingress.frames.rpartition(':')[0]}:{rest[0]}" if rest else "",
         "queue": queue_addr,
         "loop": loop_name(),
     }
     (state_dir / "endpoints.json").write_text(json.dumps(endpoints))
-    _banner(endpoints, state_dir, dev_key)
+    _banner(endpoints, state_dir, dev_key, ca)
     try:
         await _until_signalled()
     finally:
@@ -105,14 +112,24 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     return 0
 
 
-def _banner(endpoints: dict[str, str], state_dir: Path, dev_key: str) -> None:
+def _with_dev_certs(config: Config, state_dir: Path) -> tuple[Config, Path]:
+    """`config` with the ingress on HTTPS with `<state-dir>/certs` (made or reused), and the CA's path."""
+    host = config.ingress.http.rpartition(":")[0].strip("[]")
+    hosts = [*DEFAULT_HOSTS, *([host] if host not in ("", "0.0.0.0", "::", *DEFAULT_HOSTS) else [])]
+    certs = make_dev_certs(state_dir / "certs", hosts)
+    ingress = msgspec.structs.replace(config.ingress, tls_cert=str(certs.cert), tls_key=str(certs.key))
+    return msgspec.structs.replace(config, ingress=ingress), certs.ca
+
+
+def _banner(endpoints: dict[str, str], state_dir: Path, dev_key: str, ca: Path | None = None) -> None:
     key_file = state_dir / "dev-api-key"
+    tls = f"  TLS: trust {ca} (Python clients: SSL_CERT_FILE={ca})\n" if ca else ""
     print(
         f"casola up: ingress {endpoints['http']}  raw frames {endpoints['frames'] or 'off'}  "
         f"queue node {endpoints['queue']}  ({endpoints['loop']})\n"
-        f"  development API key: {key_file} (tenant 'dev')\n"
+        f"  development API key: {key_file} (tenant 'dev')\n{tls}"
         f"  try: curl -sS -H \"Authorization: Bearer $(cat {key_file})\" -H 'X-Casola-Trace: 1' -i \\\n"
-        f"         --data-binary 'hello' {endpoints['http']}/v1/run/echo",
+        f"         --data-binary 'hello' {f'--cacert {ca} ' if ca else ''}{endpoints['http']}/v1/run/echo",
         file=sys.stderr,
         flush=True,
     )

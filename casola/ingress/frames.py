@@ -9,6 +9,7 @@ first byte, END meta totals). The tenant comes from the key, never from the clie
 from __future__ import annotations
 
 import asyncio
+from ssl import SSLContext
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -96,8 +97,8 @@ class FrameListener:
         self.ing = ing
         self._links: set[LinkBase] = set()
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        return await serve_tcp(host, port, self.on_hello)
+    async def start(self, host: str, port: int, ssl: SSLContext | None = None) -> asyncio.Server:
+        return await serve_tcp(host, port, self.on_hello, ssl=ssl)
 
     def close_all(self) -> None:
         for link in list(self._links):

@@ -2,6 +2,7 @@
 
 Routes: `POST /v1/run/{model}` (native, streamed both ways), `GET /healthz`, `GET /metrics`.
 Authentication is local (Ed25519 tokens, `casola.auth`): no remote call on the request path.
+With `tls_cert` and `tls_key` set both listeners speak TLS (HTTPS, and frames over TLS).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import msgspec
 
 from casola.auth import SCOPE_RUN, AuthError, Claims, Verifier
+from casola.certs import server_context
 from casola.ingress.envelope import JSON_CT
 from casola.ingress.frames import FrameListener
 from casola.ingress.http import Exchange, HttpLimits, serve_http
@@ -47,6 +49,12 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idle_timeout: float = 30.0
     head_timeout: float = 10.0
     body_timeout: float = 30.0
+    tls_cert: str = ""  # PEM certificate chain (leaf first); with tls_key: HTTPS on the HTTP listener
+    tls_key: str = ""  # PEM private key of tls_cert; both empty = plain HTTP
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("ingress tls_cert and tls_key must be set together (or both left empty)")
 
 
 class Ingress:
@@ -70,13 +78,29 @@ class Ingress:
             body_timeout=config.body_timeout,
         )
 
+    @property
+    def tls(self) -> bool:
+        """Whether the HTTP listener speaks TLS (HTTPS)."""
+        return bool(self.config.tls_cert)
+
     async def start(self) -> None:
+        """Open the listeners.
+
+        Raises:
+            OSError: an address cannot be bound, or a TLS file cannot be read.
+            ssl.SSLError: `tls_cert`/`tls_key` are not a PEM certificate chain and its key.
+        """
         self.loop = asyncio.get_running_loop()
         host, _, port = self.config.http.rpartition(":")
-        self._servers.append(await serve_http(self.handle, host, int(port), self._limits))
+        tls: dict[str, Any] = {}
+        ctx = None
+        if self.tls:  # a handshake gets as long as a request head (slow clients)
+            ctx = server_context(self.config.tls_cert, self.config.tls_key)
+            tls.update(ssl=ctx, ssl_handshake_timeout=self.config.head_timeout)
+        self._servers.append(await serve_http(self.handle, host, int(port), self._limits, **tls))
         if self.config.frames:
             host, _, port = self.config.frames.rpartition(":")
-            self._servers.append(await self.frames.start(host, int(port)))
+            self._servers.append(await self.frames.start(host, int(port), ssl=ctx))
 
     @property
     def ports(self) -> list[int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from ssl import SSLContext
+from typing import Any
 
 from casola.net.errors import ConnectionLost
 from casola.net.link import EventHandler, LinkBase, LostHandler
@@ -119,6 +121,8 @@ async def dial_tcp(
     limits: Limits = DEFAULT_LIMITS,
     auto_credit: bool = True,
     timeout: float = 5.0,
+    ssl: SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> FrameProtocol:
     """Connect, send HELLO, wait for HELLO_ACK; afterwards events go to `on_events`.
 
@@ -130,22 +134,31 @@ async def dial_tcp(
     loop = asyncio.get_running_loop()
     waiter = _DialWaiter(on_events, on_lost)
     conn = Connection(Side.DIALER, loop.time(), limits, auto_credit=auto_credit)
-    _, proto = await asyncio.wait_for(loop.create_connection(lambda: FrameProtocol(conn), host, port), timeout)
+    tls: dict[str, Any] = {} if ssl is None else {"ssl": ssl, "server_hostname": server_hostname or host}
+    _, proto = await asyncio.wait_for(loop.create_connection(lambda: FrameProtocol(conn), host, port, **tls), timeout)
     await _handshake(proto, waiter, hello, timeout)
     return proto
 
 
 async def serve_tcp(
-    host: str, port: int, on_hello: HelloHandler, *, limits: Limits = DEFAULT_LIMITS, auto_credit: bool = True
+    host: str,
+    port: int,
+    on_hello: HelloHandler,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    auto_credit: bool = True,
+    ssl: SSLContext | None = None,
 ) -> asyncio.Server:
-    """Listen for links; each new one's HELLO goes to `on_hello` (see module doc)."""
+    """Listen for links; each new one's HELLO goes to `on_hello` (see module doc). With `ssl`, TLS
+    is negotiated first (within the handshake timeout of `limits`)."""
     loop = asyncio.get_running_loop()
     route = _acceptor_router(on_hello)
 
     def factory() -> FrameProtocol:
         return FrameProtocol(Connection(Side.ACCEPTOR, loop.time(), limits, auto_credit=auto_credit), route)
 
-    return await loop.create_server(factory, host, port, reuse_address=True)
+    tls: dict[str, Any] = {} if ssl is None else {"ssl": ssl, "ssl_handshake_timeout": limits.handshake_timeout}
+    return await loop.create_server(factory, host, port, reuse_address=True, **tls)
 
 
 MemoryDialer = Callable[..., Awaitable[LinkBase]]
