@@ -1,0 +1,389 @@
+"""The async job store's contract: job records, their three states, and the operations on them.
+
+An async job (DESIGN "Two contracts: sync and async") is persisted before dispatch and
+acknowledged with an unguessable id. A queue node claims it for a worker under a LEASE that carries
+a FENCING token (`fence`, +1 per claim); heartbeats and checkpoints renew the lease, and every
+fenced operation with a stale token is refused and changes nothing, so a worker whose lease was
+taken over can neither renew, checkpoint nor complete the job. An expired or released lease puts
+the job back in the queue, keeping its last checkpoint, until `max_attempts` dispatches have been
+spent; then it completes with `error_type` "worker_error". The result is recorded exactly once.
+
+Invariants every backend keeps:
+
+- QUEUED: no lease (`lease_owner` "", `lease_expires` None), `attempt < max_attempts`.
+- RUNNING: a lease; `fence` is the token of the one dispatch allowed to write.
+- COMPLETED: final; nothing changes it except `purge`, which deletes it after the retention.
+- A tenant sees only its own jobs; `tenant=None` is the queue node's internal view.
+
+Time is passed in (`now`, unix seconds); no store reads a clock.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from typing import Any, Final, Protocol
+
+import msgspec
+
+from casola.wire.errors import CasolaError
+
+__all__ = [
+    "CANCELLED",
+    "JOB_COLUMNS",
+    "WORKER_ERROR",
+    "Job",
+    "JobStatus",
+    "JobStore",
+    "NewJob",
+    "StoreError",
+    "check_models",
+    "job_from_row",
+    "job_to_row",
+    "new_job",
+]
+
+CANCELLED: Final = "cancelled"  # error_type of a job cancelled by its tenant
+WORKER_ERROR: Final = "worker_error"  # error_type of a job whose workers kept dying (max_attempts)
+
+
+class StoreError(CasolaError):
+    """The store's backend failed (I/O, connection, lock timeout) or the store is not open.
+
+    Raised from the backend's own exception with `from exc`; whether the operation took effect is
+    unknown when the failure is a lost connection, as with any database.
+    """
+
+
+class JobStatus(enum.StrEnum):
+    """A job's state, named as fal's queue API names them."""
+
+    QUEUED = "IN_QUEUE"
+    RUNNING = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+
+
+class NewJob(msgspec.Struct, kw_only=True):
+    """What a tenant submits. `params` must be JSON values; `priority`: higher is claimed first."""
+
+    tenant: str
+    model: str
+    payload: bytes
+    content_type: str = ""
+    params: dict[str, Any] = {}
+    idempotency_key: str = ""
+    webhook_url: str = ""
+    max_attempts: int = 3
+    priority: int = 0
+
+
+class Job(msgspec.Struct, kw_only=True):
+    """One stored job. The field order is the column order of `casola_jobs` (`JOB_COLUMNS`).
+
+    `attempt` counts dispatches so far; `fence` is 0 until the first claim and +1 per claim;
+    `lease_owner` is the worker holding the lease ("" when queued; the last holder once completed);
+    `checkpoint` is opaque bytes a redispatch resumes from, `checkpoint_seq` its sequence number.
+    """
+
+    id: str
+    tenant: str
+    model: str
+    status: JobStatus
+    payload: bytes
+    content_type: str = ""
+    params: dict[str, Any] = {}
+    idempotency_key: str = ""
+    webhook_url: str = ""
+    priority: int = 0
+    max_attempts: int = 3
+    created_at: float = 0.0
+    started_at: float | None = None
+    completed_at: float | None = None
+    attempt: int = 0
+    fence: int = 0
+    lease_owner: str = ""
+    lease_expires: float | None = None
+    checkpoint: bytes | None = None
+    checkpoint_seq: int = 0
+    progress: float = 0.0
+    result: bytes | None = None
+    result_content_type: str = ""
+    error_type: str = ""
+    error: str = ""
+    cancel_requested: bool = False
+
+
+JOB_COLUMNS: Final[tuple[str, ...]] = Job.__struct_fields__
+
+_INT32_MAX: Final = 2**31 - 1  # priority and max_attempts are INTEGER columns in PostgreSQL
+_params_encoder = msgspec.json.Encoder()
+_params_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+class _Row(Protocol):
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+def new_job(spec: NewJob, job_id: str, now: float) -> Job:
+    """The QUEUED record for a submitted job.
+
+    Raises:
+        ValueError: `tenant` or `model` is empty, `max_attempts` < 1, or a number outside 32 bits.
+    """
+    if not spec.tenant or not spec.model:
+        raise ValueError("a job needs a tenant and a model")
+    if not 1 <= spec.max_attempts <= _INT32_MAX:
+        raise ValueError(f"max_attempts must be between 1 and 2**31-1, not {spec.max_attempts}")
+    if not -_INT32_MAX <= spec.priority <= _INT32_MAX:
+        raise ValueError(f"priority must fit in 32 bits, not {spec.priority}")
+    return Job(
+        id=job_id,
+        tenant=spec.tenant,
+        model=spec.model,
+        status=JobStatus.QUEUED,
+        payload=spec.payload,
+        content_type=spec.content_type,
+        params=spec.params,
+        idempotency_key=spec.idempotency_key,
+        webhook_url=spec.webhook_url,
+        priority=spec.priority,
+        max_attempts=spec.max_attempts,
+        created_at=now,
+    )
+
+
+def job_to_row(job: Job) -> tuple[Any, ...]:
+    """`job` as column values in `JOB_COLUMNS` order (params as JSON text, status as its name).
+
+    Raises:
+        ValueError: `params` holds something JSON cannot carry.
+    """
+    values = list(msgspec.structs.astuple(job))
+    values[3] = job.status.value
+    try:
+        values[6] = _params_encoder.encode(job.params).decode()
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise ValueError(f"params must be JSON values: {exc}") from exc
+    return tuple(values)
+
+
+def _real(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def job_from_row(row: _Row) -> Job:
+    """The `Job` for a row selected as `JOB_COLUMNS` (a sqlite3 tuple or an asyncpg Record).
+
+    Times go through float(): SQLite's RETURNING can hand back an integral REAL as an int.
+    """
+    return Job(
+        id=row[0],
+        tenant=row[1],
+        model=row[2],
+        status=JobStatus(row[3]),
+        payload=bytes(row[4]),
+        content_type=row[5],
+        params=_params_decoder.decode(row[6]),
+        idempotency_key=row[7],
+        webhook_url=row[8],
+        priority=row[9],
+        max_attempts=row[10],
+        created_at=float(row[11]),
+        started_at=_real(row[12]),
+        completed_at=_real(row[13]),
+        attempt=row[14],
+        fence=row[15],
+        lease_owner=row[16],
+        lease_expires=_real(row[17]),
+        checkpoint=None if row[18] is None else bytes(row[18]),
+        checkpoint_seq=row[19],
+        progress=float(row[20]),
+        result=None if row[21] is None else bytes(row[21]),
+        result_content_type=row[22],
+        error_type=row[23],
+        error=row[24],
+        cancel_requested=bool(row[25]),
+    )
+
+
+class JobStore(abc.ABC):
+    """The persistence of async jobs, shared by every queue node that opens the same store.
+
+    Every method but `open` raises `StoreError` when the store is not open or its backend fails;
+    no other exception escapes except the `ValueError`s documented per method.
+    """
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply the schema migrations this store lacks, in one transaction.
+
+        Opening an open store, or a store whose schema is current, changes nothing.
+
+        Raises:
+            StoreError: the backend cannot be reached, or its schema is newer than this code.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish the operations already submitted, then disconnect. Closing twice is a no-op."""
+
+    @abc.abstractmethod
+    async def submit(self, job: NewJob, now: float) -> tuple[Job, bool]:
+        """Persist a new QUEUED job; durable when this returns.
+
+        Returns:
+            (job, created). A job with the same (tenant, idempotency_key) already stored is
+            returned as it is now, with created False.
+
+        Raises:
+            ValueError: see `new_job` and `job_to_row`.
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def get(self, job_id: str, tenant: str | None) -> Job | None:
+        """The job, or None if there is none or it is not `tenant`'s (None: any tenant's).
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def claim(self, models: Sequence[str], owner: str, lease_s: float, now: float) -> Job | None:
+        """Lease the next QUEUED job of one of `models` to `owner`; None if there is none.
+
+        The next job is the one with the highest priority, then the oldest. It becomes RUNNING with
+        attempt+1, fence+1 and a lease until `now + lease_s`. Concurrent claimers, in this process
+        or in other queue nodes, never get the same job.
+
+        Raises:
+            ValueError: `models` is a str rather than a sequence of names.
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def renew(self, job_id: str, fence: int, lease_s: float, now: float, progress: float | None = None) -> bool:
+        """Extend the lease to `now + lease_s` (and record `progress` if given).
+
+        Returns:
+            False, changing nothing, if the job is not RUNNING under `fence`.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def checkpoint(self, job_id: str, fence: int, seq: int, data: bytes, now: float, lease_s: float) -> bool:
+        """Store `data` as the job's checkpoint if `seq` is newer than the stored one; renew the lease.
+
+        Returns:
+            False, changing nothing, if the job is not RUNNING under `fence`. An older or repeated
+            `seq` under the right fence renews the lease, keeps the stored checkpoint and returns True.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def complete(
+        self,
+        job_id: str,
+        fence: int,
+        now: float,
+        *,
+        result: bytes | None = None,
+        content_type: str = "",
+        error_type: str = "",
+        error: str = "",
+    ) -> bool:
+        """Record the job's outcome, exactly once: a result, or an error (`error_type` non-empty).
+
+        A job whose cancel was requested completes with whatever the caller records here (the queue
+        node passes error_type "cancelled" when the cancelled stream ends without a result).
+
+        Returns:
+            False, changing nothing, if the job is not RUNNING under `fence` (a second call included).
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def requeue_expired(self, now: float) -> list[Job]:
+        """Take back every lease that expired by `now` (the worker died or hung).
+
+        A job with attempts left goes back to QUEUED (lease cleared, checkpoint kept); one without
+        completes with error_type "worker_error"; one whose cancel was requested completes as
+        cancelled.
+
+        Returns:
+            The jobs changed, in their new state.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def release(self, job_id: str, fence: int, now: float) -> bool:
+        """Take back the lease now, as if it had expired (the worker's connection dropped).
+
+        Returns:
+            False, changing nothing, if the job is not RUNNING under `fence`.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str, tenant: str | None, now: float, *, force: bool = False) -> Job | None:
+        """Cancel a job: QUEUED completes at once as "cancelled"; RUNNING gets `cancel_requested`.
+
+        The caller CANCELs the worker of a RUNNING job and completes it when the stream ends. With
+        `force`, a RUNNING job completes as cancelled at once (its worker's fence goes stale for
+        every later write). A COMPLETED job is returned unchanged.
+
+        Returns:
+            The job in its new state; None if there is none or it is not `tenant`'s.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def queue_position(self, job_id: str) -> int | None:
+        """How many QUEUED jobs of the same model will be claimed before this one; None if not queued.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def purge(self, now: float, retention_s: float) -> int:
+        """Delete the jobs completed before `now - retention_s`.
+
+        Returns:
+            How many were deleted.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def counts(self) -> dict[str, int]:
+        """The number of jobs per status value ("IN_QUEUE", ...), zeros included, for metrics.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+
+def check_models(models: Sequence[str]) -> list[str]:
+    """`models` as a list; a bare string is refused rather than read as its characters.
+
+    Raises:
+        ValueError: `models` is a str.
+    """
+    if isinstance(models, str):
+        raise ValueError("claim takes a sequence of model names, not one str")
+    return list(models)

@@ -1,0 +1,113 @@
+"""The job store's schema, as numbered migrations per SQL dialect (SQLite and PostgreSQL).
+
+Each migration is a tuple of statements, applied in order inside one transaction together with the
+row that records its version in `casola_schema_version`; a store's `open()` applies the versions it
+lacks and nothing else, so opening twice is a no-op. Both dialects carry the same version numbers
+and the same tables and columns (`casola_jobs`, whose column order is `Job`'s field order). A
+migration, once released, is never edited: a change is a new version.
+
+The SQL lives here as string constants rather than `.sql` files so that it ships with the package
+(editable installs included) without package-data rules.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["POSTGRES", "SQLITE", "VERSION_TABLE_POSTGRES", "VERSION_TABLE_SQLITE", "latest"]
+
+VERSION_TABLE_SQLITE: Final = (
+    "CREATE TABLE IF NOT EXISTS casola_schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL)"
+)
+VERSION_TABLE_POSTGRES: Final = (
+    "CREATE TABLE IF NOT EXISTS casola_schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL)"
+)
+
+# Partial indexes serve the three scans the store makes: the next job to claim (per model, in claim
+# order), the leases to expire, and the completed jobs to purge. Idempotency keys are unique per
+# tenant; the empty key means "none".
+_INDEXES: Final = (
+    "CREATE UNIQUE INDEX casola_jobs_idempotency ON casola_jobs (tenant, idempotency_key) WHERE idempotency_key <> ''",
+    "CREATE INDEX casola_jobs_queued ON casola_jobs (model, priority DESC, created_at, seq) WHERE status = 'IN_QUEUE'",
+    "CREATE INDEX casola_jobs_leases ON casola_jobs (lease_expires) WHERE status = 'IN_PROGRESS'",
+    "CREATE INDEX casola_jobs_completed ON casola_jobs (completed_at) WHERE status = 'COMPLETED'",
+)
+
+_SQLITE_001: Final = (
+    """CREATE TABLE casola_jobs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('IN_QUEUE', 'IN_PROGRESS', 'COMPLETED')),
+    payload BLOB NOT NULL,
+    content_type TEXT NOT NULL,
+    params TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    webhook_url TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    attempt INTEGER NOT NULL,
+    fence INTEGER NOT NULL,
+    lease_owner TEXT NOT NULL,
+    lease_expires REAL,
+    checkpoint BLOB,
+    checkpoint_seq INTEGER NOT NULL,
+    progress REAL NOT NULL,
+    result BLOB,
+    result_content_type TEXT NOT NULL,
+    error_type TEXT NOT NULL,
+    error TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL
+)""",
+    *_INDEXES,
+)
+
+_POSTGRES_001: Final = (
+    """CREATE TABLE casola_jobs (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY,
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('IN_QUEUE', 'IN_PROGRESS', 'COMPLETED')),
+    payload BYTEA NOT NULL,
+    content_type TEXT NOT NULL,
+    params TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    webhook_url TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION,
+    completed_at DOUBLE PRECISION,
+    attempt INTEGER NOT NULL,
+    fence BIGINT NOT NULL,
+    lease_owner TEXT NOT NULL,
+    lease_expires DOUBLE PRECISION,
+    checkpoint BYTEA,
+    checkpoint_seq BIGINT NOT NULL,
+    progress DOUBLE PRECISION NOT NULL,
+    result BYTEA,
+    result_content_type TEXT NOT NULL,
+    error_type TEXT NOT NULL,
+    error TEXT NOT NULL,
+    cancel_requested BOOLEAN NOT NULL
+)""",
+    *_INDEXES,
+)
+
+# version -> (name, statements)
+SQLITE: Final[dict[int, tuple[str, tuple[str, ...]]]] = {
+    1: ("initial", _SQLITE_001),
+}
+POSTGRES: Final[dict[int, tuple[str, tuple[str, ...]]]] = {
+    1: ("initial", _POSTGRES_001),
+}
+
+
+def latest() -> int:
+    """The newest schema version this code knows (the same for every dialect)."""
+    return max(SQLITE)
