@@ -1,1 +1,3 @@
-"""asyncio glue around the sans-I/O core: protocol adapter, write gate (issue 3 adds pools, links)."""
+"""asyncio glue around the sans-I/O core: the TCP link (`protocol.py`) and the in-memory link
+(`memlink.py`) on one base (`link.py`), the HELLO handshake for both (`handshake.py`), persistent
+links with backoff (`pool.py`), the write gate, and the uvloop runner (`loop.py`)."""
