@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from casola.files import write_atomic
+
 __all__ = ["DEFAULT_HOSTS", "DevCerts", "make_dev_certs", "server_context"]
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -88,14 +90,14 @@ def make_dev_certs(
     new_ca = ca is None
     if ca is None:
         ca = _issue_ca(now, max(days, CA_DAYS))
-        _write(paths.ca_key, _key_pem(ca[1]), 0o600)
-        _write(paths.ca, ca[0].public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(paths.ca_key, _key_pem(ca[1]), 0o600)
+        write_atomic(paths.ca, ca[0].public_bytes(serialization.Encoding.PEM), 0o644)
     ca_cert, ca_key = ca
     if new_ca or not _server_ok(paths, ca_cert, names, now + margin):
         cert, key = _issue_server(ca_cert, ca_key, names, now, days)
-        _write(paths.key, _key_pem(key), 0o600)
+        write_atomic(paths.key, _key_pem(key), 0o600)
         chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
-        _write(paths.cert, chain, 0o644)
+        write_atomic(paths.cert, chain, 0o644)
     return paths
 
 
@@ -269,18 +271,3 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` atomically with `mode` (the file never exists with a wider mode)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
-            os.fchmod(f.fileno(), mode)  # O_CREAT's mode is narrowed by the umask, and ignored for an old file
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

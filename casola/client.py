@@ -36,6 +36,7 @@ from casola.wire import (
     ResponseMeta,
     StreamReset,
     error_info,
+    error_name,
 )
 from casola.wire.meta import Param
 
@@ -46,11 +47,7 @@ CHUNK = 1024 * 1024  # request bodies are sent in frames of at most this size
 
 class RequestFailed(CasolaError):
     def __init__(self, code: int, message: str, retry_after_ms: int = 0, timing: dict[str, float] | None = None):
-        try:
-            name = ErrorCode(code).name
-        except ValueError:
-            name = str(code)
-        super().__init__(f"{name}: {message}")
+        super().__init__(f"{error_name(code)}: {message}")
         self.code, self.message, self.retry_after_ms = code, message, retry_after_ms
         self.retryable = error_info(code).retryable
         self.timing = timing or {}

@@ -59,10 +59,6 @@ async def _until_signalled() -> int:
     return got[0]
 
 
-def _keys(state_dir: Path) -> KeyStore:
-    return KeyStore(state_dir)
-
-
 def _ingress_credential(ks: KeyStore) -> str:
     return ks.ensure_key("ingress-key", "_system", [SCOPE_INGRESS], "ingress to queue nodes")
 
@@ -77,7 +73,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     ca: Path | None = None
     if getattr(args, "tls", False):
         config, ca = _with_dev_certs(config, state_dir)
-    ks = _keys(state_dir)
+    ks = KeyStore(state_dir)
     verifier = ks.verifier()
     dev_key = ks.ensure_key("dev-api-key", "dev", [SCOPE_RUN], "development key (casola up)")
     worker_key = ks.ensure_key("worker-key", "_workers", [SCOPE_WORKER], "local workers")
@@ -196,7 +192,7 @@ async def _ingress(args: argparse.Namespace, config: Config, state_dir: Path) ->
     from casola.ingress.server import Ingress
     from casola.ingress.upstream import QueueNodeSpec, Upstream
 
-    ks = _keys(state_dir)
+    ks = KeyStore(state_dir)
     nodes = list(config.ingress.queue_nodes)
     for item in args.queue_node:
         address, _, region = item.partition("@")
@@ -217,7 +213,7 @@ async def _ingress(args: argparse.Namespace, config: Config, state_dir: Path) ->
 
 
 async def _queue(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
-    node = QueueNode(config.queue, _keys(state_dir).verifier())
+    node = QueueNode(config.queue, KeyStore(state_dir).verifier())
     await node.start()
     log.info(
         "queue node %s listening on %s (region %s)", config.queue.node_id, config.queue.listen, config.queue.region
@@ -263,4 +259,4 @@ def _worker_credential(args: argparse.Namespace, state_dir: Path) -> str:
         return Path(args.credential_file).read_text().strip()
     if os.environ.get("CASOLA_WORKER_KEY"):
         return os.environ["CASOLA_WORKER_KEY"].strip()
-    return _keys(state_dir).ensure_key("worker-key", "_workers", [SCOPE_WORKER], "local workers")
+    return KeyStore(state_dir).ensure_key("worker-key", "_workers", [SCOPE_WORKER], "local workers")

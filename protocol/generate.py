@@ -38,6 +38,7 @@ __all__ = [
     "RemoteProtocolError",
     "Scope",
     "error_info",
+    "error_name",
 ]
 
 
@@ -73,6 +74,14 @@ def error_info(code: int) -> ErrorInfo:
         return ERROR_INFO[ErrorCode(code)]
     except ValueError:
         return _UNKNOWN
+
+
+def error_name(code: int) -> str:
+    """The code's name (`WORKER_FAILED`), or its number for a code from a newer peer."""
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
 
 
 class CasolaError(Exception):

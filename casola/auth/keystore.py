@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from casola.auth.revocation import RevocationList, parse_revocations
 from casola.auth.tokens import AuthError, Claims, Verifier, sign_token
+from casola.files import write_atomic
 
 if sys.platform != "win32":
     import fcntl
@@ -156,7 +157,7 @@ class KeyStore:
             token = self._stored_token(path, tenant, scopes)
             if token is None:
                 _claims, token = self._create_unlocked(tenant, scopes, name=name)
-                _write_private(path, (token + "\n").encode("ascii"))
+                write_atomic(path, (token + "\n").encode("ascii"))
             return token
 
     def list(self) -> list[dict[str, object]]:
@@ -228,7 +229,7 @@ class KeyStore:
             pem = key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            if _write_private(path, pem, exclusive=True):
+            if write_atomic(path, pem, exclusive=True):
                 return key
             data = path.read_bytes()  # another process created it first: use theirs
         try:
@@ -254,7 +255,7 @@ class KeyStore:
 
     def _write_records(self, records: _Records) -> None:
         text = json.dumps({"version": 1, "keys": records}, indent=2) + "\n"
-        _write_private(self._state_dir / KEYS_FILE, text.encode("utf-8"))
+        write_atomic(self._state_dir / KEYS_FILE, text.encode("utf-8"))
 
     def _append_revoked(self, kid: str) -> None:
         path = self._state_dir / REVOKED_FILE
@@ -266,7 +267,7 @@ class KeyStore:
             return
         if text and not text.endswith("\n"):
             text += "\n"
-        _write_private(path, (text + kid + "\n").encode("utf-8"))
+        write_atomic(path, (text + kid + "\n").encode("utf-8"))
 
     def _ensure_dir(self) -> None:
         if not self._state_dir.is_dir():
@@ -286,32 +287,3 @@ class KeyStore:
             yield
         finally:
             os.close(fd)  # closing releases the lock
-
-
-def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
-    """Write `data` to `path` atomically with mode 0600.
-
-    Returns:
-        True; False only when `exclusive` and `path` already existed (it is left untouched).
-
-    Raises:
-        OSError: the file cannot be written.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not exclusive:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)  # fails if path exists, unlike rename
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

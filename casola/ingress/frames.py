@@ -20,7 +20,6 @@ from casola.ingress.upstream import Upstream
 from casola.net.handshake import Refused, serve_tcp
 from casola.net.link import LinkBase
 from casola.wire import (
-    FLAG_END,
     EndMeta,
     ErrorCode,
     ErrorMeta,
@@ -57,20 +56,14 @@ class _Relay:
 
     def on_frame(self, frame: Frame, t: float) -> None:
         ft, meta = frame.type, frame.meta
-        now = perf_counter()
-        self.t_answer = t
-        if ft is FrameType.RESPONSE:
-            assert isinstance(meta, ResponseMeta)
-            meta = ResponseMeta(meta.content_type, meta.headers, {"ingress": self._ingress_ms(now), **meta.timing})
-        elif ft is FrameType.END:
-            assert isinstance(meta, EndMeta)
-            meta = EndMeta({"ingress": self._ingress_ms(now), **meta.timing}, meta.fence, meta.trailers)
-        elif ft is FrameType.ERROR:
-            assert isinstance(meta, ErrorMeta)
-            meta = msgspec.structs.replace(meta, timing={"ingress": self._ingress_ms(now), **meta.timing})
+        if ft is not FrameType.DATA:  # the frames that carry timing get the ingress's own stage
+            self.t_answer = t
+            assert isinstance(meta, ResponseMeta | EndMeta | ErrorMeta)
+            timing = {"ingress": self._ingress_ms(perf_counter()), **meta.timing}
+            meta = msgspec.structs.replace(meta, timing=timing)
         if self.client.conn.is_open(self.csid):
             self.client.send(Frame(ft, self.csid, meta, frame.payload, frame.flags))
-        if ft is FrameType.END or ft is FrameType.ERROR or frame.flags & FLAG_END:
+        if frame.end or ft is FrameType.ERROR:
             self._done()
 
     def on_reset(self, code: int, message: str) -> None:

@@ -19,13 +19,18 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from casola.ingress.timing import STAGES as SERVER_TIMING_STAGES
+
 __all__ = ["CONTENT_TYPE", "STAGES", "FastHistogram", "Metrics"]
 
 CONTENT_TYPE: Final = b"text/plain; version=0.0.4; charset=utf-8"
 
 # 50 µs .. 10 s: the interesting range for a router is sub-millisecond, models take seconds.
 BUCKETS: Final = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
-STAGES: Final = ("total", "ingress", "queue-overhead", "wait", "worker-rtt", "work")
+STAGES: Final = ("total", *SERVER_TIMING_STAGES)  # the Server-Timing stages, plus the whole request
+
+
+_UPSTREAM_STAGES: Final = SERVER_TIMING_STAGES[1:]  # reported by the queue node and worker
 
 
 class FastHistogram:
@@ -106,7 +111,7 @@ class Metrics:
         stage["total"].observe(total_s)
         stage["ingress"].observe(ingress_ms / 1000)
         if timing:
-            for name in ("queue-overhead", "wait", "worker-rtt", "work"):
+            for name in _UPSTREAM_STAGES:
                 v = timing.get(name)
                 if v is not None:
                     stage[name].observe(v / 1000)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -23,12 +24,23 @@ from casola.ingress.http import Exchange
 from casola.ingress.timing import server_timing
 from casola.ingress.upstream import Upstream
 from casola.net.link import LinkBase
-from casola.wire import FLAG_END, EndMeta, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta, error_info
+from casola.wire import (
+    FLAG_END,
+    EndMeta,
+    ErrorCode,
+    ErrorMeta,
+    Frame,
+    FrameType,
+    RequestMeta,
+    ResponseMeta,
+    error_info,
+    error_name,
+)
 
 if TYPE_CHECKING:
     from casola.ingress.server import Ingress
 
-__all__ = ["OPEN_AT", "SLOW_CLIENT_MAX", "RunExchange", "error_headers"]
+__all__ = ["OPEN_AT", "SLOW_CLIENT_MAX", "RunExchange", "error_headers", "send_wire_error"]
 
 OPEN_AT = 64 * 1024  # buffer a body up to this before opening the stream: small requests = 1 frame
 # A streamed answer is pushed as the worker produces it; frames have no per-stream byte credit, so
@@ -37,8 +49,21 @@ OPEN_AT = 64 * 1024  # buffer a body up to this before opening the stream: small
 SLOW_CLIENT_MAX = 32 * 1024 * 1024
 log = logging.getLogger("casola.ingress")
 _OCTET = "application/octet-stream"
+Header = tuple[bytes, bytes]
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "trailer", "upgrade"})
 _RESPONSE, _DATA, _END, _ERROR = FrameType.RESPONSE, FrameType.DATA, FrameType.END, FrameType.ERROR
+
+
+def send_wire_error(
+    ex: Exchange, code: int, message: str, retry_after_ms: int = 0, param: str = "", extra: Sequence[Header] = ()
+) -> int:
+    """Answer with a wire error code in the envelope: its HTTP status and type from the one error
+    table, its name as `code`, the retry hints. Returns the status sent."""
+    info = error_info(code)
+    headers = error_headers(code, retry_after_ms)
+    headers += extra
+    ex.send_error(info.http, message, info.type, error_name(code).lower(), param or None, headers)
+    return info.http
 
 
 def error_headers(code: int, retry_after_ms: int) -> list[tuple[bytes, bytes]]:
@@ -229,17 +254,11 @@ class RunExchange:
         self, code: int, message: str, retry_after_ms: int, param: str = "", timing: dict[str, float] | None = None
     ) -> None:
         self.done = True
-        info = error_info(code)
         now = perf_counter()
         if self.committed:
             self.ex.abort()  # mid-stream: truncate, never fake a complete answer
+            status = error_info(code).http
         else:
-            headers = error_headers(code, retry_after_ms)
-            if self.trace:
-                headers.append((b"server-timing", server_timing(self._ingress_ms(now), timing or {})))
-            try:
-                name = ErrorCode(code).name.lower()
-            except ValueError:
-                name = str(code)
-            self.ex.send_error(info.http, message, info.type, name, param or None, headers)
-        self.ing.finished(self.model, info.http, timing, self._ingress_ms(now), self.t0)
+            extra = [(b"server-timing", server_timing(self._ingress_ms(now), timing or {}))] if self.trace else []
+            status = send_wire_error(self.ex, code, message, retry_after_ms, param, extra)
+        self.ing.finished(self.model, status, timing, self._ingress_ms(now), self.t0)

@@ -22,9 +22,9 @@ from casola.ingress.frames import FrameListener
 from casola.ingress.http import Exchange, HttpLimits, serve_http
 from casola.ingress.metrics import CONTENT_TYPE as METRICS_CT
 from casola.ingress.metrics import Metrics
-from casola.ingress.native import RunExchange
+from casola.ingress.native import RunExchange, send_wire_error
 from casola.ingress.upstream import QueueNodeSpec, Upstream
-from casola.wire import RequestMeta
+from casola.wire import ErrorCode, RequestMeta
 
 __all__ = ["Ingress", "IngressConfig"]
 
@@ -65,7 +65,6 @@ class Ingress:
         self.metrics = Metrics()
         self.timing_allow_origin = config.timing_allow_origin.encode()
         self.loop: asyncio.AbstractEventLoop  # set in start()
-        self.in_flight = 0
         self.queue_snapshot: Any = None
         self._servers: list[asyncio.Server] = []
         self.frames = FrameListener(self)
@@ -77,6 +76,11 @@ class Ingress:
             head_timeout=config.head_timeout,
             body_timeout=config.body_timeout,
         )
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in progress (the count `max_inflight` bounds, exported as casola_in_flight)."""
+        return self.metrics.in_flight
 
     @property
     def tls(self) -> bool:
@@ -156,23 +160,14 @@ class Ingress:
             return ex.send_error(403, msg, "permission_error", "region_pinned")
         region = region or (claims.region if claims is not None else "")
         if self.in_flight >= self.config.max_inflight:
-            return ex.send_error(
-                429,
-                "too many requests in progress",
-                "rate_limit_error",
-                "overloaded",
-                None,
-                [(b"retry-after", b"1"), (b"x-should-retry", b"true")],
-            )
+            send_wire_error(ex, ErrorCode.OVERLOADED, "too many requests in progress", 1000)
+            return
         link = self.upstream.pick(region)
         if link is None:
             where = f" in region {region!r}" if region else ""
-            msg = f"no queue node{where} is reachable or has room"
-            return ex.send_error(
-                503, msg, "no_capacity", "no_capacity", None, [(b"retry-after", b"1"), (b"x-should-retry", b"true")]
-            )
-        self.in_flight += 1
-        self.metrics.in_flight = self.in_flight
+            send_wire_error(ex, ErrorCode.NO_CAPACITY, f"no queue node{where} is reachable or has room", 1000)
+            return
+        self.metrics.in_flight += 1
         RunExchange(self, ex, link, meta, meta.trace)
 
     def _request_meta(self, ex: Exchange, model: str, claims: Claims | None) -> tuple[RequestMeta, str]:
@@ -200,8 +195,7 @@ class Ingress:
         self, model: str, status: int, timing: dict[str, float] | None, ingress_ms: float, t_start: float
     ) -> None:
         """One request is over (any outcome): count it and free its place."""
-        self.in_flight -= 1
-        self.metrics.in_flight = self.in_flight
+        self.metrics.in_flight -= 1
         self.metrics.observe(model, status, perf_counter() - t_start, timing, ingress_ms)
 
     def _healthz(self, ex: Exchange) -> None:

@@ -23,7 +23,6 @@ from casola.net.pool import Redialer
 from casola.wire import (
     Buffer,
     ConnectionTerminated,
-    EndMeta,
     ErrorCode,
     Event,
     Frame,
@@ -32,12 +31,13 @@ from casola.wire import (
     HelloMeta,
     StreamReset,
 )
+from casola.wire.meta import META_DEFAULTS
 
 __all__ = ["QueueNodeSpec", "Sink", "Upstream"]
 
 log = logging.getLogger("casola.ingress")
 
-_END_META = EndMeta()
+_END_META = META_DEFAULTS[FrameType.END]  # the default instance: encoded as metadata length 0
 
 
 class QueueNodeSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -171,7 +171,7 @@ class Upstream:
                 if sink is None:
                     continue
                 ft = ev.type
-                if ft is FrameType.END or ft is FrameType.ERROR or (ev.flags & 1 and ft is not FrameType.CHECKPOINT):
+                if ev.end or ft is FrameType.ERROR:
                     del sinks[ev.stream_id]
                 sink.on_frame(ev, t)
             elif type(ev) is StreamReset:

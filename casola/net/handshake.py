@@ -21,7 +21,6 @@ from casola.wire import (
     DEFAULT_LIMITS,
     Connection,
     ConnectionTerminated,
-    ErrorCode,
     Event,
     Frame,
     FrameType,
@@ -29,6 +28,7 @@ from casola.wire import (
     HelloMeta,
     Limits,
     Side,
+    error_name,
 )
 
 __all__ = ["HelloHandler", "MemoryDialer", "Refused", "accept_memory", "dial_tcp", "serve_tcp"]
@@ -40,11 +40,7 @@ class Refused(ConnectionLost):
     """The acceptor refused the handshake (GOAWAY with `code`), or the role refuses a HELLO."""
 
     def __init__(self, code: int, message: str) -> None:
-        try:
-            name = ErrorCode(code).name
-        except ValueError:
-            name = str(code)
-        super().__init__(f"refused ({name}): {message}")
+        super().__init__(f"refused ({error_name(code)}): {message}")
         self.code = code
         self.message = message
 

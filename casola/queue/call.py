@@ -77,7 +77,7 @@ class Call:
     @property
     def retryable(self) -> bool:
         """Not answered yet, not retried yet, and every request frame still at hand."""
-        return not self.head_seen and self.attempt == 0 and 0 < len(self.frames) and self.retained <= RETAIN_MAX
+        return not self.head_seen and self.attempt == 0 and bool(self.frames)  # keep() empties it past RETAIN_MAX
 
     def timing(self, t_answer: float, now: float, work: float | None) -> dict[str, float]:
         """Stage durations in milliseconds, in Server-Timing order: the worker's answer arrived at

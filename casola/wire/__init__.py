@@ -16,6 +16,7 @@ from casola.wire.errors import (
     RemoteProtocolError,
     Scope,
     error_info,
+    error_name,
 )
 from casola.wire.events import Buffer, ConnectionTerminated, Event, Frame, PingAcked, StreamReset
 from casola.wire.frames import FLAG_END, HEAD, HEAD_SIZE, PROTOCOL_VERSION, FrameType
@@ -77,4 +78,5 @@ __all__ = [
     "StreamState",
     "encode_frame",
     "error_info",
+    "error_name",
 ]

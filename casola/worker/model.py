@@ -46,8 +46,7 @@ class BlockingModel:
         raise NotImplementedError
 
     async def __call__(self, call: WorkCall) -> None:
-        loop = asyncio.get_running_loop()
-        pool = self.executor or _default_pool(loop)
+        pool = self.executor or _default_pool()
         body = await call.body()
         cancelled = threading.Event()
         step: concurrent.futures.Future[object] = pool.submit(self.run, body, call.params, cancelled)
@@ -80,7 +79,8 @@ def _close(it: Iterator[Buffer]) -> None:
         close()
 
 
-def _default_pool(loop: asyncio.AbstractEventLoop) -> Executor:
+def _default_pool() -> Executor:
+    """For a BlockingModel used outside a WorkerRuntime (which sets `executor`)."""
     global _POOL
     if _POOL is None:
         _POOL = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="casola-handler")
