@@ -11,6 +11,7 @@ and is redialled like any other loss.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -69,6 +70,7 @@ class Redialer:
         self._on_up, self._on_down = on_up, on_down
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped = asyncio.Event()  # wakes a backoff pause at once on stop()
 
     def start(self) -> None:
         if self._task is None:
@@ -77,6 +79,7 @@ class Redialer:
     async def stop(self) -> None:
         """Stop redialling and close the current link."""
         self._stopping = True
+        self._stopped.set()
         if self.link is not None:
             self.link.close()
         if self._task is not None:
@@ -95,8 +98,11 @@ class Redialer:
                 self.last_error = exc
                 delay = self._backoff.cap if isinstance(exc, Refused) else self._backoff.next()
                 log.warning("%s: dial failed (%s); retrying in %.3f s", self.name, exc, delay)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 continue
+            if self._stopping:  # asyncio.wait_for (3.11) can swallow the cancel that stop() sent
+                link.close()
+                break
             self._backoff.reset()
             self.link = link
             self.up.set()
@@ -108,4 +114,8 @@ class Redialer:
             if self._on_down is not None:
                 self._on_down(link)
             if not self._stopping:
-                await asyncio.sleep(self._backoff.next())  # a flapping peer is not hammered
+                await self._pause(self._backoff.next())  # a flapping peer is not hammered
+
+    async def _pause(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), delay)

@@ -99,3 +99,40 @@ def test_blocking_handler_runs_off_the_loop_and_stops_between_pieces(tmp_path: P
         await stack.stop()
 
     run_uvloop(main)
+
+
+def test_stop_returns_even_when_a_dial_swallows_the_cancellation() -> None:
+    """asyncio.wait_for on 3.11 can return the connection instead of raising CancelledError; stop()
+    must still end the redialler and close that late connection, not wait on it forever."""
+    from casola.net.pool import Redialer
+
+    class Late:
+        def __init__(self) -> None:
+            self.closed = asyncio.get_running_loop().create_future()
+            self.was_closed = False
+
+        def close(self) -> None:
+            self.was_closed = True
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    async def main() -> None:
+        late: list[Late] = []
+        entered = asyncio.Event()
+
+        async def connect() -> Late:
+            entered.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass  # swallowed, as the wait_for race does
+            late.append(Late())
+            return late[-1]
+
+        r = Redialer(connect, name="t")  # type: ignore[arg-type]
+        r.start()
+        await entered.wait()
+        await asyncio.wait_for(r.stop(), 2)
+        assert late and late[0].was_closed and r.link is None
+
+    run_uvloop(main)
