@@ -58,6 +58,7 @@ class ErrorCode(enum.IntEnum):
     CONTENT_POLICY_VIOLATION = 42
     STALE_FENCE = 43
     INTERNAL = 44
+    JOB_NOT_FOUND = 45
 
 
 class ErrorInfo(NamedTuple):
@@ -188,6 +189,10 @@ ERROR_INFO: Final[dict[ErrorCode, ErrorInfo]] = {
     ErrorCode.INTERNAL: ErrorInfo(
         Scope.STREAM, True, 500, 'server_error',
         'The receiver failed unexpectedly while handling this stream; the connection stays up.',
+    ),
+    ErrorCode.JOB_NOT_FOUND: ErrorInfo(
+        Scope.STREAM, False, 404, 'not_found_error',
+        "No async job with that id exists for the requesting tenant (never submitted, another tenant's, or past its retention).",
     ),
 }
 

@@ -29,6 +29,7 @@ __all__ = [
     "HeartbeatMeta",
     "HelloAckMeta",
     "HelloMeta",
+    "JobOp",
     "Meta",
     "Param",
     "RequestMeta",
@@ -43,6 +44,7 @@ U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Grant = Annotated[int, msgspec.Meta(ge=1, le=0x7FFF_FFFF)]
 Role = Literal["client", "ingress", "queue", "worker"]
 Pool = Literal["", "sync", "async", "shared"]
+JobOp = Literal["", "submit", "status", "result", "cancel"]
 Param = str | int | float | bool | None
 
 
@@ -105,6 +107,10 @@ class RequestMeta(Meta, frozen=True):
     job_id: str = ""  # async jobs: the persisted job
     fence: U63 = 0  # async jobs: the lease's fencing token
     attempt: U16 = 0  # 0 for the first dispatch, +1 per retry/redispatch
+    resume_len: U63 = 0  # async redispatch: the body's first resume_len bytes are the last checkpoint
+    op: JobOp = ""  # "": run now (sync, or a job's dispatch); else an async job operation (SPEC §3.8.1)
+    idempotency_key: str = ""  # op "submit": a repeat with the same key returns the first job
+    webhook_url: str = ""  # op "submit": POSTed to once the job completes
 
 
 class ResponseMeta(Meta, frozen=True):
