@@ -12,7 +12,12 @@ Invariants every backend keeps:
 
 - QUEUED: no lease (`lease_owner` "", `lease_expires` None), `attempt < max_attempts`.
 - RUNNING: a lease; `fence` is the token of the one dispatch allowed to write.
-- COMPLETED: final; nothing changes it except `purge`, which deletes it after the retention.
+- COMPLETED: final; nothing changes its outcome. Only its webhook delivery state moves on, and
+  `purge` deletes it after the retention.
+- Webhooks: every path that completes a job with a `webhook_url` makes its delivery due at once
+  (`webhook_next` = the completion time) in the same statement, so a queue node that dies right
+  after completing still delivers it later. `webhook_next` is set only on a COMPLETED job with a
+  `webhook_url` that is not `webhook_done`. Delivery is at least once.
 - A tenant sees only its own jobs; `tenant=None` is the queue node's internal view.
 
 Time is passed in (`now`, unix seconds); no store reads a clock.
@@ -84,6 +89,9 @@ class Job(msgspec.Struct, kw_only=True):
     `attempt` counts dispatches so far; `fence` is 0 until the first claim and +1 per claim;
     `lease_owner` is the worker holding the lease ("" when queued; the last holder once completed);
     `checkpoint` is opaque bytes a redispatch resumes from, `checkpoint_seq` its sequence number.
+    `inference_ms` is the `work` time the worker reported for the recorded result. The webhook of
+    a completed job: `webhook_attempts` deliveries tried so far, `webhook_next` when the next one
+    is due (unix seconds; None: nothing due), `webhook_done` once delivered or given up.
     """
 
     id: str
@@ -112,6 +120,10 @@ class Job(msgspec.Struct, kw_only=True):
     error_type: str = ""
     error: str = ""
     cancel_requested: bool = False
+    inference_ms: float | None = None  # the fields below came with schema version 2
+    webhook_attempts: int = 0
+    webhook_next: float | None = None
+    webhook_done: bool = False
 
 
 JOB_COLUMNS: Final[tuple[str, ...]] = Job.__struct_fields__
@@ -125,8 +137,8 @@ class _Row(Protocol):
     def __getitem__(self, index: int, /) -> Any: ...
 
 
-def new_job(spec: NewJob, job_id: str, now: float) -> Job:
-    """The QUEUED record for a submitted job.
+def new_job(spec: NewJob, job_id: str, now: float, *, lease_owner: str = "", lease_s: float = 0.0) -> Job:
+    """The QUEUED record for a submitted job, or with `lease_owner` the RUNNING record of its first claim.
 
     Raises:
         ValueError: `tenant` or `model` is empty, `max_attempts` < 1, or a number outside 32 bits.
@@ -137,7 +149,7 @@ def new_job(spec: NewJob, job_id: str, now: float) -> Job:
         raise ValueError(f"max_attempts must be between 1 and 2**31-1, not {spec.max_attempts}")
     if not -_INT32_MAX <= spec.priority <= _INT32_MAX:
         raise ValueError(f"priority must fit in 32 bits, not {spec.priority}")
-    return Job(
+    job = Job(
         id=job_id,
         tenant=spec.tenant,
         model=spec.model,
@@ -150,6 +162,17 @@ def new_job(spec: NewJob, job_id: str, now: float) -> Job:
         priority=spec.priority,
         max_attempts=spec.max_attempts,
         created_at=now,
+    )
+    if not lease_owner:
+        return job
+    return msgspec.structs.replace(
+        job,
+        status=JobStatus.RUNNING,
+        started_at=now,
+        attempt=1,
+        fence=1,
+        lease_owner=lease_owner,
+        lease_expires=now + lease_s,
     )
 
 
@@ -204,6 +227,10 @@ def job_from_row(row: _Row) -> Job:
         error_type=row[23],
         error=row[24],
         cancel_requested=bool(row[25]),
+        inference_ms=_real(row[26]),
+        webhook_attempts=row[27],
+        webhook_next=_real(row[28]),
+        webhook_done=bool(row[29]),
     )
 
 
@@ -229,12 +256,16 @@ class JobStore(abc.ABC):
         """Finish the operations already submitted, then disconnect. Closing twice is a no-op."""
 
     @abc.abstractmethod
-    async def submit(self, job: NewJob, now: float) -> tuple[Job, bool]:
+    async def submit(self, job: NewJob, now: float, *, lease_owner: str = "", lease_s: float = 0.0) -> tuple[Job, bool]:
         """Persist a new QUEUED job; durable when this returns.
+
+        With `lease_owner` (a worker slot is free at submit time), the job is stored already
+        claimed: RUNNING, leased to `lease_owner` until `now + lease_s`, attempt 1, fence 1,
+        started at `now`; one durable write instead of a submit and a claim.
 
         Returns:
             (job, created). A job with the same (tenant, idempotency_key) already stored is
-            returned as it is now, with created False.
+            returned as it is now, with created False, and is not leased.
 
         Raises:
             ValueError: see `new_job` and `job_to_row`.
@@ -274,6 +305,20 @@ class JobStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def renew_many(self, items: Sequence[tuple[str, int]], lease_s: float, now: float) -> list[str]:
+        """Extend to `now + lease_s`, in one transaction, the leases of the (job_id, fence) pairs.
+
+        The queue node renews every lease a worker holds when that worker's HEARTBEAT arrives.
+
+        Returns:
+            The ids refused, changing nothing for them: not RUNNING under that fence (unknown,
+            completed, requeued or claimed again since).
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
     async def checkpoint(self, job_id: str, fence: int, seq: int, data: bytes, now: float, lease_s: float) -> bool:
         """Store `data` as the job's checkpoint if `seq` is newer than the stored one; renew the lease.
 
@@ -296,11 +341,14 @@ class JobStore(abc.ABC):
         content_type: str = "",
         error_type: str = "",
         error: str = "",
+        inference_ms: float | None = None,
     ) -> bool:
         """Record the job's outcome, exactly once: a result, or an error (`error_type` non-empty).
 
-        A job whose cancel was requested completes with whatever the caller records here (the queue
-        node passes error_type "cancelled" when the cancelled stream ends without a result).
+        `inference_ms` is the `work` time the worker reported, stored with the outcome. A job with
+        a `webhook_url` becomes due for delivery at once (`webhook_next = now`), in the same write.
+        A job whose cancel was requested completes with whatever the caller records here (the
+        queue node passes error_type "cancelled" when the cancelled stream ends without a result).
 
         Returns:
             False, changing nothing, if the job is not RUNNING under `fence` (a second call included).
@@ -325,6 +373,22 @@ class JobStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def release_owner(self, owner_prefix: str, now: float) -> list[Job]:
+        """Take back every lease whose `lease_owner` starts with `owner_prefix`, as if it had expired.
+
+        A restarted queue node takes back the leases of its previous life at once rather than
+        waiting for them to expire; each job goes where `requeue_expired` would send it. The prefix
+        is compared literally (no wildcards).
+
+        Returns:
+            The jobs changed, in their new state.
+
+        Raises:
+            ValueError: `owner_prefix` is empty (it would take back every node's leases).
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
     async def release(self, job_id: str, fence: int, now: float) -> bool:
         """Take back the lease now, as if it had expired (the worker's connection dropped).
 
@@ -345,6 +409,36 @@ class JobStore(abc.ABC):
 
         Returns:
             The job in its new state; None if there is none or it is not `tenant`'s.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def due_webhooks(self, now: float, limit: int, hold_s: float = 30.0) -> list[Job]:
+        """The completed jobs whose webhook delivery is due by `now`, oldest `webhook_next` first.
+
+        At most `limit` jobs; their `webhook_next` moves to `now + hold_s` in the same atomic step,
+        so another queue node asking meanwhile does not get them too. If the caller dies before
+        `webhook_attempted`, they come due again after the hold.
+
+        Returns:
+            The jobs as now stored (`webhook_next` = `now + hold_s`).
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def webhook_attempted(self, job_id: str, delivered: bool, now: float, next_at: float | None) -> bool:
+        """Record one delivery attempt of the job's webhook (`webhook_attempts` + 1).
+
+        Delivered: `webhook_done`, nothing more due. Not delivered: the next attempt is due at
+        `next_at`, or with `next_at` None the delivery is given up (`webhook_done`). A job already
+        done stays done (another node's attempt may have delivered it).
+
+        Returns:
+            False, changing nothing, if there is no such job, or it is not COMPLETED with a webhook.
 
         Raises:
             StoreError: the backend failed.

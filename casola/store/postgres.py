@@ -69,9 +69,16 @@ _CHECKPOINT: Final = (
     " checkpoint = CASE WHEN $4::bigint > checkpoint_seq THEN $5::bytea ELSE checkpoint END,"
     f" checkpoint_seq = GREATEST(checkpoint_seq, $4::bigint) WHERE {_FENCED}"
 )
+# Locks the leases (id, fence) of $1 and $2 in id order, so that two multi-row statements never deadlock.
+_RENEW_MANY: Final = (
+    "UPDATE casola_jobs SET lease_expires = $3 WHERE id IN (SELECT j.id FROM casola_jobs j"
+    " JOIN unnest($1::text[], $2::bigint[]) AS w(id, fence) ON j.id = w.id AND j.fence = w.fence"
+    " WHERE j.status = 'IN_PROGRESS' ORDER BY j.id FOR UPDATE OF j) AND status = 'IN_PROGRESS' RETURNING id, fence"
+)
 _COMPLETE: Final = (
     "UPDATE casola_jobs SET status = 'COMPLETED', completed_at = $3, lease_expires = NULL,"
-    f" result = $4, result_content_type = $5, error_type = $6, error = $7 WHERE {_FENCED}"
+    " result = $4, result_content_type = $5, error_type = $6, error = $7, inference_ms = $8,"
+    f" webhook_next = CASE WHEN webhook_url <> '' THEN $3::double precision END WHERE {_FENCED}"
 )
 # Taking a lease back; $1 now, $2 "cancelled", $3 "worker_error"; {where} picks the leases.
 _ENDS: Final = "(attempt >= max_attempts OR cancel_requested)"
@@ -83,13 +90,21 @@ _TAKE_BACK: Final = (
     " ELSE error_type END,"
     " error = CASE WHEN cancel_requested THEN 'cancelled by request' WHEN attempt >= max_attempts"
     " THEN 'gave up after ' || attempt || ' attempts: the worker died, hung or lost its connection'"
-    f" ELSE error END WHERE {{where}} RETURNING {_COLS}"
+    " ELSE error END,"
+    f" webhook_next = CASE WHEN {_ENDS} AND webhook_url <> '' THEN $1::double precision ELSE webhook_next END"
+    f" WHERE {{where}} RETURNING {_COLS}"
 )
 _EXPIRED: Final = _TAKE_BACK.format(
     where="id IN (SELECT id FROM casola_jobs WHERE status = 'IN_PROGRESS' AND lease_expires <= $1"
     " FOR UPDATE SKIP LOCKED)"
 )
 _RELEASE: Final = _TAKE_BACK.format(where="id = $4 AND fence = $5 AND status = 'IN_PROGRESS'")
+# $4 the owner prefix, compared with left() rather than LIKE: '%' and '_' are literal. Locks in id
+# order (see _RENEW_MANY) and waits for locked rows: these leases are the caller's own.
+_OWNED_BY: Final = _TAKE_BACK.format(
+    where="id IN (SELECT id FROM casola_jobs WHERE status = 'IN_PROGRESS'"
+    " AND left(lease_owner, length($4::text)) = $4::text ORDER BY id FOR UPDATE) AND status = 'IN_PROGRESS'"
+)
 _STOPS: Final = "(status = 'IN_QUEUE' OR $4::boolean)"  # cancel: completes at once rather than asking
 _CANCEL: Final = (
     "UPDATE casola_jobs SET cancel_requested = TRUE,"
@@ -97,7 +112,8 @@ _CANCEL: Final = (
     f" completed_at = CASE WHEN {_STOPS} THEN $3::double precision ELSE completed_at END,"
     f" lease_expires = CASE WHEN {_STOPS} THEN NULL ELSE lease_expires END,"
     f" error_type = CASE WHEN {_STOPS} THEN $5::text ELSE error_type END,"
-    f" error = CASE WHEN {_STOPS} THEN 'cancelled by request' ELSE error END"
+    f" error = CASE WHEN {_STOPS} THEN 'cancelled by request' ELSE error END,"
+    f" webhook_next = CASE WHEN {_STOPS} AND webhook_url <> '' THEN $3::double precision ELSE webhook_next END"
     f" WHERE id = $1 AND status <> 'COMPLETED' AND ($2::text IS NULL OR tenant = $2) RETURNING {_COLS}"
 )
 _POSITION: Final = (
@@ -105,6 +121,20 @@ _POSITION: Final = (
     " AND (q.priority > j.priority OR (q.priority = j.priority"
     " AND (q.created_at < j.created_at OR (q.created_at = j.created_at AND q.seq < j.seq)))))"
     " FROM casola_jobs j WHERE j.id = $1 AND j.status = 'IN_QUEUE'"
+)
+# $1 now, $2 limit, $3 held until. SKIP LOCKED: what another node is taking at once is its own.
+_DUE_WEBHOOKS: Final = (
+    "WITH due AS (SELECT id AS due_id, webhook_next AS due_at, seq AS due_seq FROM casola_jobs"
+    " WHERE status = 'COMPLETED' AND webhook_url <> '' AND NOT webhook_done AND webhook_next <= $1"
+    " ORDER BY webhook_next, seq LIMIT $2 FOR UPDATE SKIP LOCKED),"
+    f" held AS (UPDATE casola_jobs SET webhook_next = $3 FROM due WHERE id = due_id RETURNING {_COLS}, due_at, due_seq)"
+    f" SELECT {_COLS} FROM held ORDER BY due_at, due_seq"
+)
+# $2 is "delivered or given up"; a job already done stays done.
+_WEBHOOK_ATTEMPTED: Final = (
+    "UPDATE casola_jobs SET webhook_attempts = webhook_attempts + 1, webhook_done = webhook_done OR $2::boolean,"
+    " webhook_next = CASE WHEN webhook_done OR $2::boolean THEN NULL ELSE $3::double precision END"
+    " WHERE id = $1 AND status = 'COMPLETED' AND webhook_url <> ''"
 )
 
 
@@ -196,9 +226,9 @@ class PostgresJobStore(JobStore):
             raise StoreError("the postgresql job store is not open")
         return self._pool
 
-    async def submit(self, job: NewJob, now: float) -> tuple[Job, bool]:
+    async def submit(self, job: NewJob, now: float, *, lease_owner: str = "", lease_s: float = 0.0) -> tuple[Job, bool]:
         """See `JobStore.submit`."""
-        record = new_job(job, uuid.uuid4().hex, now)
+        record = new_job(job, uuid.uuid4().hex, now, lease_owner=lease_owner, lease_s=lease_s)
         row = job_to_row(record)
         pool = self.pool
         with _translated("submit"):
@@ -228,6 +258,18 @@ class PostgresJobStore(JobStore):
         """See `JobStore.renew`."""
         return await self._update("renew", _RENEW, job_id, fence, now + lease_s, progress)
 
+    async def renew_many(self, items: Sequence[tuple[str, int]], lease_s: float, now: float) -> list[str]:
+        """See `JobStore.renew_many`."""
+        if not items:
+            return []
+        ids = [job_id for job_id, _ in items]
+        fences = [fence for _, fence in items]
+        pool = self.pool
+        with _translated("renew_many"):
+            rows = await pool.fetch(_RENEW_MANY, ids, fences, now + lease_s)
+        renewed = {(row[0], row[1]) for row in rows}
+        return [job_id for job_id, fence in items if (job_id, fence) not in renewed]
+
     async def checkpoint(self, job_id: str, fence: int, seq: int, data: bytes, now: float, lease_s: float) -> bool:
         """See `JobStore.checkpoint`."""
         return await self._update("checkpoint", _CHECKPOINT, job_id, fence, now + lease_s, seq, data)
@@ -242,14 +284,21 @@ class PostgresJobStore(JobStore):
         content_type: str = "",
         error_type: str = "",
         error: str = "",
+        inference_ms: float | None = None,
     ) -> bool:
         """See `JobStore.complete`."""
-        args = (job_id, fence, now, result, content_type, error_type, error)
+        args = (job_id, fence, now, result, content_type, error_type, error, inference_ms)
         return await self._update("complete", _COMPLETE, *args)
 
     async def requeue_expired(self, now: float) -> list[Job]:
         """See `JobStore.requeue_expired`."""
         return await self._many("requeue_expired", _EXPIRED, now, CANCELLED, WORKER_ERROR)
+
+    async def release_owner(self, owner_prefix: str, now: float) -> list[Job]:
+        """See `JobStore.release_owner`."""
+        if not owner_prefix:
+            raise ValueError("release_owner needs a non-empty owner prefix")
+        return await self._many("release_owner", _OWNED_BY, now, CANCELLED, WORKER_ERROR, owner_prefix)
 
     async def release(self, job_id: str, fence: int, now: float) -> bool:
         """See `JobStore.release`."""
@@ -259,6 +308,17 @@ class PostgresJobStore(JobStore):
         """See `JobStore.cancel`."""
         job = await self._one("cancel", _CANCEL, job_id, tenant, now, force, CANCELLED)
         return job if job is not None else await self.get(job_id, tenant)
+
+    async def due_webhooks(self, now: float, limit: int, hold_s: float = 30.0) -> list[Job]:
+        """See `JobStore.due_webhooks`."""
+        if limit <= 0:
+            return []
+        return await self._many("due_webhooks", _DUE_WEBHOOKS, now, limit, now + hold_s)
+
+    async def webhook_attempted(self, job_id: str, delivered: bool, now: float, next_at: float | None) -> bool:
+        """See `JobStore.webhook_attempted`."""
+        done = delivered or next_at is None
+        return await self._update("webhook_attempted", _WEBHOOK_ATTEMPTED, job_id, done, None if done else next_at)
 
     async def queue_position(self, job_id: str) -> int | None:
         """See `JobStore.queue_position`."""

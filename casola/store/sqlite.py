@@ -11,6 +11,7 @@ Concurrent claimers cannot get the same job because all writes run one at a time
 (and, across processes sharing the file, under SQLite's write lock: `BEGIN IMMEDIATE`).
 
 URLs: `sqlite:///abs/path/jobs.db` (absolute), `sqlite://rel/jobs.db` (relative), `sqlite://:memory:`.
+The statements themselves live in `casola.store.sqlite_sql`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import Any, Final, NamedTuple, TypeVar, cast
 
+import msgspec
+
 from casola.store import migrations
+from casola.store import sqlite_sql as sql
 from casola.store.base import (
     CANCELLED,
-    JOB_COLUMNS,
     WORKER_ERROR,
     Job,
     JobStatus,
@@ -53,60 +56,6 @@ MAX_BATCH: Final = 512
 # default is 0; Django and Rails both settle on 5 s).
 BUSY_TIMEOUT_MS: Final = 5000
 _WAL_RETRY_MS: Final = 10
-
-_COLS: Final = ", ".join(JOB_COLUMNS)
-_INSERT: Final = f"INSERT INTO casola_jobs ({_COLS}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})"
-_SELECT: Final = f"SELECT {_COLS} FROM casola_jobs"
-_RUNNING_UNDER_FENCE: Final = "id = :id AND fence = :fence AND status = 'IN_PROGRESS'"
-_CLAIM: Final = (
-    "UPDATE casola_jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, fence = fence + 1,"
-    " lease_owner = ?, lease_expires = ?, started_at = COALESCE(started_at, ?)"
-    " WHERE id = (SELECT id FROM casola_jobs WHERE status = 'IN_QUEUE' AND model IN ({marks})"
-    f" ORDER BY priority DESC, created_at, seq LIMIT 1) RETURNING {_COLS}"
-)
-_RENEW: Final = (
-    "UPDATE casola_jobs SET lease_expires = :expires, progress = COALESCE(:progress, progress)"
-    f" WHERE {_RUNNING_UNDER_FENCE}"
-)
-_CHECKPOINT: Final = (
-    "UPDATE casola_jobs SET lease_expires = :expires,"
-    " checkpoint = CASE WHEN :seq > checkpoint_seq THEN :data ELSE checkpoint END,"
-    f" checkpoint_seq = MAX(checkpoint_seq, :seq) WHERE {_RUNNING_UNDER_FENCE}"
-)
-_COMPLETE: Final = (
-    "UPDATE casola_jobs SET status = 'COMPLETED', completed_at = :now, lease_expires = NULL,"
-    " result = :result, result_content_type = :content_type, error_type = :error_type, error = :error"
-    f" WHERE {_RUNNING_UNDER_FENCE}"
-)
-# Taking a lease back: {where} picks the leases (expired ones, or one by id and fence).
-_ENDS: Final = "(attempt >= max_attempts OR cancel_requested)"
-_TAKE_BACK: Final = (
-    f"UPDATE casola_jobs SET status = CASE WHEN {_ENDS} THEN 'COMPLETED' ELSE 'IN_QUEUE' END,"
-    f" completed_at = CASE WHEN {_ENDS} THEN :now END,"
-    f" lease_owner = CASE WHEN {_ENDS} THEN lease_owner ELSE '' END, lease_expires = NULL,"
-    " error_type = CASE WHEN cancel_requested THEN :cancelled WHEN attempt >= max_attempts THEN :worker_error"
-    " ELSE error_type END,"
-    " error = CASE WHEN cancel_requested THEN 'cancelled by request' WHEN attempt >= max_attempts"
-    " THEN 'gave up after ' || attempt || ' attempts: the worker died, hung or lost its connection'"
-    f" ELSE error END WHERE {{where}} RETURNING {_COLS}"
-)
-_EXPIRED: Final = "status = 'IN_PROGRESS' AND lease_expires <= :now"
-_STOPS: Final = "(status = 'IN_QUEUE' OR :force)"  # cancel: completes at once rather than asking
-_CANCEL: Final = (
-    "UPDATE casola_jobs SET cancel_requested = 1,"
-    f" status = CASE WHEN {_STOPS} THEN 'COMPLETED' ELSE status END,"
-    f" completed_at = CASE WHEN {_STOPS} THEN :now ELSE completed_at END,"
-    f" lease_expires = CASE WHEN {_STOPS} THEN NULL ELSE lease_expires END,"
-    f" error_type = CASE WHEN {_STOPS} THEN :cancelled ELSE error_type END,"
-    f" error = CASE WHEN {_STOPS} THEN 'cancelled by request' ELSE error END"
-    f" WHERE id = :id AND status <> 'COMPLETED' AND (:tenant IS NULL OR tenant = :tenant) RETURNING {_COLS}"
-)
-_POSITION: Final = (
-    "SELECT (SELECT COUNT(*) FROM casola_jobs q WHERE q.status = 'IN_QUEUE' AND q.model = j.model"
-    " AND (q.priority > j.priority OR (q.priority = j.priority"
-    " AND (q.created_at < j.created_at OR (q.created_at = j.created_at AND q.seq < j.seq)))))"
-    " FROM casola_jobs j WHERE j.id = ? AND j.status = 'IN_QUEUE'"
-)
 
 
 class _Op(NamedTuple):
@@ -226,9 +175,9 @@ class SqliteJobStore(JobStore):
 
     # -- JobStore ----------------------------------------------------------------------------
 
-    async def submit(self, job: NewJob, now: float) -> tuple[Job, bool]:
+    async def submit(self, job: NewJob, now: float, *, lease_owner: str = "", lease_s: float = 0.0) -> tuple[Job, bool]:
         """See `JobStore.submit`."""
-        record = new_job(job, uuid.uuid4().hex, now)
+        record = new_job(job, uuid.uuid4().hex, now, lease_owner=lease_owner, lease_s=lease_s)
         return await self._call(_submit, record, job_to_row(record))
 
     async def get(self, job_id: str, tenant: str | None) -> Job | None:
@@ -245,12 +194,18 @@ class SqliteJobStore(JobStore):
     async def renew(self, job_id: str, fence: int, lease_s: float, now: float, progress: float | None = None) -> bool:
         """See `JobStore.renew`."""
         args = {"id": job_id, "fence": fence, "expires": now + lease_s, "progress": progress}
-        return await self._call(_changed, _RENEW, args)
+        return await self._call(_changed, sql.RENEW, args)
+
+    async def renew_many(self, items: Sequence[tuple[str, int]], lease_s: float, now: float) -> list[str]:
+        """See `JobStore.renew_many`."""
+        if not items:
+            return []
+        return await self._call(_renew_many, list(items), now + lease_s)
 
     async def checkpoint(self, job_id: str, fence: int, seq: int, data: bytes, now: float, lease_s: float) -> bool:
         """See `JobStore.checkpoint`."""
         args = {"id": job_id, "fence": fence, "expires": now + lease_s, "seq": seq, "data": data}
-        return await self._call(_changed, _CHECKPOINT, args)
+        return await self._call(_changed, sql.CHECKPOINT, args)
 
     async def complete(
         self,
@@ -262,25 +217,44 @@ class SqliteJobStore(JobStore):
         content_type: str = "",
         error_type: str = "",
         error: str = "",
+        inference_ms: float | None = None,
     ) -> bool:
         """See `JobStore.complete`."""
         args = {"id": job_id, "fence": fence, "now": now, "result": result, "content_type": content_type}
-        args.update(error_type=error_type, error=error)
-        return await self._call(_changed, _COMPLETE, args)
+        args.update(error_type=error_type, error=error, inference_ms=inference_ms)
+        return await self._call(_changed, sql.COMPLETE, args)
 
     async def requeue_expired(self, now: float) -> list[Job]:
         """See `JobStore.requeue_expired`."""
-        return await self._call(_take_back, _EXPIRED, {"now": now})
+        return await self._call(_take_back, sql.EXPIRED, {"now": now})
+
+    async def release_owner(self, owner_prefix: str, now: float) -> list[Job]:
+        """See `JobStore.release_owner`."""
+        if not owner_prefix:
+            raise ValueError("release_owner needs a non-empty owner prefix")
+        return await self._call(_take_back, sql.OWNED_BY, {"now": now, "prefix": owner_prefix})
 
     async def release(self, job_id: str, fence: int, now: float) -> bool:
         """See `JobStore.release`."""
         args = {"now": now, "id": job_id, "fence": fence}
-        return bool(await self._call(_take_back, _RUNNING_UNDER_FENCE, args))
+        return bool(await self._call(_take_back, sql.RUNNING_UNDER_FENCE, args))
 
     async def cancel(self, job_id: str, tenant: str | None, now: float, *, force: bool = False) -> Job | None:
         """See `JobStore.cancel`."""
         args = {"id": job_id, "tenant": tenant, "now": now, "force": force, "cancelled": CANCELLED}
         return await self._call(_cancel, args)
+
+    async def due_webhooks(self, now: float, limit: int, hold_s: float = 30.0) -> list[Job]:
+        """See `JobStore.due_webhooks`."""
+        if limit <= 0:
+            return []
+        return await self._call(_due_webhooks, now, limit, now + hold_s)
+
+    async def webhook_attempted(self, job_id: str, delivered: bool, now: float, next_at: float | None) -> bool:
+        """See `JobStore.webhook_attempted`."""
+        done = delivered or next_at is None
+        args = {"id": job_id, "done": done, "next": None if done else next_at}
+        return await self._call(_changed, sql.WEBHOOK_ATTEMPTED, args)
 
     async def queue_position(self, job_id: str) -> int | None:
         """See `JobStore.queue_position`."""
@@ -397,58 +371,73 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _one(conn: sqlite3.Connection, sql: str, args: Any) -> Job | None:
-    rows = conn.execute(sql, args).fetchall()  # fetchall: RETURNING finishes its statement
+def _one(conn: sqlite3.Connection, statement: str, args: Any) -> Job | None:
+    rows = conn.execute(statement, args).fetchall()  # fetchall: RETURNING finishes its statement
     return job_from_row(rows[0]) if rows else None
 
 
 def _submit(conn: sqlite3.Connection, job: Job, row: tuple[Any, ...]) -> tuple[Job, bool]:
     if job.idempotency_key:
-        sql = f"{_SELECT} WHERE tenant = ? AND idempotency_key = ?"
-        existing = _one(conn, sql, (job.tenant, job.idempotency_key))
+        existing = _one(conn, sql.BY_KEY, (job.tenant, job.idempotency_key))
         if existing is not None:
             return existing, False
-    conn.execute(_INSERT, row)
+    conn.execute(sql.INSERT, row)
     return job, True
 
 
 def _get(conn: sqlite3.Connection, job_id: str, tenant: str | None) -> Job | None:
     if tenant is None:
-        return _one(conn, f"{_SELECT} WHERE id = ?", (job_id,))
-    return _one(conn, f"{_SELECT} WHERE id = ? AND tenant = ?", (job_id, tenant))
+        return _one(conn, sql.BY_ID, (job_id,))
+    return _one(conn, sql.BY_ID_AND_TENANT, (job_id, tenant))
 
 
 def _claim(conn: sqlite3.Connection, models: list[str], owner: str, expires: float, now: float) -> Job | None:
-    sql = _CLAIM.format(marks=", ".join("?" * len(models)))
-    return _one(conn, sql, (owner, expires, now, *models))
+    statement = sql.CLAIM.format(marks=", ".join("?" * len(models)))
+    return _one(conn, statement, (owner, expires, now, *models))
 
 
-def _changed(conn: sqlite3.Connection, sql: str, args: dict[str, Any]) -> bool:
-    return conn.execute(sql, args).rowcount == 1
+def _changed(conn: sqlite3.Connection, statement: str, args: dict[str, Any]) -> bool:
+    return conn.execute(statement, args).rowcount == 1
+
+
+def _renew_many(conn: sqlite3.Connection, items: list[tuple[str, int]], expires: float) -> list[str]:
+    """Renew each lease in turn; all of them commit in the batch's one transaction."""
+    refused = []
+    for job_id, fence in items:
+        args = {"id": job_id, "fence": fence, "expires": expires, "progress": None}
+        if not _changed(conn, sql.RENEW, args):
+            refused.append(job_id)
+    return refused
 
 
 def _take_back(conn: sqlite3.Connection, where: str, args: dict[str, Any]) -> list[Job]:
     args = {**args, "cancelled": CANCELLED, "worker_error": WORKER_ERROR}
-    return [job_from_row(row) for row in conn.execute(_TAKE_BACK.format(where=where), args).fetchall()]
+    return [job_from_row(row) for row in conn.execute(sql.TAKE_BACK.format(where=where), args).fetchall()]
 
 
 def _cancel(conn: sqlite3.Connection, args: dict[str, Any]) -> Job | None:
-    job = _one(conn, _CANCEL, args)
+    job = _one(conn, sql.CANCEL, args)
     return job if job is not None else _get(conn, args["id"], args["tenant"])
 
 
 def _position(conn: sqlite3.Connection, job_id: str) -> int | None:
-    row = conn.execute(_POSITION, (job_id,)).fetchone()
+    row = conn.execute(sql.POSITION, (job_id,)).fetchone()
     return None if row is None else int(row[0])
 
 
 def _purge(conn: sqlite3.Connection, before: float) -> int:
-    cur = conn.execute("DELETE FROM casola_jobs WHERE status = 'COMPLETED' AND completed_at < ?", (before,))
-    return cur.rowcount
+    return conn.execute(sql.PURGE, (before,)).rowcount
 
 
 def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     counts = dict.fromkeys((status.value for status in JobStatus), 0)
-    for status, n in conn.execute("SELECT status, COUNT(*) FROM casola_jobs GROUP BY status"):
+    for status, n in conn.execute(sql.COUNTS):
         counts[status] = n
     return counts
+
+
+def _due_webhooks(conn: sqlite3.Connection, now: float, limit: int, until: float) -> list[Job]:
+    """Select the due ones and hold them, in one transaction (SQLite's write lock covers both)."""
+    jobs = [job_from_row(row) for row in conn.execute(sql.DUE_WEBHOOKS, (now, limit)).fetchall()]
+    conn.executemany(sql.HOLD_WEBHOOK, [(until, job.id) for job in jobs])
+    return [msgspec.structs.replace(job, webhook_next=until) for job in jobs]

@@ -99,12 +99,36 @@ _POSTGRES_001: Final = (
     *_INDEXES,
 )
 
+# Version 2: the async job life cycle. The work time reported with the result, and the webhook
+# delivery state; appended in `Job`'s field order. The partial index serves `due_webhooks`: only
+# completed jobs whose delivery is pending have a `webhook_next`. Rows from version 1 get the
+# defaults, so their webhooks (if any) are never due: nothing says whether they were delivered.
+_WEBHOOKS_INDEX: Final = (
+    "CREATE INDEX casola_jobs_webhooks ON casola_jobs (webhook_next) WHERE webhook_next IS NOT NULL"
+)
+_SQLITE_002: Final = (
+    "ALTER TABLE casola_jobs ADD COLUMN inference_ms REAL",
+    "ALTER TABLE casola_jobs ADD COLUMN webhook_attempts INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE casola_jobs ADD COLUMN webhook_next REAL",
+    "ALTER TABLE casola_jobs ADD COLUMN webhook_done INTEGER NOT NULL DEFAULT 0",
+    _WEBHOOKS_INDEX,
+)
+_POSTGRES_002: Final = (
+    "ALTER TABLE casola_jobs ADD COLUMN inference_ms DOUBLE PRECISION,"
+    " ADD COLUMN webhook_attempts INTEGER NOT NULL DEFAULT 0,"
+    " ADD COLUMN webhook_next DOUBLE PRECISION,"
+    " ADD COLUMN webhook_done BOOLEAN NOT NULL DEFAULT FALSE",
+    _WEBHOOKS_INDEX,
+)
+
 # version -> (name, statements)
 SQLITE: Final[dict[int, tuple[str, tuple[str, ...]]]] = {
     1: ("initial", _SQLITE_001),
+    2: ("job life cycle: inference_ms, webhook delivery", _SQLITE_002),
 }
 POSTGRES: Final[dict[int, tuple[str, tuple[str, ...]]]] = {
     1: ("initial", _POSTGRES_001),
+    2: ("job life cycle: inference_ms, webhook delivery", _POSTGRES_002),
 }
 
 

@@ -1,0 +1,113 @@
+"""The SQL text of the SQLite job store (`casola.store.sqlite`), one constant per statement.
+
+Named parameters (`:id`, `:fence`, `:now`) where a statement has several, `?` otherwise. Every
+statement that completes a job also makes its webhook due (`webhook_next = :now`) when it has a
+`webhook_url` (the invariant in `casola.store.base`). The PostgreSQL store keeps its own dialect's
+text beside its code.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from casola.store.base import JOB_COLUMNS
+
+__all__ = [
+    "BY_ID",
+    "BY_ID_AND_TENANT",
+    "BY_KEY",
+    "CANCEL",
+    "CHECKPOINT",
+    "CLAIM",
+    "COLS",
+    "COMPLETE",
+    "COUNTS",
+    "DUE_WEBHOOKS",
+    "EXPIRED",
+    "HOLD_WEBHOOK",
+    "INSERT",
+    "OWNED_BY",
+    "POSITION",
+    "PURGE",
+    "RENEW",
+    "RUNNING_UNDER_FENCE",
+    "TAKE_BACK",
+    "WEBHOOK_ATTEMPTED",
+]
+
+COLS: Final = ", ".join(JOB_COLUMNS)
+INSERT: Final = f"INSERT INTO casola_jobs ({COLS}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})"
+_SELECT: Final = f"SELECT {COLS} FROM casola_jobs"
+BY_ID: Final = f"{_SELECT} WHERE id = ?"
+BY_ID_AND_TENANT: Final = f"{_SELECT} WHERE id = ? AND tenant = ?"
+BY_KEY: Final = f"{_SELECT} WHERE tenant = ? AND idempotency_key = ?"
+RUNNING_UNDER_FENCE: Final = "id = :id AND fence = :fence AND status = 'IN_PROGRESS'"
+CLAIM: Final = (
+    "UPDATE casola_jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, fence = fence + 1,"
+    " lease_owner = ?, lease_expires = ?, started_at = COALESCE(started_at, ?)"
+    " WHERE id = (SELECT id FROM casola_jobs WHERE status = 'IN_QUEUE' AND model IN ({marks})"
+    f" ORDER BY priority DESC, created_at, seq LIMIT 1) RETURNING {COLS}"
+)
+RENEW: Final = (
+    "UPDATE casola_jobs SET lease_expires = :expires, progress = COALESCE(:progress, progress)"
+    f" WHERE {RUNNING_UNDER_FENCE}"
+)
+CHECKPOINT: Final = (
+    "UPDATE casola_jobs SET lease_expires = :expires,"
+    " checkpoint = CASE WHEN :seq > checkpoint_seq THEN :data ELSE checkpoint END,"
+    f" checkpoint_seq = MAX(checkpoint_seq, :seq) WHERE {RUNNING_UNDER_FENCE}"
+)
+COMPLETE: Final = (
+    "UPDATE casola_jobs SET status = 'COMPLETED', completed_at = :now, lease_expires = NULL,"
+    " result = :result, result_content_type = :content_type, error_type = :error_type, error = :error,"
+    " inference_ms = :inference_ms, webhook_next = CASE WHEN webhook_url <> '' THEN :now END"
+    f" WHERE {RUNNING_UNDER_FENCE}"
+)
+# Taking a lease back: {where} picks the leases (expired ones, an owner's, or one by id and fence).
+_ENDS: Final = "(attempt >= max_attempts OR cancel_requested)"
+TAKE_BACK: Final = (
+    f"UPDATE casola_jobs SET status = CASE WHEN {_ENDS} THEN 'COMPLETED' ELSE 'IN_QUEUE' END,"
+    f" completed_at = CASE WHEN {_ENDS} THEN :now END,"
+    f" lease_owner = CASE WHEN {_ENDS} THEN lease_owner ELSE '' END, lease_expires = NULL,"
+    " error_type = CASE WHEN cancel_requested THEN :cancelled WHEN attempt >= max_attempts THEN :worker_error"
+    " ELSE error_type END,"
+    " error = CASE WHEN cancel_requested THEN 'cancelled by request' WHEN attempt >= max_attempts"
+    " THEN 'gave up after ' || attempt || ' attempts: the worker died, hung or lost its connection'"
+    " ELSE error END,"
+    f" webhook_next = CASE WHEN {_ENDS} AND webhook_url <> '' THEN :now ELSE webhook_next END"
+    f" WHERE {{where}} RETURNING {COLS}"
+)
+EXPIRED: Final = "status = 'IN_PROGRESS' AND lease_expires <= :now"
+# substr rather than LIKE: the prefix is literal, '%' and '_' included.
+OWNED_BY: Final = "status = 'IN_PROGRESS' AND substr(lease_owner, 1, length(:prefix)) = :prefix"
+_STOPS: Final = "(status = 'IN_QUEUE' OR :force)"  # cancel: completes at once rather than asking
+CANCEL: Final = (
+    "UPDATE casola_jobs SET cancel_requested = 1,"
+    f" status = CASE WHEN {_STOPS} THEN 'COMPLETED' ELSE status END,"
+    f" completed_at = CASE WHEN {_STOPS} THEN :now ELSE completed_at END,"
+    f" lease_expires = CASE WHEN {_STOPS} THEN NULL ELSE lease_expires END,"
+    f" error_type = CASE WHEN {_STOPS} THEN :cancelled ELSE error_type END,"
+    f" error = CASE WHEN {_STOPS} THEN 'cancelled by request' ELSE error END,"
+    f" webhook_next = CASE WHEN {_STOPS} AND webhook_url <> '' THEN :now ELSE webhook_next END"
+    f" WHERE id = :id AND status <> 'COMPLETED' AND (:tenant IS NULL OR tenant = :tenant) RETURNING {COLS}"
+)
+POSITION: Final = (
+    "SELECT (SELECT COUNT(*) FROM casola_jobs q WHERE q.status = 'IN_QUEUE' AND q.model = j.model"
+    " AND (q.priority > j.priority OR (q.priority = j.priority"
+    " AND (q.created_at < j.created_at OR (q.created_at = j.created_at AND q.seq < j.seq)))))"
+    " FROM casola_jobs j WHERE j.id = ? AND j.status = 'IN_QUEUE'"
+)
+PURGE: Final = "DELETE FROM casola_jobs WHERE status = 'COMPLETED' AND completed_at < ?"
+COUNTS: Final = "SELECT status, COUNT(*) FROM casola_jobs GROUP BY status"
+# Webhooks: the due ones (now, limit), then each one held (until, id) in the same transaction.
+DUE_WEBHOOKS: Final = (
+    f"{_SELECT} WHERE status = 'COMPLETED' AND webhook_url <> '' AND NOT webhook_done"
+    " AND webhook_next <= ? ORDER BY webhook_next, seq LIMIT ?"
+)
+HOLD_WEBHOOK: Final = "UPDATE casola_jobs SET webhook_next = ? WHERE id = ?"
+# :done is "delivered or given up"; a job already done stays done.
+WEBHOOK_ATTEMPTED: Final = (
+    "UPDATE casola_jobs SET webhook_attempts = webhook_attempts + 1, webhook_done = (webhook_done OR :done),"
+    " webhook_next = CASE WHEN webhook_done OR :done THEN NULL ELSE :next END"
+    " WHERE id = :id AND status = 'COMPLETED' AND webhook_url <> ''"
+)
