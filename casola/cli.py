@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     _common(q)
     q.add_argument("--listen", help="host:port for ingresses and workers (default 127.0.0.1:7710)")
     q.add_argument("--region")
+    q.add_argument("--node-id", help="this node's name; leases it holds carry it (default queue-1)")
+    q.add_argument(
+        "--store", help="async job store URL: sqlite:///path.db or postgresql://... (default <state-dir>/jobs.db)"
+    )
+    q.add_argument("--models", help="comma-separated models known before a worker registers")
 
     w = sub.add_parser("worker", help="a worker process")
     _common(w)
@@ -160,4 +165,11 @@ def apply_overrides(args: argparse.Namespace, config: Config) -> Config:
         q = msgspec.structs.replace(q, listen=args.listen)
     if getattr(args, "region", None):
         q = msgspec.structs.replace(q, region=args.region)
+    if args.command == "queue":
+        if args.node_id:
+            q = msgspec.structs.replace(q, node_id=args.node_id)
+        if args.store:
+            q = msgspec.structs.replace(q, jobs=msgspec.structs.replace(q.jobs, store=args.store))
+        if args.models:
+            q = msgspec.structs.replace(q, models=args.models.split(","))
     return msgspec.structs.replace(config, ingress=ing, queue=q)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from ssl import SSLContext
 from types import TracebackType
 
+from casola.jobview import JobView, decode_view
 from casola.net.errors import ConnectionLost
 from casola.net.handshake import dial_tcp
 from casola.net.link import LinkBase
@@ -176,13 +177,15 @@ class Client:
         Raises:
             ConnectionLost: the connection is gone. RequestFailed: no stream credit (OVERLOADED).
         """
+        return self._open(RequestMeta(model, deadline_ms, content_type, dict(params or {}), True), payload)
+
+    def _open(self, meta: RequestMeta, payload: Buffer) -> Stream:
         link = self._link
         if not link.is_up:
             raise ConnectionLost("the connection to the ingress is closed")
         if link.conn.send_credit <= 0:
             raise RequestFailed(ErrorCode.OVERLOADED, "too many requests open on this connection")
         sid = link.conn.next_stream_id()
-        meta = RequestMeta(model, deadline_ms, content_type, dict(params or {}), True)
         view = memoryview(payload)
         first, rest = view[:CHUNK], view[CHUNK:]
         stream = self._streams[sid] = Stream(self, sid)
@@ -192,6 +195,50 @@ class Client:
             link.conn.send(Frame(FrameType.DATA, sid, None, piece, 0 if len(rest) else FLAG_END))
         link.flush()
         return stream
+
+    # -- async jobs (SPEC §3.8.1) ---------------------------------------------------------------------
+
+    async def submit(
+        self,
+        model: str,
+        payload: Buffer = b"",
+        *,
+        params: Mapping[str, Param] | None = None,
+        content_type: str = "",
+        idempotency_key: str = "",
+        webhook_url: str = "",
+        priority: int = 0,
+    ) -> JobView:
+        """Persist an async job; returns once it is durable. Raises RequestFailed, ConnectionLost."""
+        meta = RequestMeta(
+            model,
+            content_type=content_type,
+            params=dict(params or {}),
+            priority=priority,
+            op="submit",
+            idempotency_key=idempotency_key,
+            webhook_url=webhook_url,
+        )
+        return decode_view(await self._open(meta, payload).read())
+
+    async def job(self, job_id: str, *, wait_ms: int = 0) -> JobView:
+        """The job's state; with `wait_ms`, once it completes or after that long."""
+        params: dict[str, Param] = {"wait_ms": wait_ms} if wait_ms else {}
+        return decode_view(await self._open(RequestMeta("", params=params, job_id=job_id, op="status"), b"").read())
+
+    async def job_result(self, job_id: str, *, wait_ms: int = 0) -> Result | JobView:
+        """The job's result bytes when it completed with one; else its state (pending or failed)."""
+        params: dict[str, Param] = {"wait_ms": wait_ms} if wait_ms else {}
+        s = self._open(RequestMeta("", params=params, job_id=job_id, op="result"), b"")
+        body = await s.read()
+        head = s.head or ResponseMeta()
+        if head.headers.get("job-view") == "1":
+            return decode_view(body)
+        return Result(body, head.content_type, dict(head.headers), s.timing)
+
+    async def cancel_job(self, job_id: str) -> JobView:
+        """Cancel the job (queued or running); its state afterwards."""
+        return decode_view(await self._open(RequestMeta("", job_id=job_id, op="cancel"), b"").read())
 
     async def run(self, model: str, payload: Buffer = b"", **kw: object) -> Result:
         """Send a request and wait for the whole answer. Raises RequestFailed, ConnectionLost."""

@@ -23,14 +23,14 @@ from casola.certs import DEFAULT_HOSTS, make_dev_certs
 from casola.config import Config, WorkerSpec
 from casola.net.loop import loop_name
 from casola.net.loop import run as run_loop
-from casola.queue.node import QueueNode
-from casola.worker import Echo, Model, WorkerConfig, WorkerRuntime
+from casola.queue.node import QueueConfig, QueueNode
+from casola.worker import Echo, Model, Steps, WorkerConfig, WorkerRuntime
 
 __all__ = ["BUILTIN_MODELS", "run"]
 
 log = logging.getLogger("casola")
 
-BUILTIN_MODELS: dict[str, type] = {"echo": Echo}
+BUILTIN_MODELS: dict[str, type] = {"echo": Echo, "steps": Steps}
 
 
 def run(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
@@ -59,6 +59,16 @@ async def _until_signalled() -> int:
     return got[0]
 
 
+def _queue_config(queue: QueueConfig, state_dir: Path) -> QueueConfig:
+    """Async jobs default to an SQLite store and a webhook signing key in the state directory."""
+    jobs = queue.jobs
+    if not jobs.store:
+        jobs = msgspec.structs.replace(jobs, store=f"sqlite:///{(state_dir / 'jobs.db').resolve()}")
+    if not jobs.webhook_key:
+        jobs = msgspec.structs.replace(jobs, webhook_key=str(state_dir / "webhook-key.pem"))
+    return msgspec.structs.replace(queue, jobs=jobs)
+
+
 def _ingress_credential(ks: KeyStore) -> str:
     return ks.ensure_key("ingress-key", "_system", [SCOPE_INGRESS], "ingress to queue nodes")
 
@@ -77,7 +87,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     verifier = ks.verifier()
     dev_key = ks.ensure_key("dev-api-key", "dev", [SCOPE_RUN], "development key (casola up)")
     worker_key = ks.ensure_key("worker-key", "_workers", [SCOPE_WORKER], "local workers")
-    node = QueueNode(config.queue, verifier)
+    node = QueueNode(_queue_config(config.queue, state_dir), verifier)
     await node.start()
     upstream = Upstream(config.ingress.queue_nodes, _ingress_credential(ks), config.ingress.node_id)
     upstream.add_memory(node.memory_dialer, config.queue.region)
@@ -213,7 +223,7 @@ async def _ingress(args: argparse.Namespace, config: Config, state_dir: Path) ->
 
 
 async def _queue(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
-    node = QueueNode(config.queue, KeyStore(state_dir).verifier())
+    node = QueueNode(_queue_config(config.queue, state_dir), KeyStore(state_dir).verifier())
     await node.start()
     log.info(
         "queue node %s listening on %s (region %s)", config.queue.node_id, config.queue.listen, config.queue.region

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -21,6 +22,8 @@ from casola.auth import SCOPE_INGRESS, SCOPE_WORKER, AuthError, Verifier
 from casola.net.handshake import MemoryDialer, Refused, accept_memory, serve_tcp
 from casola.net.link import LinkBase
 from casola.queue.call import RETAIN_MAX, Call
+from casola.queue.jobops import JobOp
+from casola.queue.jobs import Jobs, JobsConfig
 from casola.queue.registry import ModelEntry, Registry, WorkerEntry
 from casola.wire import (
     EndMeta,
@@ -63,6 +66,7 @@ class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     retry_after_ms: int = 1000  # advertised with OVERLOADED / NO_CAPACITY
     models: list[str] = []  # models known before any worker registers (else: unknown -> 404)
     worker_ping_timeout: float = 5.0  # a worker that answers no PING this long is gone
+    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)  # async jobs ([queue.jobs])
 
 
 class QueueNode:
@@ -78,9 +82,24 @@ class QueueNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker_limits = Limits(ping_timeout=config.worker_ping_timeout)
         self.memory_dialer: MemoryDialer = accept_memory(self.on_hello)
+        self.jobs: Jobs | None = None  # async jobs, when a store is configured
 
     async def start(self) -> None:
+        """Open the job store (if configured), then listen.
+
+        Raises:
+            StoreError: the job store cannot be opened.
+            OSError: the address cannot be bound.
+        """
         self._loop = asyncio.get_running_loop()
+        jc = self.config.jobs
+        if jc.store:
+            from casola.queue.webhooks import WebhookSigner
+            from casola.store import open_store
+
+            signer = WebhookSigner.load_or_create(Path(jc.webhook_key)) if jc.webhook_key else None
+            self.jobs = Jobs(self, open_store(jc.store), jc, signer)
+            await self.jobs.start()
         host, _, port = self.config.listen.rpartition(":")
         self._server = await serve_tcp(host, int(port), self.on_hello)
 
@@ -96,6 +115,8 @@ class QueueNode:
             link.close()
         if self._server is not None:
             await self._server.wait_closed()
+        if self.jobs is not None:
+            await self.jobs.stop()
 
     # -- handshake ---------------------------------------------------------------------------------
 
@@ -139,6 +160,9 @@ class QueueNode:
         self.registry.add(worker)
         log.info("worker %s registered: models=%s capacity=%d", hello.node_id, hello.models, hello.credit)
         self._serve_pending(worker)
+        if self.jobs is not None:
+            for m in worker.models:
+                self.jobs.wake(m)
 
     # -- from ingresses ----------------------------------------------------------------------------
 
@@ -152,8 +176,10 @@ class QueueNode:
                     self._on_request(link, ev, now)
                 elif t is DATA or t is END:
                     call = calls.get(ev.stream_id)
-                    if call is not None:
+                    if type(call) is Call:
                         self._on_request_data(call, ev)
+                    elif call is not None:
+                        call.feed(ev)  # type: ignore[attr-defined]  # a JobOp
                 elif t is CANCEL:
                     self._cancel(calls.pop(ev.stream_id, None), "cancelled by the client")
             elif type(ev) is StreamReset:
@@ -163,8 +189,15 @@ class QueueNode:
         meta = frame.meta
         assert isinstance(meta, RequestMeta)
         self.stats["requests"] += 1
-        model = self.registry.models.get(meta.model)
         sid = frame.stream_id
+        if meta.op:
+            if self.jobs is None:
+                msg = "async jobs are off: this queue node has no job store"
+                return self._refuse(link, sid, ErrorCode.BAD_REQUEST, msg)
+            op = link.tag[sid] = JobOp(self.jobs, link, frame)
+            op.feed(frame)
+            return
+        model = self.registry.models.get(meta.model)
         if model is None:
             return self._refuse(link, sid, ErrorCode.UNKNOWN_MODEL, f"model {meta.model!r} is not served here")
         if not model.workers:
@@ -193,7 +226,7 @@ class QueueNode:
 
     def _ingress_lost(self, link: LinkBase, exc: BaseException | None) -> None:
         self._links.discard(link)
-        calls: dict[int, Call] = link.tag
+        calls: dict[int, Call | JobOp] = link.tag
         for call in list(calls.values()):
             self._cancel(call, "the ingress went away")
         calls.clear()
@@ -291,12 +324,23 @@ class QueueNode:
                     assert isinstance(hb, HeartbeatMeta)
                     worker.healthy, worker.load = hb.healthy, hb.load
                     credit = credit or hb.healthy
+                    if self.jobs is not None and worker.jobs:
+                        self.jobs.on_heartbeat(worker)
+                elif call is None and (job := worker.jobs.get(ev.stream_id)) is not None:
+                    self.jobs.on_worker_frame(worker, job, ev)  # type: ignore[union-attr]
             elif type(ev) is StreamReset:
                 call = worker.calls.pop(ev.stream_id, None)
                 if call is not None:
                     self._worker_stream_failed(call, worker, ev.code, ev.message)
+                elif (job := worker.jobs.get(ev.stream_id)) is not None:
+                    self.jobs.on_worker_reset(job, ev.message)  # type: ignore[union-attr]
         if credit:
             self._serve_pending(worker)
+            if self.jobs is not None and worker.free > 0:
+                for m in worker.models:
+                    if m in self.jobs.maybe_queued:
+                        self.jobs.wake()
+                        break
 
     def _on_response(self, call: Call, frame: Frame, t_answer: float) -> None:
         call.head_seen = True
@@ -351,6 +395,8 @@ class QueueNode:
         worker: WorkerEntry = link.tag
         self.registry.remove(worker)
         log.warning("worker %s lost (%s); %d requests in flight", worker.node_id, exc or "closed", len(worker.calls))
+        if self.jobs is not None:
+            self.jobs.on_worker_lost(worker)
         calls, worker.calls = list(worker.calls.values()), {}
         for call in calls:
             self._worker_stream_failed(call, worker, ErrorCode.WORKER_FAILED, "the worker disconnected")
@@ -368,10 +414,14 @@ class QueueNode:
 
     # -- endings -----------------------------------------------------------------------------------
 
-    def _cancel(self, call: Call | None, message: str) -> None:
+    def _cancel(self, call: Call | JobOp | None, message: str) -> None:
         """The client no longer wants the answer: free its slot or its place in line."""
         if call is None:
             return
+        if type(call) is JobOp:
+            call.cancel()
+            return
+        assert isinstance(call, Call)
         if call.timer is not None:
             call.timer.cancel()
         if call.worker is None:
@@ -428,4 +478,5 @@ class QueueNode:
             "workers": len(self.registry.workers),
             "models": self.registry.snapshot(),
             "stats": dict(self.stats),
+            "jobs": dict(self.jobs.stats) if self.jobs is not None else None,
         }

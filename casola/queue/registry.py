@@ -15,6 +15,7 @@ from casola.net.link import LinkBase
 
 if TYPE_CHECKING:
     from casola.queue.call import Call
+    from casola.queue.jobs import RunningJob
 
 __all__ = ["ModelEntry", "Registry", "WorkerEntry"]
 
@@ -22,7 +23,19 @@ __all__ = ["ModelEntry", "Registry", "WorkerEntry"]
 class WorkerEntry:
     """One connected worker (one link)."""
 
-    __slots__ = ("calls", "capacity", "healthy", "link", "load", "models", "node_id", "pool", "region")
+    __slots__ = (
+        "calls",
+        "capacity",
+        "healthy",
+        "jobs",
+        "link",
+        "load",
+        "models",
+        "node_id",
+        "pool",
+        "region",
+        "reserved",
+    )
 
     def __init__(self, link: LinkBase, node_id: str, models: list[str], capacity: int, pool: str, region: str) -> None:
         self.link = link
@@ -34,10 +47,12 @@ class WorkerEntry:
         self.healthy = True
         self.load = 0.0
         self.calls: dict[int, Call] = {}  # worker-side stream id -> call
+        self.jobs: dict[int, RunningJob] = {}  # worker-side stream id -> async job
+        self.reserved = 0  # slots promised to job claims still in flight
 
     @property
     def free(self) -> int:
-        return self.link.conn.send_credit if self.link.is_up and self.healthy else 0
+        return self.link.conn.send_credit - self.reserved if self.link.is_up and self.healthy else 0
 
 
 class ModelEntry:

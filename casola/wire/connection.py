@@ -232,6 +232,11 @@ class Connection:
     def open_streams(self) -> int:
         return len(self._streams)
 
+    @property
+    def peer_max_payload(self) -> int:
+        """The largest payload one frame to the peer may carry (its advertised limit, SPEC §8)."""
+        return self._peer_max_payload
+
     def grant(self, n: int) -> None:
         """Let the peer open `n` more streams (a worker calls this as slots free).
 

@@ -1,8 +1,9 @@
-"""The worker runtime every model handler runs in, and the built-in `echo` model."""
+"""The worker runtime every model handler runs in, and the built-in `echo` and `steps` models."""
 
 from casola.worker.call import HandlerError, WorkCall
 from casola.worker.echo import Echo
 from casola.worker.model import BlockingModel, Model
 from casola.worker.runtime import WorkerConfig, WorkerRuntime
+from casola.worker.steps import Steps
 
-__all__ = ["BlockingModel", "Echo", "HandlerError", "Model", "WorkCall", "WorkerConfig", "WorkerRuntime"]
+__all__ = ["BlockingModel", "Echo", "HandlerError", "Model", "Steps", "WorkCall", "WorkerConfig", "WorkerRuntime"]

@@ -1,5 +1,10 @@
 """What a model handler sees of one request: its metadata, its input, and a way to answer.
 
+An async job's dispatch also carries the job id, the lease's fencing token and, when it is a
+redispatch, the job's last checkpoint (`resume()`), which the handler continues from. The handler
+records progress with `checkpoint()`; every CHECKPOINT and the final END carry the fence, so a
+worker whose lease was taken over cannot overwrite the job (SPEC §3.14).
+
 The input arrives as the queue node forwarded it (REQUEST payload, then DATA frames); the answer
 leaves as RESPONSE (+ DATA*) + END, or as one RESPONSE frame with FLAG_END when the handler answers
 in one piece (`respond`). `work` (milliseconds) is reported in the last frame: the time the handler
@@ -13,7 +18,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
 from casola.net.link import LinkBase
-from casola.wire import FLAG_END, Buffer, EndMeta, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta
+from casola.wire import (
+    FLAG_END,
+    Buffer,
+    CheckpointMeta,
+    EndMeta,
+    ErrorCode,
+    ErrorMeta,
+    Frame,
+    FrameType,
+    RequestMeta,
+    ResponseMeta,
+)
 from casola.wire.meta import Param
 
 __all__ = ["HandlerError", "WorkCall"]
@@ -43,8 +59,16 @@ class WorkCall:
         self.started = False
         self.finished = False
         self.cancelled = False
-        self._chunks: list[Buffer] = [frame.payload] if len(frame.payload) else []
+        self.job_id = meta.job_id  # "" for a sync request
+        self.fence = meta.fence
+        self.attempt = meta.attempt
+        self._seq = 0  # CHECKPOINTs sent on this stream
+        self._resume_need = meta.resume_len  # checkpoint bytes still to split off the input's front
+        self._resume: list[Buffer] = []
+        self._chunks: list[Buffer] = []
         self._input_done = frame.end
+        if len(frame.payload):
+            self._take(frame.payload)
         self._more: asyncio.Future[None] | None = None
         # Set by the runtime: queues the CREDIT that frees this call's slot. Called as the last frame
         # is queued, so the answer and the credit leave in one write.
@@ -64,10 +88,31 @@ class WorkCall:
     def feed(self, payload: Buffer, end: bool) -> None:
         """The runtime hands over a DATA/END payload."""
         if len(payload):
-            self._chunks.append(payload)
+            self._take(payload)
         self._input_done = self._input_done or end
         if self._more is not None and not self._more.done():
             self._more.set_result(None)
+
+    def _take(self, payload: Buffer) -> None:
+        need = self._resume_need
+        if need:  # the checkpoint comes first (REQUEST `resume_len`); split it off without copying
+            view = memoryview(payload)
+            self._resume.append(view[:need])
+            self._resume_need = need - len(view[:need])
+            payload = view[need:]
+            if not len(payload):
+                return
+        self._chunks.append(payload)
+
+    async def resume(self) -> bytes | None:
+        """The checkpoint this job resumes from (a redispatch after a lost lease), else None."""
+        if not self.meta.resume_len:
+            return None
+        while self._resume_need and not self._input_done:
+            await self._wait_input()
+        if self._resume_need:
+            raise HandlerError("the request ended inside its resume checkpoint")
+        return b"".join(self._resume)
 
     async def body(self) -> Buffer:
         """The whole input (joined once if it came in several frames)."""
@@ -119,7 +164,19 @@ class WorkCall:
         if not self.started:
             self.start()
         self._check()
-        self._send_last(Frame(FrameType.END, self.sid, EndMeta({"work": self._work()}, 0, trailers or {})))
+        self._send_last(Frame(FrameType.END, self.sid, EndMeta({"work": self._work()}, self.fence, trailers or {})))
+
+    async def checkpoint(self, state: Buffer, progress: float = 0.0) -> None:
+        """Record progress of an async job: `state` is what a redispatch would `resume()` from.
+
+        Renews the job's lease. A no-op for sync requests (they are never redispatched)."""
+        self._check()
+        if not self.job_id:
+            return
+        self._seq += 1
+        meta = CheckpointMeta(self._seq, self.fence, min(max(progress, 0.0), 1.0))
+        self.link.send(Frame(FrameType.CHECKPOINT, self.sid, meta, state))
+        await self.link.drain()
 
     def fail(self, code: int, message: str, param: str = "") -> None:
         """End the stream with an error (used by the runtime when a handler raises)."""

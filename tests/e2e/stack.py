@@ -59,9 +59,13 @@ class Stack:
     def queue_addr(self) -> str:
         return f"127.0.0.1:{self.node.port}"
 
-    async def add_worker(self, capacity: int = 8, **kw: Any) -> tuple[WorkerRuntime, Echo]:
+    async def add_worker(
+        self, capacity: int = 8, *, extra: list[Any] | None = None, **kw: Any
+    ) -> tuple[WorkerRuntime, Echo]:
+        """An in-process worker serving echo (and the `extra` models, e.g. Steps())."""
         echo = Echo()
-        rt = WorkerRuntime(WorkerConfig(queue=[self.queue_addr], capacity=capacity, **kw), [echo], self.worker_key)
+        models = [echo, *(extra or [])]
+        rt = WorkerRuntime(WorkerConfig(queue=[self.queue_addr], capacity=capacity, **kw), models, self.worker_key)
         await rt.start()
         await rt.wait_registered()
         self.workers.append(rt)

@@ -1,0 +1,481 @@
+"""The async job life cycle on a queue node (DESIGN "Two contracts: sync and async").
+
+A job is persisted before anything else happens (`casola.queue.jobops` answers the submit only
+after the store's durable commit). This module moves it on from there:
+
+- claim: when a worker serving the model has a free slot and no sync request waits for it (sync
+  first), the job is leased to that worker with a new fencing token and dispatched as an ordinary
+  REQUEST carrying `job_id`, `fence`, `attempt` and, after a lost lease, the last checkpoint
+  (`resume_len`). When a slot is free at submit time the submit itself leases the job (one commit);
+- progress: the worker's HEARTBEATs renew the leases of every job it runs; its CHECKPOINTs are
+  stored (and renew too). A stale fence is refused and the worker's stream is cancelled;
+- outcome: the answer (RESPONSE + DATA* + END) is collected and recorded once; a retryable worker
+  error, a dropped connection, a reset stream or an expired lease (the worker hung) puts the job
+  back in the queue with its checkpoint, until `max_attempts`, then it completes with an error;
+- afterwards: waiters (long polls) are woken, the webhook is queued, and the periodic sweep takes
+  back expired leases (also those of queue nodes that died, on a shared store), delivers due
+  webhooks and purges jobs past their retention.
+
+The store is the truth; what this node keeps in memory (`running`) is only what it dispatched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from casola.queue.webhooks import WebhookSender, WebhookSigner, webhook_body
+from casola.store import Job, JobStatus, JobStore, StoreError
+from casola.wire import (
+    Buffer,
+    CheckpointMeta,
+    EndMeta,
+    ErrorCode,
+    ErrorMeta,
+    Frame,
+    FrameType,
+    RequestMeta,
+    ResponseMeta,
+)
+from casola.wire.errors import error_info
+
+if TYPE_CHECKING:
+    from casola.queue.node import QueueNode
+    from casola.queue.registry import WorkerEntry
+
+__all__ = ["Jobs", "JobsConfig", "RunningJob"]
+
+log = logging.getLogger("casola.jobs")
+
+REQUEST, DATA, END = FrameType.REQUEST, FrameType.DATA, FrameType.END
+_CLAIM_BATCH = 32  # claims in flight at once per model (the SQLite writer commits them as a group)
+
+
+class JobsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    store: str = ""  # sqlite:///path.db or postgresql://...; "" = `casola up`'s <state_dir>/jobs.db
+    lease_s: float = 30.0  # a worker silent this long loses its job (HEARTBEATs renew)
+    max_attempts: int = 3  # dispatches per job; then it completes with error_type "worker_error"
+    retention_s: float = 7 * 86400.0  # completed jobs are deleted after this
+    sweep_interval: float = 1.0  # expired leases, webhooks due, other nodes' submits
+    max_input: int = 64 * 1024 * 1024  # bytes of one job's input
+    max_result: int = 64 * 1024 * 1024  # bytes of one job's result
+    max_wait_ms: int = 30_000  # longest long poll
+    webhook_key: str = ""  # Ed25519 key signing webhooks; "" = <state_dir>/webhook-key.pem
+    webhook_attempts: int = 8
+
+
+class RunningJob:
+    """A job this node dispatched and has not seen the end of."""
+
+    __slots__ = ("base_seq", "chunks", "content_type", "fence", "id", "model", "renewed", "size", "w_sid", "worker")
+
+    def __init__(self, job: Job, worker: WorkerEntry, w_sid: int, now: float) -> None:
+        self.id, self.fence, self.model = job.id, job.fence, job.model
+        self.base_seq = job.checkpoint_seq  # the worker counts from 1 on every dispatch
+        self.worker, self.w_sid = worker, w_sid
+        self.renewed = now
+        self.chunks: list[Buffer] = []
+        self.size = 0
+        self.content_type = ""
+
+
+class Jobs:
+    def __init__(self, node: QueueNode, store: JobStore, config: JobsConfig, signer: WebhookSigner | None) -> None:
+        self.node, self.store, self.config = node, store, config
+        self.running: dict[str, RunningJob] = {}
+        self.stats = {
+            "submitted": 0,
+            "dispatched": 0,
+            "completed": 0,
+            "requeued": 0,
+            "stale_refused": 0,
+            "checkpoints": 0,
+            "webhooks_delivered": 0,
+        }
+        self.maybe_queued: set[str] = set()  # models that may have QUEUED jobs in the store
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self.webhooks = (
+            WebhookSender(signer, max_attempts=config.webhook_attempts, on_result=self._webhook_result)
+            if signer is not None
+            else None
+        )
+        self._owner_prefix = f"{node.config.node_id}/"
+
+    # -- life ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and take back what this node leased in a previous life (its workers'
+        connections did not survive the restart), then start dispatching."""
+        await self.store.open()
+        taken = await self.store.release_owner(self._owner_prefix, time.time())
+        if taken:
+            log.warning("took back %d jobs leased before this node restarted", len(taken))
+        self.maybe_queued.update(self.node.registry.models)
+        if self.webhooks is not None:
+            self.webhooks.start()
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._pump()), loop.create_task(self._sweep())]
+
+    async def stop(self) -> None:
+        for t in [*self._loops, *self._tasks]:
+            t.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+        await self.store.close()
+
+    def spawn(self, coro: object) -> None:
+        """Run a store operation as a task the node keeps track of (and cancels on stop)."""
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("job task failed: %r", exc, exc_info=exc)
+
+    def wake(self, model: str | None = None) -> None:
+        """A slot freed or a job was queued: let the pump look."""
+        if model is not None:
+            self.maybe_queued.add(model)
+        self._wake.set()
+
+    def owner(self, worker: WorkerEntry) -> str:
+        return f"{self._owner_prefix}{worker.node_id}"
+
+    # -- claim and dispatch --------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                while await self._claim_round():
+                    pass
+            except StoreError as exc:
+                log.error("claiming jobs failed: %s", exc)
+                await asyncio.sleep(self.config.sweep_interval)
+                self._wake.set()
+
+    async def _claim_round(self) -> bool:
+        """Claim jobs for every model with a free slot and no sync request waiting; True if any."""
+        models = self.node.registry.models
+        claims: list[tuple[str, WorkerEntry, asyncio.Future[Job | None]]] = []
+        lease_s = self.config.lease_s
+        for name in list(self.maybe_queued):
+            entry = models.get(name)
+            if entry is None or entry.pending:  # sync requests first
+                continue
+            for _ in range(_CLAIM_BATCH):
+                worker = entry.pick()
+                if worker is None:
+                    break
+                worker.reserved += 1
+                claim = self.store.claim([name], self.owner(worker), lease_s, time.time())
+                claims.append((name, worker, asyncio.ensure_future(claim)))
+        if not claims:
+            return False
+        results = await asyncio.gather(*(f for _, _, f in claims), return_exceptions=True)
+        got = False
+        failed: BaseException | None = None
+        for (name, worker, _), job in zip(claims, results, strict=True):
+            worker.reserved -= 1
+            if isinstance(job, BaseException):
+                failed = job
+            elif job is None:
+                self.maybe_queued.discard(name)  # drained; a submit or requeue adds it back
+            else:
+                got = True
+                self.dispatch(job, worker)
+        if failed is not None:
+            raise StoreError(f"claim failed: {failed}") from failed
+        return got
+
+    def dispatch(self, job: Job, worker: WorkerEntry) -> None:
+        """Send a leased job to `worker` (its slot was reserved), or take the lease back at once."""
+        link = worker.link
+        if not link.is_up or link.conn.send_credit <= 0:
+            other = self.node.registry.models[job.model].pick() if job.model in self.node.registry.models else None
+            if other is None:
+                self.spawn(self._release(job.id, job.fence, job.model, "its worker went away before dispatch"))
+                return
+            worker, link = other, other.link
+        sid = link.conn.next_stream_id()
+        resume = job.checkpoint or b""
+        meta = RequestMeta(
+            job.model,
+            content_type=job.content_type,
+            params=job.params,
+            tenant=job.tenant,
+            job_id=job.id,
+            fence=job.fence,
+            attempt=max(job.attempt - 1, 0),
+            resume_len=len(resume),
+        )
+        rj = RunningJob(job, worker, sid, time.time())
+        self.running[job.id] = rj
+        worker.jobs[sid] = rj
+        max_frame = link.conn.peer_max_payload
+        first = resume if resume else job.payload
+        if resume:
+            link.conn.send(Frame(REQUEST, sid, meta, first))
+            send_body(link, sid, job.payload, max_frame)
+        elif len(first) <= max_frame:
+            link.conn.send(Frame(REQUEST, sid, meta, first, 1))
+        else:
+            link.conn.send(Frame(REQUEST, sid, meta))
+            send_body(link, sid, job.payload, max_frame)
+        link.flush()
+        self.stats["dispatched"] += 1
+
+    # -- from the worker -----------------------------------------------------------------------------
+
+    def on_worker_frame(self, worker: WorkerEntry, rj: RunningJob, frame: Frame) -> None:
+        t = frame.type
+        if t is FrameType.CHECKPOINT:
+            meta = frame.meta
+            assert isinstance(meta, CheckpointMeta)
+            if meta.fence != rj.fence:
+                return self._stale(rj, "checkpoint under a stale fence")
+            rj.renewed = time.time()
+            self.spawn(self._checkpoint(rj, rj.base_seq + meta.seq, bytes(frame.payload), meta.progress))
+            return
+        if t is FrameType.ERROR:
+            meta = frame.meta
+            assert isinstance(meta, ErrorMeta)
+            self._forget(rj)
+            info = error_info(meta.code)
+            if info.retryable or meta.code == ErrorCode.SHUTTING_DOWN:
+                self.spawn(self._release(rj.id, rj.fence, rj.model, f"worker {worker.node_id}: {meta.message}"))
+            else:
+                self.spawn(self._complete(rj, None, error_type=info.type, error=meta.message))
+            return
+        if t is FrameType.RESPONSE:
+            meta = frame.meta
+            assert isinstance(meta, ResponseMeta)
+            rj.content_type = meta.content_type
+        work = None
+        if t is END:
+            meta = frame.meta
+            assert isinstance(meta, EndMeta)
+            if meta.fence and meta.fence != rj.fence:
+                return self._stale(rj, "result under a stale fence")
+            work = meta.timing.get("work")
+        elif t is FrameType.RESPONSE and frame.end:
+            work = frame.meta.timing.get("work")  # type: ignore[union-attr]
+        if len(frame.payload):
+            rj.size += len(frame.payload)
+            if rj.size > self.config.max_result:
+                self._cancel_stream(rj, ErrorCode.PAYLOAD_TOO_LARGE, "result too large")
+                self._forget(rj)
+                msg = f"the result exceeds {self.config.max_result} bytes"
+                self.spawn(self._complete(rj, None, error_type="result_too_large", error=msg))
+                return
+            rj.chunks.append(frame.payload)
+        if frame.end:
+            self._forget(rj)
+            result = rj.chunks[0] if len(rj.chunks) == 1 else b"".join(rj.chunks)
+            self.spawn(self._complete(rj, bytes(result), work_ms=work))
+
+    def on_worker_reset(self, rj: RunningJob, message: str) -> None:
+        self._forget(rj)
+        self.spawn(self._release(rj.id, rj.fence, rj.model, f"stream reset: {message}"))
+
+    def on_worker_lost(self, worker: WorkerEntry) -> None:
+        jobs, worker.jobs = list(worker.jobs.values()), {}
+        for rj in jobs:
+            self.running.pop(rj.id, None)
+            self.spawn(self._release(rj.id, rj.fence, rj.model, f"worker {worker.node_id} disconnected"))
+
+    def on_heartbeat(self, worker: WorkerEntry) -> None:
+        """Renew the leases of the worker's jobs that are a third of the way to expiry."""
+        now = time.time()
+        due = now - self.config.lease_s / 3
+        items = [(rj.id, rj.fence) for rj in worker.jobs.values() if rj.renewed <= due]
+        if items:
+            for rj in worker.jobs.values():
+                if rj.renewed <= due:
+                    rj.renewed = now
+            self.spawn(self._renew(items, now))
+
+    def _forget(self, rj: RunningJob) -> None:
+        self.running.pop(rj.id, None)
+        rj.worker.jobs.pop(rj.w_sid, None)
+
+    def _stale(self, rj: RunningJob, why: str) -> None:
+        self.stats["stale_refused"] += 1
+        log.warning("job %s: %s; cancelling the worker's stream", rj.id, why)
+        self._cancel_stream(rj, ErrorCode.STALE_FENCE, why)
+        self._forget(rj)
+
+    def _cancel_stream(self, rj: RunningJob, code: int, message: str) -> None:
+        link = rj.worker.link
+        if link.is_up and link.conn.is_open(rj.w_sid):
+            link.conn.reset(rj.w_sid, code, message)
+            link.flush()
+
+    # -- store writes --------------------------------------------------------------------------------
+
+    async def _checkpoint(self, rj: RunningJob, seq: int, data: bytes, progress: float) -> None:
+        cfg = self.config
+        ok = await self.store.checkpoint(rj.id, rj.fence, seq, data, time.time(), cfg.lease_s)
+        if ok:
+            self.stats["checkpoints"] += 1
+            if progress:
+                await self.store.renew(rj.id, rj.fence, cfg.lease_s, time.time(), progress)
+        elif self.running.get(rj.id) is rj:
+            self._stale(rj, "checkpoint refused by the store (the lease was taken over)")
+
+    async def _renew(self, items: list[tuple[str, int]], now: float) -> None:
+        refused = await self.store.renew_many(items, self.config.lease_s, now)
+        for job_id in refused:
+            rj = self.running.get(job_id)
+            if rj is not None:
+                self._stale(rj, "lease renewal refused (taken over or cancelled)")
+
+    async def _complete(
+        self,
+        rj: RunningJob,
+        result: bytes | None,
+        *,
+        work_ms: float | None = None,
+        error_type: str = "",
+        error: str = "",
+    ) -> None:
+        ok = await self.store.complete(
+            rj.id,
+            rj.fence,
+            time.time(),
+            result=result,
+            content_type=rj.content_type if result is not None else "",
+            error_type=error_type,
+            error=error,
+            inference_ms=work_ms,
+        )
+        if not ok:
+            self.stats["stale_refused"] += 1
+            log.info("job %s: the result under fence %d was refused (lease taken over)", rj.id, rj.fence)
+        else:
+            self.stats["completed"] += 1
+        self.finished(rj.id)
+        self.wake(rj.model)  # the slot it held is free again (the worker's CREDIT also wakes)
+
+    async def _release(self, job_id: str, fence: int, model: str, why: str) -> None:
+        if await self.store.release(job_id, fence, time.time()):
+            self.stats["requeued"] += 1
+            log.warning("job %s back in the queue: %s", job_id, why)
+            job = await self.store.get(job_id, None)
+            if job is not None and job.status is JobStatus.COMPLETED:
+                self.finished(job_id)
+        self.wake(model)
+
+    # -- waiting for outcomes ------------------------------------------------------------------------
+
+    def finished(self, job_id: str) -> None:
+        """The job completed (here): wake the long polls and deliver its webhook."""
+        for fut in self._waiters.pop(job_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+        if self.webhooks is not None:
+            self._wake_webhooks()
+
+    async def wait(self, job: Job, wait_s: float) -> Job:
+        """`job` once it completes or `wait_s` passed. Jobs completed by another node sharing the
+        store are seen by re-reading it every half second."""
+        deadline = time.monotonic() + wait_s
+        loop = asyncio.get_running_loop()
+        while job.status is not JobStatus.COMPLETED:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(job.id, []).append(fut)
+            try:
+                await asyncio.wait_for(fut, min(left, 0.5))
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(job.id)
+                if waiters is not None and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._waiters[job.id]
+            fresh = await self.store.get(job.id, None)
+            if fresh is None:
+                break
+            job = fresh
+        return job
+
+    # -- the sweep -----------------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        cfg = self.config
+        last_purge = 0.0
+        while True:
+            await asyncio.sleep(cfg.sweep_interval)
+            try:
+                now = time.time()
+                for job in await self.store.requeue_expired(now):
+                    rj = self.running.get(job.id)
+                    if rj is not None:
+                        self._stale(rj, "lease expired: the worker made no progress")
+                    self.stats["requeued"] += 1
+                    if job.status is JobStatus.COMPLETED:
+                        self.finished(job.id)
+                # Other queue nodes on a shared store submit too: look for their jobs now and then.
+                self.maybe_queued.update(self.node.registry.models)
+                self._wake.set()
+                if self.webhooks is not None:
+                    await self._deliver_due(now)
+                if now - last_purge > 60:
+                    last_purge = now
+                    if n := await self.store.purge(now, cfg.retention_s):
+                        log.info("purged %d jobs past their retention", n)
+            except StoreError as exc:
+                log.error("job sweep failed: %s", exc)
+
+    # -- webhooks ------------------------------------------------------------------------------------
+
+    def _wake_webhooks(self) -> None:
+        self.spawn(self._deliver_due(time.time()))
+
+    async def _deliver_due(self, now: float) -> None:
+        sender = self.webhooks
+        assert sender is not None
+        for job in await self.store.due_webhooks(now, 100):
+            ok = not job.error_type
+            body = webhook_body(job.id, ok, job.result, job.result_content_type, job.error, job.error_type)
+            try:
+                sender.submit(job.webhook_url, job.id, body, job.webhook_attempts)
+            except ValueError as exc:  # not an http(s) URL: nothing to retry
+                log.warning("job %s: webhook not sent: %s", job.id, exc)
+                await self.store.webhook_attempted(job.id, False, now, None)
+
+    async def _webhook_result(self, request_id: str, delivered: bool, attempts: int, next_at: float | None) -> None:
+        if delivered:
+            self.stats["webhooks_delivered"] += 1
+        try:
+            await self.store.webhook_attempted(request_id, delivered, time.time(), next_at)
+        except StoreError as exc:
+            log.error("recording a webhook attempt for %s failed: %s", request_id, exc)
+
+
+def send_body(link: object, sid: int, payload: bytes | memoryview, max_frame: int) -> None:
+    """`payload` as DATA frames of at most `max_frame` bytes, the last one ending the direction."""
+    conn = link.conn  # type: ignore[attr-defined]
+    view = memoryview(payload)
+    n = len(view)
+    if n == 0:
+        conn.send(Frame(DATA, sid, None, b"", 1))
+        return
+    for off in range(0, n, max_frame):
+        piece = view[off : off + max_frame]
+        conn.send(Frame(DATA, sid, None, piece, 1 if off + max_frame >= n else 0))
