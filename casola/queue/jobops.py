@@ -168,7 +168,7 @@ class JobOp:
             jobs._cancel_stream(rj, ErrorCode.CANCELLED, "job cancelled by its tenant")
             jobs._forget(rj)
         if cancelled_now:
-            jobs.finished(job.id)
+            jobs.finished(job.id, bool(job.webhook_url))
         await self._answer_view(job, {"job-cancelled": "1" if cancelled_now else "0"})
 
     # -- answers -------------------------------------------------------------------------------------

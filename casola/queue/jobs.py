@@ -71,10 +71,23 @@ class JobsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class RunningJob:
     """A job this node dispatched and has not seen the end of."""
 
-    __slots__ = ("base_seq", "chunks", "content_type", "fence", "id", "model", "renewed", "size", "w_sid", "worker")
+    __slots__ = (
+        "base_seq",
+        "chunks",
+        "content_type",
+        "fence",
+        "id",
+        "model",
+        "renewed",
+        "size",
+        "w_sid",
+        "webhook",
+        "worker",
+    )
 
     def __init__(self, job: Job, worker: WorkerEntry, w_sid: int, now: float) -> None:
         self.id, self.fence, self.model = job.id, job.fence, job.model
+        self.webhook = bool(job.webhook_url)
         self.base_seq = job.checkpoint_seq  # the worker counts from 1 on every dispatch
         self.worker, self.w_sid = worker, w_sid
         self.renewed = now
@@ -365,7 +378,7 @@ class Jobs:
             log.info("job %s: the result under fence %d was refused (lease taken over)", rj.id, rj.fence)
         else:
             self.stats["completed"] += 1
-        self.finished(rj.id)
+        self.finished(rj.id, rj.webhook)
         self.wake(rj.model)  # the slot it held is free again (the worker's CREDIT also wakes)
 
     async def _release(self, job_id: str, fence: int, model: str, why: str) -> None:
@@ -374,17 +387,17 @@ class Jobs:
             log.warning("job %s back in the queue: %s", job_id, why)
             job = await self.store.get(job_id, None)
             if job is not None and job.status is JobStatus.COMPLETED:
-                self.finished(job_id)
+                self.finished(job_id, bool(job.webhook_url))
         self.wake(model)
 
     # -- waiting for outcomes ------------------------------------------------------------------------
 
-    def finished(self, job_id: str) -> None:
-        """The job completed (here): wake the long polls and deliver its webhook."""
+    def finished(self, job_id: str, webhook: bool) -> None:
+        """The job completed (here): wake the long polls and deliver its webhook, if it has one."""
         for fut in self._waiters.pop(job_id, ()):
             if not fut.done():
                 fut.set_result(None)
-        if self.webhooks is not None:
+        if webhook and self.webhooks is not None:
             self._wake_webhooks()
 
     async def wait(self, job: Job, wait_s: float) -> Job:
@@ -429,7 +442,7 @@ class Jobs:
                         self._stale(rj, "lease expired: the worker made no progress")
                     self.stats["requeued"] += 1
                     if job.status is JobStatus.COMPLETED:
-                        self.finished(job.id)
+                        self.finished(job.id, bool(job.webhook_url))
                 # Other queue nodes on a shared store submit too: look for their jobs now and then.
                 self.maybe_queued.update(self.node.registry.models)
                 self._wake.set()
