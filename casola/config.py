@@ -36,6 +36,18 @@ retry_after_ms = 1000
 models = []                      # models known before a worker registers (others: 404 until one does)
 worker_ping_timeout = 5.0        # a worker silent this long is considered dead
 
+[queue.jobs]                     # async jobs (persisted, leased, redispatched from checkpoints)
+store = ""                       # "" = sqlite:///<state_dir>/jobs.db; or postgresql://user@host:5432/db[?schema=s]
+lease_s = 30.0                   # a worker that sends nothing (no HEARTBEAT/CHECKPOINT) this long loses its job
+max_attempts = 3                 # dispatches per job; then it completes with error_type "worker_error"
+retention_s = 604800.0           # completed jobs (and results) are deleted after this
+sweep_interval = 1.0             # expired leases, due webhooks, jobs submitted through other nodes
+max_input = 67108864             # bytes of one job's input
+max_result = 67108864            # bytes of one job's result
+max_wait_ms = 30000              # longest long poll (status/result ?wait_ms=)
+webhook_key = ""                 # Ed25519 key signing webhooks; "" = <state_dir>/webhook-key.pem
+webhook_attempts = 8             # deliveries tried per webhook (backoff with jitter, Retry-After honoured)
+
 [[workers]]                      # local worker processes started by `casola up`
 models = ["echo"]
 count = 1                        # processes

@@ -147,3 +147,17 @@ def test_roles_run_as_separate_processes(tmp_path: Path) -> None:
             p.send_signal(signal.SIGTERM)
         for p in procs:
             assert p.wait(20) == 0
+
+
+def test_the_documented_config_example_is_exactly_the_defaults() -> None:
+    """casola/config.py's docstring shows every key with its default: it must parse, and match."""
+    import tomllib
+
+    import msgspec
+
+    import casola.config
+
+    doc = casola.config.__doc__ or ""
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    parsed = msgspec.convert(tomllib.loads(example), casola.config.Config)
+    assert msgspec.to_builtins(parsed) == msgspec.to_builtins(casola.config.Config())
