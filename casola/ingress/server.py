@@ -1,6 +1,8 @@
 """The ingress: HTTP and raw-frame listeners, routing, local auth, and the bookkeeping per request.
 
-Routes: `POST /v1/run/{model}` (native, streamed both ways), `GET /healthz`, `GET /metrics`.
+Routes: `POST /v1/run/{model}` (native, streamed both ways; with `X-Casola-Async: 1` it submits an
+async job), `/v1/jobs/...` (the native async API, casola/ingress/asyncapi.py), `GET /healthz`,
+`GET /metrics`, then fal's queue API for any other path of two or more segments (casola/ingress/fal.py).
 Authentication is local (Ed25519 tokens, `casola.auth`): no remote call on the request path.
 With `tls_cert` and `tls_key` set both listeners speak TLS (HTTPS, and frames over TLS).
 """
@@ -17,6 +19,7 @@ import msgspec
 
 from casola.auth import SCOPE_RUN, AuthError, Claims, Verifier
 from casola.certs import server_context
+from casola.ingress import asyncapi, fal
 from casola.ingress.envelope import JSON_CT
 from casola.ingress.frames import FrameListener
 from casola.ingress.http import Exchange, HttpLimits, serve_http
@@ -126,11 +129,17 @@ class Ingress:
                 return ex.send_error(
                     405, "use POST", "invalid_request_error", "method_not_allowed", None, [(b"allow", b"POST")]
                 )
+            if asyncapi.wants_async(ex):
+                return asyncapi.submit(self, ex, path[len(_RUN) :])
             return self._run(ex, path[len(_RUN) :])
+        if path.startswith(asyncapi.JOBS_PREFIX):
+            return asyncapi.jobs_route(self, ex)
         if path == b"/healthz" and ex.method in (b"GET", b"HEAD"):
             return self._healthz(ex)
         if path == b"/metrics" and ex.method in (b"GET", b"HEAD"):
             return ex.respond(200, [(b"content-type", METRICS_CT)], self.metrics.render())
+        if fal.route(self, ex):  # any other path of 2+ segments: fal's queue API
+            return None
         ex.send_error(
             404, f"no route for {ex.method.decode()} {path.decode('latin-1')}", "invalid_request_error", "not_found"
         )
