@@ -305,22 +305,23 @@ class Jobs:
     def on_worker_lost(self, worker: WorkerEntry) -> None:
         jobs, worker.jobs = list(worker.jobs.values()), {}
         for rj in jobs:
-            self.running.pop(rj.id, None)
+            if self.running.get(rj.id) is rj:
+                del self.running[rj.id]
             self.spawn(self._release(rj.id, rj.fence, rj.model, f"worker {worker.node_id} disconnected"))
 
     def on_heartbeat(self, worker: WorkerEntry) -> None:
         """Renew the leases of the worker's jobs that are a third of the way to expiry."""
         now = time.time()
         due = now - self.config.lease_s / 3
-        items = [(rj.id, rj.fence) for rj in worker.jobs.values() if rj.renewed <= due]
-        if items:
-            for rj in worker.jobs.values():
-                if rj.renewed <= due:
-                    rj.renewed = now
-            self.spawn(self._renew(items, now))
+        rjs = [rj for rj in worker.jobs.values() if rj.renewed <= due]
+        if rjs:
+            for rj in rjs:
+                rj.renewed = now
+            self.spawn(self._renew(rjs, now))
 
     def _forget(self, rj: RunningJob) -> None:
-        self.running.pop(rj.id, None)
+        if self.running.get(rj.id) is rj:  # not a later dispatch of the same job (a new fence)
+            del self.running[rj.id]
         rj.worker.jobs.pop(rj.w_sid, None)
 
     def _stale(self, rj: RunningJob, why: str) -> None:
@@ -347,11 +348,10 @@ class Jobs:
         elif self.running.get(rj.id) is rj:
             self._stale(rj, "checkpoint refused by the store (the lease was taken over)")
 
-    async def _renew(self, items: list[tuple[str, int]], now: float) -> None:
-        refused = await self.store.renew_many(items, self.config.lease_s, now)
-        for job_id in refused:
-            rj = self.running.get(job_id)
-            if rj is not None:
+    async def _renew(self, rjs: list[RunningJob], now: float) -> None:
+        refused = set(await self.store.renew_many([(rj.id, rj.fence) for rj in rjs], self.config.lease_s, now))
+        for rj in rjs:  # the refused dispatches themselves, not a later dispatch of the same job
+            if rj.id in refused and rj.worker.jobs.get(rj.w_sid) is rj:
                 self._stale(rj, "lease renewal refused (taken over or cancelled)")
 
     async def _complete(
@@ -438,7 +438,7 @@ class Jobs:
                 now = time.time()
                 for job in await self.store.requeue_expired(now):
                     rj = self.running.get(job.id)
-                    if rj is not None:
+                    if rj is not None and rj.fence == job.fence:  # not claimed again since (fence + 1)
                         self._stale(rj, "lease expired: the worker made no progress")
                     self.stats["requeued"] += 1
                     if job.status is JobStatus.COMPLETED:

@@ -67,6 +67,7 @@ class WorkerRuntime:
         self._grant_scheduled = False
         self._heartbeat: asyncio.Task[None] | None = None
         self._limits = Limits(ping_interval=1.0, ping_timeout=5.0)
+        self._slots = asyncio.Semaphore(config.capacity)  # handlers running at once
 
     @property
     def active(self) -> int:
@@ -127,15 +128,19 @@ class WorkerRuntime:
             code = ErrorCode.UNKNOWN_MODEL if model is None else ErrorCode.SHUTTING_DOWN
             call.fail(code, f"this worker does not serve {call.meta.model!r}" if model is None else "worker draining")
             return
-        if len(self._tasks) >= self.config.capacity:  # several queue nodes share our slots
+        if len(self._tasks) >= self.config.capacity and not call.job_id:  # several queue nodes share our slots
             call.fail(ErrorCode.NO_CAPACITY, "all slots of this worker are busy")
             return
+        # An async job beyond capacity (another queue node used the slot its credit stood for) waits
+        # here for a slot: refused, it would go back to the queue having spent one of its attempts,
+        # and the credit coming straight back would bring it (or another) back at once.
         task = asyncio.get_running_loop().create_task(self._run(model, call))
         self._tasks[(link, frame.stream_id)] = (task, call)
 
     async def _run(self, model: Model, call: WorkCall) -> None:
         try:
-            await model(call)
+            async with self._slots:
+                await model(call)
             if not call.finished:
                 call.end() if call.started else call.respond(b"")
         except asyncio.CancelledError:

@@ -72,7 +72,17 @@ class Stack:
         await self.wait_workers(len(self.workers) + len(self.procs))
         return rt, echo
 
-    def spawn_worker(self, node_id: str, capacity: int = 8) -> subprocess.Popen[bytes]:
+    def spawn_worker(
+        self,
+        node_id: str,
+        capacity: int = 8,
+        *,
+        models: str = "",
+        queues: list[str] | None = None,
+        extra: list[str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """A worker PROCESS dialling this stack's queue node (or `queues`), serving `models`
+        (comma-separated built-in names; default echo); `extra`: more `casola worker` arguments."""
         env = {**os.environ, "CASOLA_WORKER_KEY": self.worker_key, "MALLOC_TOP_PAD_": "0"}
         argv = [
             sys.executable,
@@ -81,14 +91,15 @@ class Stack:
             "--state-dir",
             str(self.state_dir),
             "worker",
-            "--queue",
-            self.queue_addr,
+            *(a for q in (queues or [self.queue_addr]) for a in ("--queue", q)),
             "--capacity",
             str(capacity),
             "--node-id",
             node_id,
             "--log-level",
             "warning",
+            *(["--models", models] if models else []),
+            *(extra or []),
         ]
         proc = subprocess.Popen(argv, env=env, cwd=ROOT)
         self.procs.append(proc)
@@ -105,6 +116,7 @@ class Stack:
     async def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
+                p.send_signal(signal.SIGCONT)  # a test may have stopped it (SIGSTOP)
                 p.send_signal(signal.SIGKILL)
             p.wait(5)
         for rt in self.workers:
