@@ -125,18 +125,16 @@ class JobOp:
             jobs.wake(job.model)
 
     async def _find(self) -> Job | None:
-        job = await self.jobs.store.get(self.meta.job_id, self.tenant)
-        if job is None:
-            self._error(ErrorCode.JOB_NOT_FOUND, f"no job {self.meta.job_id!r}")
-            return None
         wait = self.meta.params.get("wait_ms")
-        if job.status is not JobStatus.COMPLETED and isinstance(wait, int | float | str) and not isinstance(wait, bool):
+        wait_ms = 0.0
+        if isinstance(wait, int | float | str) and not isinstance(wait, bool):
             try:
                 wait_ms = min(max(float(wait), 0.0), float(self.jobs.config.max_wait_ms))
             except ValueError:
                 raise ValueError("wait_ms must be a number of milliseconds") from None
-            if wait_ms:
-                job = await self.jobs.wait(job, wait_ms / 1000)
+        job = await self.jobs.get(self.meta.job_id, self.tenant, wait_ms / 1000)
+        if job is None:
+            self._error(ErrorCode.JOB_NOT_FOUND, f"no job {self.meta.job_id!r}")
         return job
 
     async def _status(self) -> None:

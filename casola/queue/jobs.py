@@ -400,32 +400,34 @@ class Jobs:
         if webhook and self.webhooks is not None:
             self._wake_webhooks()
 
-    async def wait(self, job: Job, wait_s: float) -> Job:
-        """`job` once it completes or `wait_s` passed. Jobs completed by another node sharing the
-        store are seen by re-reading it every half second."""
+    async def get(self, job_id: str, tenant: str, wait_s: float = 0.0) -> Job | None:
+        """The tenant's job; with `wait_s`, once it completes or that long passed (long poll).
+
+        The waiter is registered before each read, so a completion between the read and the wait
+        is never missed. Jobs completed by another node sharing the store are seen by re-reading
+        it every half second."""
+        if wait_s <= 0:
+            return await self.store.get(job_id, tenant)
         deadline = time.monotonic() + wait_s
         loop = asyncio.get_running_loop()
-        while job.status is not JobStatus.COMPLETED:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+        while True:
             fut: asyncio.Future[None] = loop.create_future()
-            self._waiters.setdefault(job.id, []).append(fut)
+            self._waiters.setdefault(job_id, []).append(fut)
             try:
-                await asyncio.wait_for(fut, min(left, 0.5))
-            except TimeoutError:
-                pass
+                job = await self.store.get(job_id, tenant)
+                left = deadline - time.monotonic()
+                if job is None or job.status is JobStatus.COMPLETED or left <= 0:
+                    return job
+                try:
+                    await asyncio.wait_for(fut, min(left, 0.5))
+                except TimeoutError:
+                    pass
             finally:
-                waiters = self._waiters.get(job.id)
+                waiters = self._waiters.get(job_id)
                 if waiters is not None and fut in waiters:
                     waiters.remove(fut)
                     if not waiters:
-                        del self._waiters[job.id]
-            fresh = await self.store.get(job.id, None)
-            if fresh is None:
-                break
-            job = fresh
-        return job
+                        del self._waiters[job_id]
 
     # -- the sweep -----------------------------------------------------------------------------------
 
