@@ -179,33 +179,35 @@ class Jobs:
                 self._wake.set()
 
     async def _claim_round(self) -> bool:
-        """Claim jobs for every model with a free slot and no sync request waiting; True if any."""
+        """Claim jobs for every model with free slots and no sync request waiting: one claim per
+        worker for as many jobs as it has free slots (one statement); True if any was claimed."""
         models = self.node.registry.models
-        claims: list[tuple[str, WorkerEntry, asyncio.Future[Job | None]]] = []
+        claims: list[tuple[str, WorkerEntry, int, asyncio.Future[list[Job]]]] = []
         lease_s = self.config.lease_s
         for name in list(self.maybe_queued):
             entry = models.get(name)
             if entry is None or entry.pending:  # sync requests first
                 continue
-            for _ in range(_CLAIM_BATCH):
-                worker = entry.pick()
-                if worker is None:
-                    break
-                worker.reserved += 1
-                claim = self.store.claim([name], self.owner(worker), lease_s, time.time())
-                claims.append((name, worker, asyncio.ensure_future(claim)))
+            for worker in entry.workers:
+                n = min(worker.free, _CLAIM_BATCH)
+                if n <= 0:
+                    continue
+                worker.reserved += n
+                claim = self.store.claim_many([name], self.owner(worker), lease_s, time.time(), n)
+                claims.append((name, worker, n, asyncio.ensure_future(claim)))
         if not claims:
             return False
-        results = await asyncio.gather(*(f for _, _, f in claims), return_exceptions=True)
+        results = await asyncio.gather(*(f for *_, f in claims), return_exceptions=True)
         got = False
         failed: BaseException | None = None
-        for (name, worker, _), job in zip(claims, results, strict=True):
-            worker.reserved -= 1
-            if isinstance(job, BaseException):
-                failed = job
-            elif job is None:
+        for (name, worker, n, _), jobs in zip(claims, results, strict=True):
+            worker.reserved -= n
+            if isinstance(jobs, BaseException):
+                failed = jobs
+                continue
+            if len(jobs) < n:
                 self.maybe_queued.discard(name)  # drained; a submit or requeue adds it back
-            else:
+            for job in jobs:
                 got = True
                 self.dispatch(job, worker)
         if failed is not None:

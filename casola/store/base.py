@@ -293,6 +293,23 @@ class JobStore(abc.ABC):
             StoreError: the backend failed.
         """
 
+    async def claim_many(self, models: Sequence[str], owner: str, lease_s: float, now: float, limit: int) -> list[Job]:
+        """Lease up to `limit` QUEUED jobs at once, in claim order (as `claim`, one after another).
+
+        Backends override this with one statement or one transaction; this default loops.
+
+        Raises:
+            ValueError: `models` is a str.
+            StoreError: the backend failed.
+        """
+        jobs: list[Job] = []
+        while len(jobs) < limit:
+            job = await self.claim(models, owner, lease_s, now)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
+
     @abc.abstractmethod
     async def renew(self, job_id: str, fence: int, lease_s: float, now: float, progress: float | None = None) -> bool:
         """Extend the lease to `now + lease_s` (and record `progress` if given).

@@ -62,6 +62,13 @@ _CLAIM: Final = (
     " ORDER BY priority DESC, created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
     f" AND status = 'IN_QUEUE' RETURNING {_COLS}"
 )
+_CLAIM_MANY: Final = (  # a CTE: the picked ids are computed once (an IN (... LIMIT) may not be)
+    "WITH picked AS (SELECT id AS picked_id FROM casola_jobs WHERE status = 'IN_QUEUE'"
+    " AND model = ANY($1::text[]) ORDER BY priority DESC, created_at, seq LIMIT $5 FOR UPDATE SKIP LOCKED)"
+    " UPDATE casola_jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, fence = fence + 1,"
+    " lease_owner = $2, lease_expires = $3, started_at = COALESCE(started_at, $4)"
+    f" FROM picked WHERE id = picked_id AND status = 'IN_QUEUE' RETURNING {_COLS}"
+)
 _FENCED: Final = "id = $1 AND fence = $2 AND status = 'IN_PROGRESS'"
 _RENEW: Final = f"UPDATE casola_jobs SET lease_expires = $3, progress = COALESCE($4, progress) WHERE {_FENCED}"
 _CHECKPOINT: Final = (
@@ -253,6 +260,18 @@ class PostgresJobStore(JobStore):
         if not names:
             return None
         return await self._one("claim", _CLAIM, names, owner, now + lease_s, now)
+
+    async def claim_many(self, models: Sequence[str], owner: str, lease_s: float, now: float, limit: int) -> list[Job]:
+        """See `JobStore.claim_many`: one statement."""
+        names = check_models(models)
+        if not names or limit <= 0:
+            return []
+        pool = self.pool
+        with _translated("claim"):
+            rows = await pool.fetch(_CLAIM_MANY, names, owner, now + lease_s, now, limit)
+        jobs = [job_from_row(r) for r in rows]
+        jobs.sort(key=lambda j: (-j.priority, j.created_at))  # RETURNING has no order
+        return jobs
 
     async def renew(self, job_id: str, fence: int, lease_s: float, now: float, progress: float | None = None) -> bool:
         """See `JobStore.renew`."""

@@ -191,6 +191,13 @@ class SqliteJobStore(JobStore):
             return None
         return await self._call(_claim, names, owner, now + lease_s, now)
 
+    async def claim_many(self, models: Sequence[str], owner: str, lease_s: float, now: float, limit: int) -> list[Job]:
+        """See `JobStore.claim_many`: one transaction on the writer thread."""
+        names = check_models(models)
+        if not names or limit <= 0:
+            return []
+        return await self._call(_claim_many, names, owner, now + lease_s, now, limit)
+
     async def renew(self, job_id: str, fence: int, lease_s: float, now: float, progress: float | None = None) -> bool:
         """See `JobStore.renew`."""
         args = {"id": job_id, "fence": fence, "expires": now + lease_s, "progress": progress}
@@ -394,6 +401,15 @@ def _get(conn: sqlite3.Connection, job_id: str, tenant: str | None) -> Job | Non
 def _claim(conn: sqlite3.Connection, models: list[str], owner: str, expires: float, now: float) -> Job | None:
     statement = sql.CLAIM.format(marks=", ".join("?" * len(models)))
     return _one(conn, statement, (owner, expires, now, *models))
+
+
+def _claim_many(
+    conn: sqlite3.Connection, models: list[str], owner: str, expires: float, now: float, n: int
+) -> list[Job]:
+    jobs: list[Job] = []
+    while len(jobs) < n and (job := _claim(conn, models, owner, expires, now)) is not None:
+        jobs.append(job)
+    return jobs
 
 
 def _changed(conn: sqlite3.Connection, statement: str, args: dict[str, Any]) -> bool:

@@ -360,3 +360,26 @@ async def test_migration_2_adds_the_columns_to_a_version_1_store(backend: Backen
     job = await leased(store, webhook_url=HOOK)
     assert await store.complete(job.id, job.fence, 11.0, result=b"r", inference_ms=7.5)
     assert [due.inference_ms for due in await store.due_webhooks(11.0, 10)] == [7.5]
+
+
+@pytest.mark.asyncio
+async def test_claim_many_leases_up_to_limit_in_claim_order_and_never_twice(store: JobStore) -> None:
+    low = [(await store.submit(new(priority=0), now=float(i)))[0] for i in range(4)]
+    high = (await store.submit(new(priority=5), now=9.0))[0]
+    await store.submit(new(model="other"), now=1.0)
+    first = await store.claim_many(["m"], "node-a/w1", 30.0, 20.0, 3)
+    assert [j.id for j in first] == [high.id, low[0].id, low[1].id]
+    assert all(j.status is JobStatus.RUNNING and j.fence == 1 and j.lease_owner == "node-a/w1" for j in first)
+    rest = await store.claim_many(["m"], "node-a/w2", 30.0, 20.0, 10)
+    assert [j.id for j in rest] == [low[2].id, low[3].id]  # fewer than asked: the model is drained
+    assert await store.claim_many(["m"], "node-a/w2", 30.0, 20.0, 10) == []
+    assert await store.claim_many(["m"], "node-a/w2", 30.0, 20.0, 0) == []
+
+
+@pytest.mark.asyncio
+async def test_concurrent_claim_many_never_hand_out_a_job_twice(store: JobStore) -> None:
+    for i in range(40):
+        await store.submit(new(), now=float(i))
+    batches = await asyncio.gather(*(store.claim_many(["m"], f"n/w{k}", 30.0, 50.0, 7) for k in range(8)))
+    ids = [j.id for batch in batches for j in batch]
+    assert len(ids) == len(set(ids)) == 40
