@@ -30,43 +30,31 @@ from casola.ingress.exchange import Exchange
 from casola.ingress.jobs import (
     COMPLETED,
     MAX_IDEMPOTENCY_KEY,
+    Caller,
     JobAnswer,
     authorize,
     base_url,
     error_status,
-    header_params,
     job_id,
     query,
     start,
 )
 from casola.ingress.native import send_wire_error
 from casola.jobview import JobView, decode_view
-from casola.wire import ErrorCode
+from casola.wire import ErrorCode, RequestMeta
 from casola.wire.meta import JobOp, Param
 
 if TYPE_CHECKING:
     from casola.ingress.server import Ingress
 
-__all__ = ["JOBS_PREFIX", "WAIT_MAX_MS", "NativeReply", "jobs_route", "submit", "wants_async"]
+__all__ = ["JOBS_PREFIX", "WAIT_MAX_MS", "NativeReply", "jobs_route", "submit"]
 
 JOBS_PREFIX: Final = b"/v1/jobs/"
 # Long polls end after at most this long, well inside the 60 s idle timeouts of the proxies and load
 # balancers commonly in front of an API (nginx proxy_read_timeout, AWS ALB idle timeout).
 WAIT_MAX_MS: Final = 30_000
 _OCTET: Final = "application/octet-stream"
-_TRUE: Final = (b"1", b"true", b"on", b"yes")
 _encoder: Final = msgspec.json.Encoder()
-
-
-def wants_async(ex: Exchange) -> bool:
-    """`X-Casola-Async: 1`, or `Prefer: respond-async`, on a `POST /v1/run/{model}`."""
-    for name, value in ex.headers:
-        if name == b"x-casola-async":
-            if value.lower() in _TRUE:
-                return True
-        elif name == b"prefer" and b"respond-async" in value.lower():
-            return True
-    return False
 
 
 class NativeReply:
@@ -127,15 +115,14 @@ def job_document(view: JobView, base: str) -> bytes:
     return _encoder.encode(doc)
 
 
-def submit(ing: Ingress, ex: Exchange, model_b: bytes) -> None:
-    """`POST /v1/run/{model}` asked to run async. Raises nothing: every outcome is answered."""
+def submit(ing: Ingress, ex: Exchange, meta: RequestMeta, caller: Caller) -> None:
+    """`POST /v1/run/{model}` asked to run async (`X-Casola-Async: 1` or `Prefer: respond-async`);
+    the ingress has authorized it and read its head into `meta` as for a sync run.
+
+    Raises:
+        Nothing: every outcome is answered.
+    """
     reply = NativeReply(ing, ex, "submit")
-    caller = authorize(ing, ex, reply)
-    if caller is None:
-        return
-    if not model_b or b"/" in model_b:
-        reply.http_error(404, "no model in the path: POST /v1/run/{model}", "invalid_request_error", "not_found")
-        return
     key = (ex.header(b"idempotency-key") or b"").decode("latin-1")
     if len(key) > MAX_IDEMPOTENCY_KEY:
         msg = f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters"
@@ -147,9 +134,9 @@ def submit(ing: Ingress, ex: Exchange, model_b: bytes) -> None:
         reply,
         caller,
         "submit",
-        model=model_b.decode("latin-1"),
-        params=header_params(ex),
-        content_type=(ex.header(b"content-type") or b"").decode("latin-1"),
+        model=meta.model,
+        params=meta.params,
+        content_type=meta.content_type,
         idempotency_key=key,
         webhook_url=(ex.header(b"x-casola-webhook") or b"").decode("latin-1"),
     )
@@ -176,7 +163,7 @@ def jobs_route(ing: Ingress, ex: Exchange) -> None:
         ex.send_error(405, msg, "invalid_request_error", "method_not_allowed", None, [(b"allow", allow)])
         return
     reply = NativeReply(ing, ex, op)
-    caller = authorize(ing, ex, reply)
+    caller = authorize(ing, ex, reply.http_error)
     if caller is None:
         return
     jid = job_id(parts[0])

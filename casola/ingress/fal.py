@@ -214,7 +214,7 @@ def route(ing: Ingress, ex: Exchange) -> bool:
 
 def _submit(ing: Ingress, ex: Exchange, owner: str, app: str, path: str) -> None:
     reply = FalReply(ing, ex, "submit", owner, app)
-    caller = authorize(ing, ex, reply)
+    caller = authorize(ing, ex, reply.http_error)
     if caller is None:
         return
     key = (ex.header(b"idempotency-key") or b"").decode("latin-1")
@@ -247,7 +247,7 @@ def _submit(ing: Ingress, ex: Exchange, owner: str, app: str, path: str) -> None
 def _job_op(ing: Ingress, ex: Exchange, op: JobOp, owner: str, app: str, rid_b: bytes) -> None:
     rid = job_id(rid_b)
     reply = FalReply(ing, ex, op, owner, app, rid or "")
-    caller = authorize(ing, ex, reply)
+    caller = authorize(ing, ex, reply.http_error)
     if caller is None:
         return
     if rid is None:

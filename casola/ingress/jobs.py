@@ -18,7 +18,7 @@ nodes of one region share their job store (PostgreSQL) when there is more than o
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 from urllib.parse import parse_qsl
@@ -167,23 +167,24 @@ def api_key(ex: Exchange) -> bytes | None:
     return value
 
 
-def authorize(ing: Ingress, ex: Exchange, reply: Reply) -> Caller | None:
-    """Authenticate as `POST /v1/run` does and settle the region; None when `reply` already refused.
+def authorize(ing: Ingress, ex: Exchange, refuse: Callable[[int, str, str, str], object]) -> Caller | None:
+    """Authenticate the request's key and settle its region (the one check every surface makes);
+    None when it was refused through `refuse(status, message, type, code)`.
 
     Raises:
-        Nothing: refusals are answered through `reply`.
+        Nothing: refusals are answered through `refuse`.
     """
     try:
         claims = ing.authenticate(api_key(ex))
     except AuthError as exc:
         kind = "authentication_error" if exc.status == 401 else "permission_error"
-        reply.http_error(exc.status, exc.message, kind, exc.code)
+        refuse(exc.status, exc.message, kind, exc.code)
         return None
     region = (ex.header(b"x-region") or b"").decode("latin-1")
     if claims is None:
         return Caller(ANONYMOUS, region)
     if claims.region and region and region != claims.region:
-        reply.http_error(403, f"this key is pinned to region {claims.region!r}", "permission_error", "region_pinned")
+        refuse(403, f"this key is pinned to region {claims.region!r}", "permission_error", "region_pinned")
         return None
     return Caller(claims.tenant, region or claims.region)
 

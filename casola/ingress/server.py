@@ -17,12 +17,13 @@ from typing import Any
 
 import msgspec
 
-from casola.auth import SCOPE_RUN, AuthError, Claims, Verifier
+from casola.auth import SCOPE_RUN, Claims, Verifier
 from casola.certs import server_context
 from casola.ingress import asyncapi, fal
 from casola.ingress.envelope import JSON_CT
 from casola.ingress.frames import FrameListener
 from casola.ingress.http import Exchange, HttpLimits, serve_http
+from casola.ingress.jobs import authorize
 from casola.ingress.metrics import CONTENT_TYPE as METRICS_CT
 from casola.ingress.metrics import Metrics
 from casola.ingress.native import RunExchange, send_wire_error
@@ -35,6 +36,7 @@ log = logging.getLogger("casola.ingress")
 
 _RUN = b"/v1/run/"
 _PARAM = b"x-casola-param-"
+_TRUE = (b"1", b"true", b"on", b"yes")
 
 
 class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -129,8 +131,6 @@ class Ingress:
                 return ex.send_error(
                     405, "use POST", "invalid_request_error", "method_not_allowed", None, [(b"allow", b"POST")]
                 )
-            if asyncapi.wants_async(ex):
-                return asyncapi.submit(self, ex, path[len(_RUN) :])
             return self._run(ex, path[len(_RUN) :])
         if path.startswith(asyncapi.JOBS_PREFIX):
             return asyncapi.jobs_route(self, ex)
@@ -151,26 +151,25 @@ class Ingress:
         return self.verifier.verify(token, time.time(), scope)
 
     def _run(self, ex: Exchange, model_b: bytes) -> None:
-        try:
-            claims = self.authenticate(ex.header(b"authorization"))
-        except AuthError as exc:
-            kind = "authentication_error" if exc.status == 401 else "permission_error"
-            return ex.send_error(exc.status, exc.message, kind, exc.code)
+        caller = authorize(self, ex, ex.send_error)
+        if caller is None:
+            return
         if not model_b or b"/" in model_b:
             return ex.send_error(
                 404, "no model in the path: POST /v1/run/{model}", "invalid_request_error", "not_found"
             )
+        # With auth off a sync request carries no tenant; a job needs one (`caller.tenant`).
+        tenant = caller.tenant if self.verifier is not None else ""
         try:
-            meta, region = self._request_meta(ex, model_b.decode(), claims)
+            meta, run_async = self._request_meta(ex, model_b.decode(), tenant)
         except ValueError as exc:
             return ex.send_error(400, str(exc), "invalid_request_error", "bad_request")
-        if claims is not None and claims.region and region and region != claims.region:
-            msg = f"this key is pinned to region {claims.region!r}"
-            return ex.send_error(403, msg, "permission_error", "region_pinned")
-        region = region or (claims.region if claims is not None else "")
+        if run_async:
+            return asyncapi.submit(self, ex, meta, caller)
         if self.in_flight >= self.config.max_inflight:
             send_wire_error(ex, ErrorCode.OVERLOADED, "too many requests in progress", 1000)
             return
+        region = caller.region
         link = self.upstream.pick(region)
         if link is None:
             where = f" in region {region!r}" if region else ""
@@ -179,11 +178,13 @@ class Ingress:
         self.metrics.in_flight += 1
         RunExchange(self, ex, link, meta, meta.trace)
 
-    def _request_meta(self, ex: Exchange, model: str, claims: Claims | None) -> tuple[RequestMeta, str]:
+    def _request_meta(self, ex: Exchange, model: str, tenant: str) -> tuple[RequestMeta, bool]:
+        """The request head from the headers, in one pass; True when it asks to run async."""
         params: dict[str, Any] = {}
         deadline = self.config.default_deadline_ms
         trace = self.config.trace
-        content_type = region = ""
+        run_async = False
+        content_type = ""
         for name, value in ex.headers:
             if name.startswith(_PARAM):
                 params[name[len(_PARAM) :].decode("latin-1")] = value.decode("latin-1")
@@ -195,10 +196,11 @@ class Ingress:
                 trace = trace or value in (b"1", b"true", b"on")
             elif name == b"content-type":
                 content_type = value.decode("latin-1")
-            elif name == b"x-region":
-                region = value.decode("latin-1")
-        tenant = claims.tenant if claims is not None else ""
-        return RequestMeta(model, deadline, content_type, params, trace, tenant), region
+            elif name == b"x-casola-async":
+                run_async = run_async or value.lower() in _TRUE
+            elif name == b"prefer":
+                run_async = run_async or b"respond-async" in value.lower()
+        return RequestMeta(model, deadline, content_type, params, trace, tenant), run_async
 
     def finished(
         self, model: str, status: int, timing: dict[str, float] | None, ingress_ms: float, t_start: float
