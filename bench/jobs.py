@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 from floor import ROOT, BenchError, Procs, free_port
+from store import drop_schema
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -207,16 +208,6 @@ def report(results: list[dict[str, Any]]) -> None:
         )
 
 
-async def drop_schema(schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory(prefix="casola-bench-jobs-") as d:
@@ -233,7 +224,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     store = f"{args.pg_dsn}?schema={schema}"
                     results.append(await bench_backend("postgres", store, args, procs, tmp / "pg"))
                 finally:
-                    await drop_schema(schema)
+                    await drop_schema(args.pg_dsn, schema)
         finally:
             procs.stop()
     report(results)

@@ -161,11 +161,8 @@ class JobOp:
         if job is None:
             return self._error(ErrorCode.JOB_NOT_FOUND, f"no job {self.meta.job_id!r}")
         cancelled_now = job.completed_at == now and job.error_type == "cancelled"
-        rj = jobs.running.get(job.id)
-        if rj is not None and cancelled_now:  # CANCEL reaches the worker; its fence is stale now
-            jobs._cancel_stream(rj, ErrorCode.CANCELLED, "job cancelled by its tenant")
-            jobs._forget(rj)
-        if cancelled_now:
+        if cancelled_now:  # CANCEL reaches the worker; its fence is stale now
+            jobs.cancel_dispatch(job.id, "job cancelled by its tenant")
             jobs.finished(job.id, bool(job.webhook_url))
         await self._answer_view(job, {"job-cancelled": "1" if cancelled_now else "0"})
 

@@ -44,6 +44,7 @@ from casola.wire import (
 from casola.wire.errors import error_info
 
 if TYPE_CHECKING:
+    from casola.net.link import LinkBase
     from casola.queue.node import QueueNode
     from casola.queue.registry import WorkerEntry
 
@@ -326,6 +327,13 @@ class Jobs:
             del self.running[rj.id]
         rj.worker.jobs.pop(rj.w_sid, None)
 
+    def cancel_dispatch(self, job_id: str, message: str) -> None:
+        """The job was cancelled: CANCEL its worker's stream, if it runs here (its fence is stale)."""
+        rj = self.running.get(job_id)
+        if rj is not None:
+            self._cancel_stream(rj, ErrorCode.CANCELLED, message)
+            self._forget(rj)
+
     def _stale(self, rj: RunningJob, why: str) -> None:
         self.stats["stale_refused"] += 1
         log.warning("job %s: %s; cancelling the worker's stream", rj.id, why)
@@ -341,12 +349,9 @@ class Jobs:
     # -- store writes --------------------------------------------------------------------------------
 
     async def _checkpoint(self, rj: RunningJob, seq: int, data: bytes, progress: float) -> None:
-        cfg = self.config
-        ok = await self.store.checkpoint(rj.id, rj.fence, seq, data, time.time(), cfg.lease_s)
+        ok = await self.store.checkpoint(rj.id, rj.fence, seq, data, time.time(), self.config.lease_s, progress or None)
         if ok:
             self.stats["checkpoints"] += 1
-            if progress:
-                await self.store.renew(rj.id, rj.fence, cfg.lease_s, time.time(), progress)
         elif self.running.get(rj.id) is rj:
             self._stale(rj, "checkpoint refused by the store (the lease was taken over)")
 
@@ -485,9 +490,9 @@ class Jobs:
             log.error("recording a webhook attempt for %s failed: %s", request_id, exc)
 
 
-def send_body(link: object, sid: int, payload: bytes | memoryview, max_frame: int) -> None:
+def send_body(link: LinkBase, sid: int, payload: Buffer, max_frame: int) -> None:
     """`payload` as DATA frames of at most `max_frame` bytes, the last one ending the direction."""
-    conn = link.conn  # type: ignore[attr-defined]
+    conn = link.conn
     view = memoryview(payload)
     n = len(view)
     if n == 0:

@@ -293,22 +293,15 @@ class JobStore(abc.ABC):
             StoreError: the backend failed.
         """
 
+    @abc.abstractmethod
     async def claim_many(self, models: Sequence[str], owner: str, lease_s: float, now: float, limit: int) -> list[Job]:
-        """Lease up to `limit` QUEUED jobs at once, in claim order (as `claim`, one after another).
-
-        Backends override this with one statement or one transaction; this default loops.
+        """Lease up to `limit` QUEUED jobs at once, in claim order, as `claim` would one after
+        another (in one statement or transaction). Fewer than `limit`: the queue is drained.
 
         Raises:
             ValueError: `models` is a str.
             StoreError: the backend failed.
         """
-        jobs: list[Job] = []
-        while len(jobs) < limit:
-            job = await self.claim(models, owner, lease_s, now)
-            if job is None:
-                break
-            jobs.append(job)
-        return jobs
 
     @abc.abstractmethod
     async def renew(self, job_id: str, fence: int, lease_s: float, now: float, progress: float | None = None) -> bool:
@@ -336,8 +329,11 @@ class JobStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def checkpoint(self, job_id: str, fence: int, seq: int, data: bytes, now: float, lease_s: float) -> bool:
-        """Store `data` as the job's checkpoint if `seq` is newer than the stored one; renew the lease.
+    async def checkpoint(
+        self, job_id: str, fence: int, seq: int, data: bytes, now: float, lease_s: float, progress: float | None = None
+    ) -> bool:
+        """Store `data` as the job's checkpoint if `seq` is newer than the stored one; renew the lease
+        and record `progress` if given (one write).
 
         Returns:
             False, changing nothing, if the job is not RUNNING under `fence`. An older or repeated

@@ -72,7 +72,7 @@ _CLAIM_MANY: Final = (  # a CTE: the picked ids are computed once (an IN (... LI
 _FENCED: Final = "id = $1 AND fence = $2 AND status = 'IN_PROGRESS'"
 _RENEW: Final = f"UPDATE casola_jobs SET lease_expires = $3, progress = COALESCE($4, progress) WHERE {_FENCED}"
 _CHECKPOINT: Final = (
-    "UPDATE casola_jobs SET lease_expires = $3,"
+    "UPDATE casola_jobs SET lease_expires = $3, progress = COALESCE($6, progress),"
     " checkpoint = CASE WHEN $4::bigint > checkpoint_seq THEN $5::bytea ELSE checkpoint END,"
     f" checkpoint_seq = GREATEST(checkpoint_seq, $4::bigint) WHERE {_FENCED}"
 )
@@ -289,9 +289,11 @@ class PostgresJobStore(JobStore):
         renewed = {(row[0], row[1]) for row in rows}
         return [job_id for job_id, fence in items if (job_id, fence) not in renewed]
 
-    async def checkpoint(self, job_id: str, fence: int, seq: int, data: bytes, now: float, lease_s: float) -> bool:
+    async def checkpoint(
+        self, job_id: str, fence: int, seq: int, data: bytes, now: float, lease_s: float, progress: float | None = None
+    ) -> bool:
         """See `JobStore.checkpoint`."""
-        return await self._update("checkpoint", _CHECKPOINT, job_id, fence, now + lease_s, seq, data)
+        return await self._update("checkpoint", _CHECKPOINT, job_id, fence, now + lease_s, seq, data, progress)
 
     async def complete(
         self,

@@ -209,9 +209,11 @@ class SqliteJobStore(JobStore):
             return []
         return await self._call(_renew_many, list(items), now + lease_s)
 
-    async def checkpoint(self, job_id: str, fence: int, seq: int, data: bytes, now: float, lease_s: float) -> bool:
+    async def checkpoint(
+        self, job_id: str, fence: int, seq: int, data: bytes, now: float, lease_s: float, progress: float | None = None
+    ) -> bool:
         """See `JobStore.checkpoint`."""
-        args = {"id": job_id, "fence": fence, "expires": now + lease_s, "seq": seq, "data": data}
+        args = {"id": job_id, "fence": fence, "expires": now + lease_s, "seq": seq, "data": data, "progress": progress}
         return await self._call(_changed, sql.CHECKPOINT, args)
 
     async def complete(

@@ -53,7 +53,7 @@ RENEW: Final = (
     f" WHERE {RUNNING_UNDER_FENCE}"
 )
 CHECKPOINT: Final = (
-    "UPDATE casola_jobs SET lease_expires = :expires,"
+    "UPDATE casola_jobs SET lease_expires = :expires, progress = COALESCE(:progress, progress),"
     " checkpoint = CASE WHEN :seq > checkpoint_seq THEN :data ELSE checkpoint END,"
     f" checkpoint_seq = MAX(checkpoint_seq, :seq) WHERE {RUNNING_UNDER_FENCE}"
 )

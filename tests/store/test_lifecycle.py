@@ -383,3 +383,15 @@ async def test_concurrent_claim_many_never_hand_out_a_job_twice(store: JobStore)
     batches = await asyncio.gather(*(store.claim_many(["m"], f"n/w{k}", 30.0, 50.0, 7) for k in range(8)))
     ids = [j.id for batch in batches for j in batch]
     assert len(ids) == len(set(ids)) == 40
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_records_progress_in_the_same_write(store: JobStore) -> None:
+    job = await leased(store)
+    assert await store.checkpoint(job.id, job.fence, 1, b"s1", 11.0, LEASE, 0.25)
+    assert await store.checkpoint(job.id, job.fence, 2, b"s2", 12.0, LEASE)  # no progress: kept
+    got = await store.get(job.id, None)
+    assert got is not None and got.progress == 0.25 and got.checkpoint == b"s2"
+    assert not await store.checkpoint(job.id, job.fence + 1, 3, b"x", 13.0, LEASE, 0.9)
+    got = await store.get(job.id, None)
+    assert got is not None and got.progress == 0.25
