@@ -6,9 +6,19 @@ default for one queue node; `postgresql://user@host:port/db[?schema=name]` is sh
 
 from __future__ import annotations
 
-from casola.store.base import CANCELLED, WORKER_ERROR, Job, JobStatus, JobStore, NewJob, StoreError
+from casola.store.base import CANCELLED, WORKER_ERROR, AuditRecord, Job, JobStatus, JobStore, NewJob, StoreError
 
-__all__ = ["CANCELLED", "WORKER_ERROR", "Job", "JobStatus", "JobStore", "NewJob", "StoreError", "open_store"]
+__all__ = [
+    "CANCELLED",
+    "WORKER_ERROR",
+    "AuditRecord",
+    "Job",
+    "JobStatus",
+    "JobStore",
+    "NewJob",
+    "StoreError",
+    "open_store",
+]
 
 
 def open_store(url: str) -> JobStore:

@@ -19,6 +19,13 @@ Invariants every backend keeps:
   after completing still delivers it later. `webhook_next` is set only on a COMPLETED job with a
   `webhook_url` that is not `webhook_done`. Delivery is at least once.
 - A tenant sees only its own jobs; `tenant=None` is the queue node's internal view.
+- Fair claim order (start-time fair queuing): `submit` gives each job a virtual tag `vtag` in the
+  same statement, per model: the model's virtual clock is the lowest tag QUEUED minus 1 (0 when
+  none is queued), and the job's tag is 1 + the greater of that clock and the highest tag its
+  tenant has QUEUED for the model. A tenant that floods the queue gets tags 1, 2, 3, ... while one
+  arriving later starts at the head's tag, so their jobs interleave one by one. Claims take the
+  highest priority, then the lowest tag, then the oldest. A job put back in the queue keeps its tag.
+- Content-filter verdicts are kept as `AuditRecord`s beside the jobs, under the same retention.
 
 Time is passed in (`now`, unix seconds); no store reads a clock.
 """
@@ -35,14 +42,17 @@ import msgspec
 from casola.wire.errors import CasolaError
 
 __all__ = [
+    "AUDIT_COLUMNS",
     "CANCELLED",
     "JOB_COLUMNS",
     "WORKER_ERROR",
+    "AuditRecord",
     "Job",
     "JobStatus",
     "JobStore",
     "NewJob",
     "StoreError",
+    "audit_from_row",
     "check_models",
     "job_from_row",
     "job_to_row",
@@ -92,6 +102,7 @@ class Job(msgspec.Struct, kw_only=True):
     `inference_ms` is the `work` time the worker reported for the recorded result. The webhook of
     a completed job: `webhook_attempts` deliveries tried so far, `webhook_next` when the next one
     is due (unix seconds; None: nothing due), `webhook_done` once delivered or given up.
+    `vtag` is the job's virtual tag in its model's fair claim order (set by `submit`; see above).
     """
 
     id: str
@@ -124,9 +135,38 @@ class Job(msgspec.Struct, kw_only=True):
     webhook_attempts: int = 0
     webhook_next: float | None = None
     webhook_done: bool = False
+    vtag: int = 0  # schema version 3
 
 
 JOB_COLUMNS: Final[tuple[str, ...]] = Job.__struct_fields__
+
+
+class AuditRecord(msgspec.Struct, kw_only=True):
+    """One content-filter verdict, kept for audit. The field order is the column order of
+    `casola_audits` after its `seq` (`AUDIT_COLUMNS`).
+
+    `outcome`: "aborted" (the violation won the race with the response), "late" (the response won;
+    the verdict was recorded after), "blocked" (the block policy refused before dispatch), "clean"
+    or "error".
+    """
+
+    id: str  # unique, chosen by the caller (e.g. "<node_id>-<counter>")
+    at: float  # unix seconds when the verdict arrived
+    tenant: str
+    model: str
+    request_id: str = ""  # the job id for async jobs, "" for sync requests
+    policy: str = ""  # off | race | block
+    outcome: str = ""
+    flagged: bool = False
+    label: str = ""
+    score: float = 0.0
+    classifier: str = ""
+    filter_ms: float = 0.0  # classification time
+    before_response: bool = False  # the verdict arrived before the response finished
+    detail: str = ""  # error text or anything else worth keeping
+
+
+AUDIT_COLUMNS: Final[tuple[str, ...]] = AuditRecord.__struct_fields__
 
 _INT32_MAX: Final = 2**31 - 1  # priority and max_attempts are INTEGER columns in PostgreSQL
 _params_encoder = msgspec.json.Encoder()
@@ -231,6 +271,27 @@ def job_from_row(row: _Row) -> Job:
         webhook_attempts=row[27],
         webhook_next=_real(row[28]),
         webhook_done=bool(row[29]),
+        vtag=row[30],
+    )
+
+
+def audit_from_row(row: _Row) -> AuditRecord:
+    """The `AuditRecord` for a row selected as `AUDIT_COLUMNS` (a sqlite3 tuple or an asyncpg Record)."""
+    return AuditRecord(
+        id=row[0],
+        at=float(row[1]),
+        tenant=row[2],
+        model=row[3],
+        request_id=row[4],
+        policy=row[5],
+        outcome=row[6],
+        flagged=bool(row[7]),
+        label=row[8],
+        score=float(row[9]),
+        classifier=row[10],
+        filter_ms=float(row[11]),
+        before_response=bool(row[12]),
+        detail=row[13],
     )
 
 
@@ -263,6 +324,9 @@ class JobStore(abc.ABC):
         claimed: RUNNING, leased to `lease_owner` until `now + lease_s`, attempt 1, fence 1,
         started at `now`; one durable write instead of a submit and a claim.
 
+        The job's `vtag` (the fair claim order, see the module) is computed in the same statement
+        or transaction, whether it is queued or leased (a leased job released later keeps it).
+
         Returns:
             (job, created). A job with the same (tenant, idempotency_key) already stored is
             returned as it is now, with created False, and is not leased.
@@ -284,7 +348,8 @@ class JobStore(abc.ABC):
     async def claim(self, models: Sequence[str], owner: str, lease_s: float, now: float) -> Job | None:
         """Lease the next QUEUED job of one of `models` to `owner`; None if there is none.
 
-        The next job is the one with the highest priority, then the oldest. It becomes RUNNING with
+        The next job is the one with the highest priority, then the lowest `vtag` (tenants take
+        turns), then the oldest (`created_at`, then submission order). It becomes RUNNING with
         attempt+1, fence+1 and a lease until `now + lease_s`. Concurrent claimers, in this process
         or in other queue nodes, never get the same job.
 
@@ -467,10 +532,11 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def purge(self, now: float, retention_s: float) -> int:
-        """Delete the jobs completed before `now - retention_s`.
+        """Delete the jobs completed before `now - retention_s`, and the audit records from before
+        then (`at < now - retention_s`), in one transaction.
 
         Returns:
-            How many were deleted.
+            How many jobs were deleted (audit records are not counted).
 
         Raises:
             StoreError: the backend failed.
@@ -479,6 +545,32 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def counts(self) -> dict[str, int]:
         """The number of jobs per status value ("IN_QUEUE", ...), zeros included, for metrics.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def queued_by_model(self) -> dict[str, int]:
+        """The number of QUEUED jobs per model, for a queue-depth signal; models with none are absent.
+
+        Raises:
+            StoreError: the backend failed.
+        """
+
+    @abc.abstractmethod
+    async def record_audit(self, records: Sequence[AuditRecord]) -> None:
+        """Store content-filter verdicts, all in one transaction; durable when this returns.
+
+        A record whose `id` is already stored (a retry) is skipped, the stored one kept.
+
+        Raises:
+            StoreError: the backend failed (nothing was stored), or a field has the wrong type.
+        """
+
+    @abc.abstractmethod
+    async def audits(self, *, tenant: str | None = None, since: float = 0.0, limit: int = 100) -> list[AuditRecord]:
+        """The audit records with `at >= since` (only `tenant`'s when given), oldest first, at most `limit`.
 
         Raises:
             StoreError: the backend failed.

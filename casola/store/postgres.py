@@ -1,9 +1,10 @@
 """The shared job store: PostgreSQL through an asyncpg pool, for several queue nodes at once.
 
-Every operation is one statement (a submit with an idempotency key at most three), so there are no
-client-side transactions to hold open. Claims lock the next job with `FOR UPDATE SKIP LOCKED`, so
-concurrent claimers on any node never wait for each other nor get the same job; expiry sweeps do
-the same, so two nodes sweeping at once neither deadlock nor change a job twice. Fenced updates
+Every operation is one statement (a submit with an idempotency key at most three; `record_audit`
+one executemany in one transaction), so there are no client-side transactions to hold open. Claims
+lock the next job with `FOR UPDATE SKIP LOCKED`, so concurrent claimers on any node never wait for
+each other nor get the same job; expiry sweeps do the same, so two nodes sweeping at once neither
+deadlock nor change a job twice. Fenced updates
 are `UPDATE ... WHERE id = $1 AND fence = $2 AND status = 'IN_PROGRESS'`: a stale token matches no
 row. Tables are prefixed `casola_`; a URL may name a schema (`?schema=name`), created if missing.
 Durability is PostgreSQL's: a statement returns after its commit is flushed
@@ -20,17 +21,21 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
+import msgspec
 
 from casola.store import migrations
 from casola.store.base import (
+    AUDIT_COLUMNS,
     CANCELLED,
     JOB_COLUMNS,
     WORKER_ERROR,
+    AuditRecord,
     Job,
     JobStatus,
     JobStore,
     NewJob,
     StoreError,
+    audit_from_row,
     check_models,
     job_from_row,
     job_to_row,
@@ -47,28 +52,46 @@ _SUBMIT_TRIES: Final = 3
 
 _COLS: Final = ", ".join(JOB_COLUMNS)
 _SELECT: Final = f"SELECT {_COLS} FROM casola_jobs"
-_INSERT: Final = (
-    f"INSERT INTO casola_jobs ({_COLS}) VALUES ({', '.join(f'${i}' for i in range(1, len(JOB_COLUMNS) + 1))})"
+# The job's virtual tag (casola.store.base), computed in the INSERT from $2 (tenant) and $3 (model);
+# each subselect is one probe of a partial index (migration 3). Two nodes inserting for the same
+# model at once each read a snapshot without the other's job, so they may compute equal tags (or a
+# tenant's two jobs the same tag): that costs only the exactness of the fairness, never a job (ties
+# go by created_at, seq). Locking the model's queue for every submit would serialize submits.
+_VTAG: Final = (
+    "GREATEST(COALESCE((SELECT MAX(vtag) FROM casola_jobs"
+    " WHERE status = 'IN_QUEUE' AND model = $3 AND tenant = $2), 0),"
+    " COALESCE((SELECT MIN(vtag) FROM casola_jobs WHERE status = 'IN_QUEUE' AND model = $3) - 1, 0)) + 1"
 )
+# Takes every column but the last, vtag, as $1 ... $N-1 in JOB_COLUMNS order; returns the tag.
+_INSERT: Final = (
+    f"INSERT INTO casola_jobs ({_COLS}) VALUES ({', '.join(f'${i}' for i in range(1, len(JOB_COLUMNS)))}, {_VTAG})"
+)
+_INSERT_ONE: Final = f"{_INSERT} RETURNING vtag"
 _INSERT_ONCE: Final = (
-    f"{_INSERT} ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key <> '' DO NOTHING RETURNING seq"
+    f"{_INSERT} ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key <> '' DO NOTHING RETURNING vtag"
 )
 _BY_KEY: Final = f"{_SELECT} WHERE tenant = $1 AND idempotency_key = $2"
 _GET: Final = f"{_SELECT} WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"
+# Claims: {models} is `model = $1::text` for one model, which reads the claim index
+# casola_jobs_queued in claim order and stops at the first unlocked row(s); for several models it is
+# `model = ANY($1::text[])`, which PostgreSQL reads as an unordered index scan and then sorts.
 _CLAIM: Final = (
     "UPDATE casola_jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, fence = fence + 1,"
     " lease_owner = $2, lease_expires = $3, started_at = COALESCE(started_at, $4)"
-    " WHERE id = (SELECT id FROM casola_jobs WHERE status = 'IN_QUEUE' AND model = ANY($1::text[])"
-    " ORDER BY priority DESC, created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
+    " WHERE id = (SELECT id FROM casola_jobs WHERE status = 'IN_QUEUE' AND {models}"
+    " ORDER BY priority DESC, vtag, created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
     f" AND status = 'IN_QUEUE' RETURNING {_COLS}"
 )
 _CLAIM_MANY: Final = (  # a CTE: the picked ids are computed once (an IN (... LIMIT) may not be)
     "WITH picked AS (SELECT id AS picked_id FROM casola_jobs WHERE status = 'IN_QUEUE'"
-    " AND model = ANY($1::text[]) ORDER BY priority DESC, created_at, seq LIMIT $5 FOR UPDATE SKIP LOCKED)"
+    " AND {models} ORDER BY priority DESC, vtag, created_at, seq LIMIT $5 FOR UPDATE SKIP LOCKED)"
     " UPDATE casola_jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, fence = fence + 1,"
     " lease_owner = $2, lease_expires = $3, started_at = COALESCE(started_at, $4)"
-    f" FROM picked WHERE id = picked_id AND status = 'IN_QUEUE' RETURNING {_COLS}"
+    f" FROM picked WHERE id = picked_id AND status = 'IN_QUEUE' RETURNING {_COLS}, seq"
 )
+# (one model, several models)
+_CLAIMS: Final = tuple(_CLAIM.format(models=m) for m in ("model = $1::text", "model = ANY($1::text[])"))
+_CLAIMS_MANY: Final = tuple(_CLAIM_MANY.format(models=m) for m in ("model = $1::text", "model = ANY($1::text[])"))
 _FENCED: Final = "id = $1 AND fence = $2 AND status = 'IN_PROGRESS'"
 _RENEW: Final = f"UPDATE casola_jobs SET lease_expires = $3, progress = COALESCE($4, progress) WHERE {_FENCED}"
 _CHECKPOINT: Final = (
@@ -126,7 +149,7 @@ _CANCEL: Final = (
 _POSITION: Final = (
     "SELECT (SELECT COUNT(*) FROM casola_jobs q WHERE q.status = 'IN_QUEUE' AND q.model = j.model"
     " AND (q.priority > j.priority OR (q.priority = j.priority"
-    " AND (q.created_at < j.created_at OR (q.created_at = j.created_at AND q.seq < j.seq)))))"
+    " AND (q.vtag, q.created_at, q.seq) < (j.vtag, j.created_at, j.seq))))"
     " FROM casola_jobs j WHERE j.id = $1 AND j.status = 'IN_QUEUE'"
 )
 # $1 now, $2 limit, $3 held until. SKIP LOCKED: what another node is taking at once is its own.
@@ -137,6 +160,20 @@ _DUE_WEBHOOKS: Final = (
     f" held AS (UPDATE casola_jobs SET webhook_next = $3 FROM due WHERE id = due_id RETURNING {_COLS}, due_at, due_seq)"
     f" SELECT {_COLS} FROM held ORDER BY due_at, due_seq"
 )
+# Jobs then audit records from before $1, in one statement (a data-modifying CTE always runs).
+_PURGE: Final = (
+    "WITH audits AS (DELETE FROM casola_audits WHERE at < $1)"
+    " DELETE FROM casola_jobs WHERE status = 'COMPLETED' AND completed_at < $1"
+)
+_QUEUED_BY_MODEL: Final = "SELECT model, COUNT(*) FROM casola_jobs WHERE status = 'IN_QUEUE' GROUP BY model"
+# Audit records: inserted in AUDIT_COLUMNS order, a known id skipped; read oldest first.
+_AUDIT_COLS: Final = ", ".join(AUDIT_COLUMNS)
+_INSERT_AUDIT: Final = (
+    f"INSERT INTO casola_audits ({_AUDIT_COLS}) VALUES ({', '.join(f'${i}' for i in range(1, len(AUDIT_COLUMNS) + 1))})"
+    " ON CONFLICT (id) DO NOTHING"
+)
+_AUDITS: Final = f"SELECT {_AUDIT_COLS} FROM casola_audits WHERE at >= $1 ORDER BY at, seq LIMIT $2"
+_AUDITS_OF: Final = f"SELECT {_AUDIT_COLS} FROM casola_audits WHERE tenant = $3 AND at >= $1 ORDER BY at, seq LIMIT $2"
 # $2 is "delivered or given up"; a job already done stays done.
 _WEBHOOK_ATTEMPTED: Final = (
     "UPDATE casola_jobs SET webhook_attempts = webhook_attempts + 1, webhook_done = webhook_done OR $2::boolean,"
@@ -152,6 +189,13 @@ def _translated(what: str) -> Iterator[None]:
         yield
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise StoreError(f"postgresql {what} failed: {exc}") from exc
+
+
+def _claim_sql(statements: tuple[str, ...], names: list[str]) -> tuple[str, str | list[str]]:
+    """The claim statement for `names` and its $1: one model by equality (index order), else an array."""
+    if len(names) == 1:
+        return statements[0], names[0]
+    return statements[1], names
 
 
 def _changed(status: str) -> int:
@@ -236,15 +280,15 @@ class PostgresJobStore(JobStore):
     async def submit(self, job: NewJob, now: float, *, lease_owner: str = "", lease_s: float = 0.0) -> tuple[Job, bool]:
         """See `JobStore.submit`."""
         record = new_job(job, uuid.uuid4().hex, now, lease_owner=lease_owner, lease_s=lease_s)
-        row = job_to_row(record)
+        row = job_to_row(record)[:-1]  # the INSERT computes vtag
         pool = self.pool
         with _translated("submit"):
             if not record.idempotency_key:
-                await pool.execute(_INSERT, *row)
-                return record, True
+                vtag = await pool.fetchval(_INSERT_ONE, *row)
+                return msgspec.structs.replace(record, vtag=vtag), True
             for _ in range(_SUBMIT_TRIES):
-                if await pool.fetchval(_INSERT_ONCE, *row) is not None:
-                    return record, True
+                if (vtag := await pool.fetchval(_INSERT_ONCE, *row)) is not None:
+                    return msgspec.structs.replace(record, vtag=vtag), True
                 existing = await pool.fetchrow(_BY_KEY, record.tenant, record.idempotency_key)
                 if existing is not None:
                     return job_from_row(existing), False
@@ -259,19 +303,20 @@ class PostgresJobStore(JobStore):
         names = check_models(models)
         if not names:
             return None
-        return await self._one("claim", _CLAIM, names, owner, now + lease_s, now)
+        sql, arg = _claim_sql(_CLAIMS, names)
+        return await self._one("claim", sql, arg, owner, now + lease_s, now)
 
     async def claim_many(self, models: Sequence[str], owner: str, lease_s: float, now: float, limit: int) -> list[Job]:
         """See `JobStore.claim_many`: one statement."""
         names = check_models(models)
         if not names or limit <= 0:
             return []
+        sql, arg = _claim_sql(_CLAIMS_MANY, names)
         pool = self.pool
         with _translated("claim"):
-            rows = await pool.fetch(_CLAIM_MANY, names, owner, now + lease_s, now, limit)
-        jobs = [job_from_row(r) for r in rows]
-        jobs.sort(key=lambda j: (-j.priority, j.created_at))  # RETURNING has no order
-        return jobs
+            rows = await pool.fetch(sql, arg, owner, now + lease_s, now, limit)
+        rows = sorted(rows, key=lambda r: (-r["priority"], r["vtag"], r["created_at"], r["seq"]))  # RETURNING: no order
+        return [job_from_row(r) for r in rows]
 
     async def renew(self, job_id: str, fence: int, lease_s: float, now: float, progress: float | None = None) -> bool:
         """See `JobStore.renew`."""
@@ -351,9 +396,8 @@ class PostgresJobStore(JobStore):
     async def purge(self, now: float, retention_s: float) -> int:
         """See `JobStore.purge`."""
         pool = self.pool
-        sql = "DELETE FROM casola_jobs WHERE status = 'COMPLETED' AND completed_at < $1"
         with _translated("purge"):
-            return _changed(await pool.execute(sql, now - retention_s))
+            return _changed(await pool.execute(_PURGE, now - retention_s))
 
     async def counts(self) -> dict[str, int]:
         """See `JobStore.counts`."""
@@ -363,6 +407,35 @@ class PostgresJobStore(JobStore):
         counts = dict.fromkeys((status.value for status in JobStatus), 0)
         counts.update((row[0], int(row[1])) for row in rows)
         return counts
+
+    async def queued_by_model(self) -> dict[str, int]:
+        """See `JobStore.queued_by_model`."""
+        pool = self.pool
+        with _translated("queued_by_model"):
+            rows = await pool.fetch(_QUEUED_BY_MODEL)
+        return {row[0]: int(row[1]) for row in rows}
+
+    async def record_audit(self, records: Sequence[AuditRecord]) -> None:
+        """See `JobStore.record_audit`: one executemany, in one transaction."""
+        if not records:
+            return
+        rows = [msgspec.structs.astuple(record) for record in records]
+        pool = self.pool
+        with _translated("record_audit"):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.executemany(_INSERT_AUDIT, rows)
+
+    async def audits(self, *, tenant: str | None = None, since: float = 0.0, limit: int = 100) -> list[AuditRecord]:
+        """See `JobStore.audits`."""
+        if limit <= 0:
+            return []
+        pool = self.pool
+        with _translated("audits"):
+            if tenant is None:
+                rows = await pool.fetch(_AUDITS, since, limit)
+            else:
+                rows = await pool.fetch(_AUDITS_OF, since, limit, tenant)
+        return [audit_from_row(row) for row in rows]
 
     async def _one(self, what: str, sql: str, *args: Any) -> Job | None:
         pool = self.pool

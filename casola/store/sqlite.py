@@ -33,11 +33,13 @@ from casola.store import sqlite_sql as sql
 from casola.store.base import (
     CANCELLED,
     WORKER_ERROR,
+    AuditRecord,
     Job,
     JobStatus,
     JobStore,
     NewJob,
     StoreError,
+    audit_from_row,
     check_models,
     job_from_row,
     job_to_row,
@@ -277,6 +279,23 @@ class SqliteJobStore(JobStore):
         """See `JobStore.counts`."""
         return await self._call(_counts)
 
+    async def queued_by_model(self) -> dict[str, int]:
+        """See `JobStore.queued_by_model`."""
+        return await self._call(_queued_by_model)
+
+    async def record_audit(self, records: Sequence[AuditRecord]) -> None:
+        """See `JobStore.record_audit`: one operation on the writer thread."""
+        if records:
+            await self._call(_record_audit, [msgspec.structs.astuple(record) for record in records])
+
+    async def audits(self, *, tenant: str | None = None, since: float = 0.0, limit: int = 100) -> list[AuditRecord]:
+        """See `JobStore.audits`."""
+        if limit <= 0:
+            return []
+        if tenant is None:
+            return await self._call(_audits, sql.AUDITS, (since, limit))
+        return await self._call(_audits, sql.AUDITS_OF, (tenant, since, limit))
+
 
 # -- helpers run by the writer thread (conn first) -----------------------------------------------
 
@@ -386,12 +405,13 @@ def _one(conn: sqlite3.Connection, statement: str, args: Any) -> Job | None:
 
 
 def _submit(conn: sqlite3.Connection, job: Job, row: tuple[Any, ...]) -> tuple[Job, bool]:
+    """Insert the job, its vtag computed by the INSERT (the writer lock makes the tag exact)."""
     if job.idempotency_key:
         existing = _one(conn, sql.BY_KEY, (job.tenant, job.idempotency_key))
         if existing is not None:
             return existing, False
-    conn.execute(sql.INSERT, row)
-    return job, True
+    rows = conn.execute(sql.INSERT, row[:-1]).fetchall()  # fetchall: RETURNING finishes its statement
+    return msgspec.structs.replace(job, vtag=rows[0][0]), True
 
 
 def _get(conn: sqlite3.Connection, job_id: str, tenant: str | None) -> Job | None:
@@ -444,6 +464,7 @@ def _position(conn: sqlite3.Connection, job_id: str) -> int | None:
 
 
 def _purge(conn: sqlite3.Connection, before: float) -> int:
+    conn.execute(sql.PURGE_AUDITS, (before,))
     return conn.execute(sql.PURGE, (before,)).rowcount
 
 
@@ -452,6 +473,18 @@ def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     for status, n in conn.execute(sql.COUNTS):
         counts[status] = n
     return counts
+
+
+def _queued_by_model(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute(sql.QUEUED_BY_MODEL).fetchall())
+
+
+def _record_audit(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    conn.executemany(sql.INSERT_AUDIT, rows)
+
+
+def _audits(conn: sqlite3.Connection, statement: str, args: tuple[Any, ...]) -> list[AuditRecord]:
+    return [audit_from_row(row) for row in conn.execute(statement, args).fetchall()]
 
 
 def _due_webhooks(conn: sqlite3.Connection, now: float, limit: int, until: float) -> list[Job]:

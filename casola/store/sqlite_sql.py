@@ -2,7 +2,8 @@
 
 Named parameters (`:id`, `:fence`, `:now`) where a statement has several, `?` otherwise. Every
 statement that completes a job also makes its webhook due (`webhook_next = :now`) when it has a
-`webhook_url` (the invariant in `casola.store.base`). The PostgreSQL store keeps its own dialect's
+`webhook_url` (the invariant in `casola.store.base`). Claims and queue positions follow the fair
+claim order: priority DESC, vtag, created_at, seq. The PostgreSQL store keeps its own dialect's
 text beside its code.
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 from typing import Final
 
-from casola.store.base import JOB_COLUMNS
+from casola.store.base import AUDIT_COLUMNS, JOB_COLUMNS
 
 __all__ = [
+    "AUDITS",
+    "AUDITS_OF",
     "BY_ID",
     "BY_ID_AND_TENANT",
     "BY_KEY",
@@ -26,9 +29,12 @@ __all__ = [
     "EXPIRED",
     "HOLD_WEBHOOK",
     "INSERT",
+    "INSERT_AUDIT",
     "OWNED_BY",
     "POSITION",
     "PURGE",
+    "PURGE_AUDITS",
+    "QUEUED_BY_MODEL",
     "RENEW",
     "RUNNING_UNDER_FENCE",
     "TAKE_BACK",
@@ -36,7 +42,18 @@ __all__ = [
 ]
 
 COLS: Final = ", ".join(JOB_COLUMNS)
-INSERT: Final = f"INSERT INTO casola_jobs ({COLS}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})"
+# The job's virtual tag (casola.store.base), computed in the INSERT from ?2 (tenant) and ?3 (model):
+# 1 + the greater of the tenant's highest tag QUEUED for the model and the model's virtual clock
+# (its lowest tag QUEUED - 1, or 0). Each subselect is one probe of a partial index (migration 3).
+_VTAG: Final = (
+    "MAX(COALESCE((SELECT MAX(vtag) FROM casola_jobs WHERE status = 'IN_QUEUE' AND model = ?3 AND tenant = ?2), 0),"
+    " COALESCE((SELECT MIN(vtag) FROM casola_jobs WHERE status = 'IN_QUEUE' AND model = ?3) - 1, 0)) + 1"
+)
+# Takes every column but the last, vtag, as ?1 ... ?N-1 in JOB_COLUMNS order; returns the tag.
+INSERT: Final = (
+    f"INSERT INTO casola_jobs ({COLS})"
+    f" VALUES ({', '.join(f'?{i}' for i in range(1, len(JOB_COLUMNS)))}, {_VTAG}) RETURNING vtag"
+)
 _SELECT: Final = f"SELECT {COLS} FROM casola_jobs"
 BY_ID: Final = f"{_SELECT} WHERE id = ?"
 BY_ID_AND_TENANT: Final = f"{_SELECT} WHERE id = ? AND tenant = ?"
@@ -46,7 +63,7 @@ CLAIM: Final = (
     "UPDATE casola_jobs SET status = 'IN_PROGRESS', attempt = attempt + 1, fence = fence + 1,"
     " lease_owner = ?, lease_expires = ?, started_at = COALESCE(started_at, ?)"
     " WHERE id = (SELECT id FROM casola_jobs WHERE status = 'IN_QUEUE' AND model IN ({marks})"
-    f" ORDER BY priority DESC, created_at, seq LIMIT 1) RETURNING {COLS}"
+    f" ORDER BY priority DESC, vtag, created_at, seq LIMIT 1) RETURNING {COLS}"
 )
 RENEW: Final = (
     "UPDATE casola_jobs SET lease_expires = :expires, progress = COALESCE(:progress, progress)"
@@ -94,11 +111,21 @@ CANCEL: Final = (
 POSITION: Final = (
     "SELECT (SELECT COUNT(*) FROM casola_jobs q WHERE q.status = 'IN_QUEUE' AND q.model = j.model"
     " AND (q.priority > j.priority OR (q.priority = j.priority"
-    " AND (q.created_at < j.created_at OR (q.created_at = j.created_at AND q.seq < j.seq)))))"
+    " AND (q.vtag, q.created_at, q.seq) < (j.vtag, j.created_at, j.seq))))"
     " FROM casola_jobs j WHERE j.id = ? AND j.status = 'IN_QUEUE'"
 )
 PURGE: Final = "DELETE FROM casola_jobs WHERE status = 'COMPLETED' AND completed_at < ?"
+PURGE_AUDITS: Final = "DELETE FROM casola_audits WHERE at < ?"
 COUNTS: Final = "SELECT status, COUNT(*) FROM casola_jobs GROUP BY status"
+QUEUED_BY_MODEL: Final = "SELECT model, COUNT(*) FROM casola_jobs WHERE status = 'IN_QUEUE' GROUP BY model"
+# Audit records: inserted in AUDIT_COLUMNS order, a known id skipped; read oldest first.
+_AUDIT_COLS: Final = ", ".join(AUDIT_COLUMNS)
+INSERT_AUDIT: Final = (
+    f"INSERT INTO casola_audits ({_AUDIT_COLS}) VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})"
+    " ON CONFLICT (id) DO NOTHING"
+)
+AUDITS: Final = f"SELECT {_AUDIT_COLS} FROM casola_audits WHERE at >= ? ORDER BY at, seq LIMIT ?"
+AUDITS_OF: Final = f"SELECT {_AUDIT_COLS} FROM casola_audits WHERE tenant = ? AND at >= ? ORDER BY at, seq LIMIT ?"
 # Webhooks: the due ones (now, limit), then each one held (until, id) in the same transaction.
 DUE_WEBHOOKS: Final = (
     f"{_SELECT} WHERE status = 'COMPLETED' AND webhook_url <> '' AND NOT webhook_done"

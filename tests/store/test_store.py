@@ -92,11 +92,12 @@ async def test_tenants_only_see_and_cancel_their_own_jobs(store: JobStore) -> No
 
 @pytest.mark.asyncio
 async def test_claim_takes_priority_first_then_the_oldest(store: JobStore) -> None:
+    # One tenant each: every job gets the head's fair-queuing tag, so age decides (tests/store/test_fairness.py).
     ids = {}
     for name, now, priority in [("old", 1.0, 0), ("new", 5.0, 0), ("urgent", 9.0, 5), ("tie_a", 3.0, 0)]:
-        job, _ = await store.submit(new(priority=priority), now)
+        job, _ = await store.submit(new(tenant=name, priority=priority), now)
         ids[job.id] = name
-    tie_b, _ = await store.submit(new(), 3.0)  # same created_at as tie_a: submission order decides
+    tie_b, _ = await store.submit(new(tenant="tie_b"), 3.0)  # same created_at as tie_a: submission order decides
     ids[tie_b.id] = "tie_b"
     order = []
     while (job := await store.claim(["m"], "w", LEASE, 20.0)) is not None:
