@@ -11,7 +11,6 @@ time through a collector.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
@@ -20,39 +19,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from casola.ingress.timing import STAGES as SERVER_TIMING_STAGES
+from casola.stats import FastHistogram
 
 __all__ = ["CONTENT_TYPE", "STAGES", "FastHistogram", "Metrics"]
 
 CONTENT_TYPE: Final = b"text/plain; version=0.0.4; charset=utf-8"
 
-# 50 µs .. 10 s: the interesting range for a router is sub-millisecond, models take seconds.
-BUCKETS: Final = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 STAGES: Final = ("total", *SERVER_TIMING_STAGES)  # the Server-Timing stages, plus the whole request
 
 
 _UPSTREAM_STAGES: Final = SERVER_TIMING_STAGES[1:]  # reported by the queue node and worker
-
-
-class FastHistogram:
-    """Cumulative-at-render histogram: `observe` only finds a bucket and increments it."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # last slot: +Inf
-        self.sum = 0.0
-
-    def observe(self, v: float) -> None:
-        self.counts[bisect_left(self.bounds, v)] += 1
-        self.sum += v
-
-    def buckets(self) -> list[tuple[str, int]]:
-        out, acc = [], 0
-        for bound, n in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
-            acc += n
-            out.append((bound, acc))
-        return out
 
 
 class _Collector(Collector):
@@ -72,6 +48,8 @@ class _Collector(Collector):
         yield GaugeMetricFamily("casola_in_flight", "Requests in progress at the ingress", value=m.in_flight)
         if m.queue_snapshot is not None:
             yield from _queue_gauges(m.queue_snapshot())
+        if m.queue_signals is not None:
+            yield from _signal_metrics(m.queue_signals())
 
 
 def _queue_gauges(snap: dict[str, dict[str, int]]) -> Iterator[Any]:
@@ -87,6 +65,35 @@ def _queue_gauges(snap: dict[str, dict[str, int]]) -> Iterator[Any]:
         yield g
 
 
+def _signal_metrics(sig: dict[str, Any]) -> Iterator[Any]:
+    """The queue node's per (model, pool) signals (casola.queue.signals) and its filter's counts."""
+    pools = sig.get("pools", [])
+    labels = ["model", "pool"]
+    for key, doc in (
+        ("arrival_rate", "Arrivals per second (decayed over 10 s), per model and pool"),
+        ("queue_depth", "Requests (sync) or jobs (async) waiting, per model and pool"),
+        ("slots", "Worker slots, per model and pool"),
+        ("busy", "Busy worker slots, per model and pool"),
+        ("workers", "Live workers, per model and pool"),
+    ):
+        g = GaugeMetricFamily(f"casola_pool_{key}", doc, labels=labels)
+        for rec in pools:
+            g.add_metric([rec["model"], rec["pool"]], rec[key])
+        yield g
+    for key, doc in (("wait", "Time waiting for a slot"), ("service", "Time a slot was held")):
+        h = HistogramMetricFamily(f"casola_pool_{key}_seconds", f"{doc}, per model and pool", labels=labels)
+        for rec in pools:
+            if rec[key] is not None:
+                h.add_metric([rec["model"], rec["pool"]], rec[key]["buckets"], rec[key]["sum_s"])
+        yield h
+    flt = sig.get("filter")
+    if flt:
+        c = CounterMetricFamily("casola_filter_verdicts", "Content filter outcomes", labels=["outcome"])
+        for outcome, n in flt["stats"].items():
+            c.add_metric([outcome], n)
+        yield c
+
+
 class Metrics:
     MAX_SERIES = 10_000  # (model, status) pairs kept apart; beyond, "_other" (no unbounded growth)
 
@@ -95,6 +102,7 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.in_flight = 0
         self.queue_snapshot: Callable[[], dict[str, dict[str, int]]] | None = None
+        self.queue_signals: Callable[[], dict[str, Any]] | None = None  # QueueNode.signals, in `casola up`
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(self))
 
@@ -113,7 +121,7 @@ class Metrics:
         if timing:
             for name in _UPSTREAM_STAGES:
                 v = timing.get(name)
-                if v is not None:
+                if v is not None and v >= 0:  # negative: not finished (see casola.ingress.timing)
                     stage[name].observe(v / 1000)
 
     def render(self) -> bytes:
