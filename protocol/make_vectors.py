@@ -144,6 +144,7 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
         job_id="job-42",
         fence=7,
         attempt=1,
+        filter="block",
     )
     v: dict[str, list[dict[str, Any]]] = {
         "HELLO": [
@@ -222,7 +223,23 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
                 meta_bytes=mp([*fields("REQUEST", model="echo").values(), "x"]),
                 canonical=False,
             ),
+            valid(
+                "older sender: the 14 fields before `filter`",
+                "§4.2",
+                "REQUEST",
+                1,
+                END,
+                fields("REQUEST", model="echo", tenant="t1"),
+                meta_bytes=mp(list(fields("REQUEST", model="echo", tenant="t1").values())[:14]),
+                canonical=False,
+            ),
             invalid("REQUEST without metadata (model required)", "§4", raw(0x10, 1), "BAD_META"),
+            invalid(
+                "REQUEST filter outside its value set",
+                "§4.1",
+                raw(0x10, 1, meta=mp([*list(fields("REQUEST", model="m").values())[:14], "strict"])),
+                "BAD_META",
+            ),
             invalid("REQUEST model is an int", "§4", raw(0x10, 1, meta=mp([5])), "BAD_META"),
             invalid(
                 "REQUEST priority out of range",

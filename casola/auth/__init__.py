@@ -10,8 +10,10 @@ from casola.auth.keystore import KeyStore, UnknownKeyError
 from casola.auth.revocation import RevocationList
 from casola.auth.tokens import (
     ALL_SCOPES,
+    FILTER_POLICIES,
     SCOPE_INGRESS,
     SCOPE_RUN,
+    SCOPE_SIGNALS,
     SCOPE_WORKER,
     AuthError,
     Claims,
@@ -21,8 +23,10 @@ from casola.auth.tokens import (
 
 __all__ = [
     "ALL_SCOPES",
+    "FILTER_POLICIES",
     "SCOPE_INGRESS",
     "SCOPE_RUN",
+    "SCOPE_SIGNALS",
     "SCOPE_WORKER",
     "AuthError",
     "Claims",

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from casola.auth.keystore import KeyStore, UnknownKeyError
-from casola.auth.tokens import ALL_SCOPES, SCOPE_RUN
+from casola.auth.tokens import ALL_SCOPES, FILTER_POLICIES, SCOPE_RUN
 
 __all__ = ["add_keys_parser", "run_keys"]
 
-_COLUMNS = ("kid", "name", "tenant", "scopes", "region", "expires", "revoked")
+_COLUMNS = ("kid", "name", "tenant", "scopes", "region", "filter", "expires", "revoked")
 
 
 def add_keys_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,6 +42,13 @@ def add_keys_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         "--ttl", type=_non_negative_int, default=0, metavar="SECONDS", help="lifetime; 0 = never expires"
     )
     create.add_argument("--name", default="", help="a label for humans")
+    create.add_argument(
+        "--filter",
+        default="",
+        choices=[p for p in FILTER_POLICIES if p],
+        help="content-filter policy for the key's requests (default: none, each model's policy applies; "
+        "a model set to block is blocked whatever the key says)",
+    )
     _add_state_dir(create)
 
     revoke = sub.add_parser("revoke", help="revoke a key by its id; running servers refuse it within a second")
@@ -77,9 +84,12 @@ def run_keys(args: argparse.Namespace) -> int:
 
 def _create(store: KeyStore, args: argparse.Namespace) -> int:
     scopes: Sequence[str] = args.scopes or [SCOPE_RUN]
-    claims, token = store.create(args.tenant, scopes, region=args.region, ttl_s=args.ttl, name=args.name)
+    claims, token = store.create(
+        args.tenant, scopes, region=args.region, ttl_s=args.ttl, name=args.name, filter=args.filter
+    )
     print(token)
     pin = f", region {claims.region}" if claims.region else ""
+    pin += f", filter {claims.filter}" if claims.filter else ""
     print(
         f"created key {claims.kid} for tenant {claims.tenant} (scopes: {', '.join(claims.scopes)}{pin}; "
         f"expires: {_when(claims.exp)}). The token is shown once; store it now.",
@@ -122,6 +132,7 @@ def _row(record: dict[str, object]) -> tuple[str, ...]:
         str(record.get("tenant", "")),
         ",".join(str(s) for s in scopes) if isinstance(scopes, list) else "",
         str(record.get("region") or "-"),
+        str(record.get("filter") or "-"),  # absent in records written before keys had one
         _when(exp if isinstance(exp, int) else 0),
         "yes" if record.get("revoked") else "no",
     )

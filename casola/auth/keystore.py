@@ -3,7 +3,8 @@
 Layout of `<state_dir>` (created 0700):
 
     signing-key.pem   Ed25519 private key, PKCS8 PEM, mode 0600; created on first use
-    keys.json         metadata of every key issued: kid, name, tenant, scopes, region, exp, iat, revoked.
+    keys.json         metadata of every key issued: kid, name, tenant, scopes, region, exp, iat, filter,
+                      revoked.
                       Tokens are never stored here: a token is shown once, when it is created.
     revoked.txt       one revoked kid per line, read by every running `Verifier` (see revocation.py)
     <name>            tokens this deployment issues to itself ("dev-api-key", "worker-key",
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from casola.auth.revocation import RevocationList, parse_revocations
-from casola.auth.tokens import AuthError, Claims, Verifier, sign_token
+from casola.auth.tokens import FILTER_POLICIES, AuthError, Claims, Verifier, sign_token
 from casola.files import write_atomic
 
 if sys.platform != "win32":
@@ -100,7 +101,14 @@ class KeyStore:
         return Verifier(self.public_keys(), RevocationList(self._state_dir / REVOKED_FILE))
 
     def create(
-        self, tenant: str, scopes: Sequence[str], *, region: str = "", ttl_s: int = 0, name: str = ""
+        self,
+        tenant: str,
+        scopes: Sequence[str],
+        *,
+        region: str = "",
+        ttl_s: int = 0,
+        name: str = "",
+        filter: str = "",
     ) -> tuple[Claims, str]:
         """Issue a new key and record its metadata (never the token) in keys.json.
 
@@ -110,16 +118,19 @@ class KeyStore:
             region: pin requests to this region; "" for none.
             ttl_s: lifetime in seconds; 0 never expires.
             name: a label for humans.
+            filter: content-filter policy for the key's requests: "off", "race" or "block"; "" for
+                none (each model's policy applies; a model set to "block" is blocked whatever the key says).
 
         Returns:
             The claims and the token. The token is shown to the caller once and not kept.
 
         Raises:
-            ValueError: empty tenant or scopes, or a negative ttl; also a corrupt keys.json.
+            ValueError: empty tenant or scopes, a negative ttl, or an unknown filter policy; also a
+                corrupt keys.json.
             OSError: the state directory cannot be written.
         """
         with self._locked():
-            return self._create_unlocked(tenant, scopes, region=region, ttl_s=ttl_s, name=name)
+            return self._create_unlocked(tenant, scopes, region=region, ttl_s=ttl_s, name=name, filter=filter)
 
     def revoke(self, kid: str) -> None:
         """Revoke `kid`: add it to revoked.txt (running verifiers notice within a second) and mark it
@@ -172,7 +183,14 @@ class KeyStore:
     # -- internals ---------------------------------------------------------------------------------
 
     def _create_unlocked(
-        self, tenant: str, scopes: Sequence[str], *, region: str = "", ttl_s: int = 0, name: str = ""
+        self,
+        tenant: str,
+        scopes: Sequence[str],
+        *,
+        region: str = "",
+        ttl_s: int = 0,
+        name: str = "",
+        filter: str = "",
     ) -> tuple[Claims, str]:
         if not tenant:
             raise ValueError("tenant must not be empty")
@@ -180,6 +198,8 @@ class KeyStore:
             raise ValueError(f"scopes must be a non-empty sequence of non-empty strings, got {scopes!r}")
         if ttl_s < 0:
             raise ValueError(f"ttl_s must be >= 0, got {ttl_s}")
+        if filter not in FILTER_POLICIES:
+            raise ValueError(f"filter must be one of off, race, block (or empty for none), got {filter!r}")
         iat = int(time.time())
         claims = Claims(
             kid="k_" + secrets.token_hex(6),
@@ -188,6 +208,7 @@ class KeyStore:
             region=region,
             exp=iat + ttl_s if ttl_s else 0,
             iat=iat,
+            filter=filter,
         )
         token = sign_token(self.signing_key(), claims)
         records = self._read_records()
@@ -200,6 +221,7 @@ class KeyStore:
                 "region": claims.region,
                 "exp": claims.exp,
                 "iat": claims.iat,
+                "filter": claims.filter,
                 "revoked": False,
             }
         )

@@ -4,11 +4,13 @@ Wire format::
 
     csk_<b64(payload)>.<b64(signature)>
 
-    payload   = msgpack(Claims), a 6-element array: [kid, tenant, scopes, region, exp, iat]
+    payload   = msgpack(Claims), a 7-element array: [kid, tenant, scopes, region, exp, iat, filter]
     signature = Ed25519(private_key, b"casola-key-v1\\x00" + payload)   (64 bytes)
     b64       = base64url, no "=" padding (RFC 4648 section 5)
 
-The domain-separation prefix keeps a signature over a token from being valid for any other message
+Claims only ever grow at the end, with a default: a token from before a field existed (6 elements,
+no `filter`) still verifies and gets the default, and an older verifier ignores elements it does not
+know. The domain-separation prefix keeps a signature over a token from being valid for any other message
 signed with the same key. The token itself is the secret: anyone holding it acts as its kid.
 
 `Verifier.verify` is on the hot path of every HTTP request. A full check (base64, msgpack, Ed25519) costs
@@ -34,9 +36,11 @@ from casola.wire.errors import CasolaError
 __all__ = [
     "ALL_SCOPES",
     "DEFAULT_CACHE_SIZE",
+    "FILTER_POLICIES",
     "MAX_TOKEN_LENGTH",
     "SCOPE_INGRESS",
     "SCOPE_RUN",
+    "SCOPE_SIGNALS",
     "SCOPE_WORKER",
     "TOKEN_PREFIX",
     "AuthError",
@@ -48,7 +52,10 @@ __all__ = [
 SCOPE_RUN: Final = "run"  # may submit requests (user API keys)
 SCOPE_WORKER: Final = "worker"  # may register as a worker with a queue node
 SCOPE_INGRESS: Final = "ingress"  # node credential: an ingress dialling a queue node
-ALL_SCOPES: Final = (SCOPE_RUN, SCOPE_WORKER, SCOPE_INGRESS)
+SCOPE_SIGNALS: Final = "signals"  # may read the scheduling signals (an autoscaler): GET /v1/signals
+ALL_SCOPES: Final = (SCOPE_RUN, SCOPE_WORKER, SCOPE_INGRESS, SCOPE_SIGNALS)
+# A key's content-filter policy; "" = none of its own (the queue node's per-model policy applies).
+FILTER_POLICIES: Final = ("", "off", "race", "block")
 
 TOKEN_PREFIX: Final = "csk_"
 _DOMAIN: Final = b"casola-key-v1\x00"
@@ -73,6 +80,9 @@ class Claims(msgspec.Struct, frozen=True, array_like=True):
     region: str = ""  # region pin ("" = none)
     exp: int = 0  # expiry, unix seconds; 0 = never
     iat: int = 0  # issued at, unix seconds
+    # Content-filter policy, one of FILTER_POLICIES ("" = none). A plain str, not a Literal: a value
+    # from a newer issuer must not make the whole token unreadable; the ingress maps unknown ones to "".
+    filter: str = ""
 
 
 class AuthError(CasolaError):

@@ -3,7 +3,8 @@
 A client dials, sends HELLO (role `client`, its API key as credential) and opens streams as on any
 casola link. Each stream is relayed to a queue node; the answer comes back with the ingress's own
 stage added to the same timing fields the HTTP surface puts in Server-Timing (RESPONSE meta at the
-first byte, END meta totals). The tenant comes from the key, never from the client's metadata.
+first byte, END meta totals). The tenant and the content-filter policy come from the key, never
+from the client's metadata.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from casola.auth import SCOPE_RUN, AuthError
+from casola.ingress.jobs import key_filter
 from casola.ingress.upstream import Upstream
 from casola.net.handshake import Refused, serve_tcp
 from casola.net.link import LinkBase
@@ -32,6 +34,7 @@ from casola.wire import (
     ResponseMeta,
     StreamReset,
 )
+from casola.wire.meta import FilterPolicy
 
 if TYPE_CHECKING:
     from casola.ingress.server import Ingress
@@ -76,12 +79,12 @@ class _Relay:
 
 
 class _Client:
-    """One raw client connection: its key's tenant and region pin, and its open streams."""
+    """One raw client connection: its key's tenant, region pin and filter policy, and its open streams."""
 
-    __slots__ = ("region", "relays", "tenant")
+    __slots__ = ("filter", "region", "relays", "tenant")
 
-    def __init__(self, tenant: str, region: str) -> None:
-        self.tenant, self.region = tenant, region
+    def __init__(self, tenant: str, region: str, filter: FilterPolicy) -> None:
+        self.tenant, self.region, self.filter = tenant, region, filter
         self.relays: dict[int, _Relay] = {}
 
 
@@ -108,7 +111,7 @@ class FrameListener:
             code = ErrorCode.FORBIDDEN_ROLE if exc.status == 403 else ErrorCode.UNAUTHENTICATED
             raise Refused(code, exc.message) from exc
         tenant = claims.tenant if claims is not None else ""
-        link.tag = _Client(tenant, claims.region if claims is not None else "")
+        link.tag = _Client(tenant, claims.region if claims is not None else "", key_filter(claims))
         link.on_events, link.on_lost = self._on_events, self._on_lost
         self._links.add(link)
         ack = HelloAckMeta(link.conn.version, self.ing.config.node_id, "", CLIENT_CREDIT)
@@ -141,7 +144,10 @@ class FrameListener:
             link.send(Frame(FrameType.ERROR, frame.stream_id, err))
             return
         deadline = meta.deadline_ms or ing.config.default_deadline_ms
-        meta = msgspec.structs.replace(meta, tenant=client.tenant, trace=True, deadline_ms=deadline)
+        # The key's tenant and filter policy overwrite whatever the client sent (it may not pick its own).
+        meta = msgspec.structs.replace(
+            meta, tenant=client.tenant, filter=client.filter, trace=True, deadline_ms=deadline
+        )
         relay = _Relay(ing, link, frame.stream_id, up, meta.model, perf_counter())
         client.relays[frame.stream_id] = relay
         relay.t_sent = perf_counter()

@@ -20,16 +20,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from time import perf_counter
-from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, get_args
 from urllib.parse import parse_qsl
 
-from casola.auth import AuthError
+from casola.auth import AuthError, Claims
 from casola.ingress.exchange import Exchange
 from casola.ingress.native import RunExchange
 from casola.ingress.upstream import Upstream
 from casola.net.link import LinkBase
 from casola.wire import Buffer, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta, Scope, error_info
-from casola.wire.meta import JobOp, Param
+from casola.wire.meta import FilterPolicy, JobOp, Param
 
 if TYPE_CHECKING:
     from casola.ingress.server import Ingress
@@ -49,6 +49,7 @@ __all__ = [
     "error_status",
     "header_params",
     "job_id",
+    "key_filter",
     "query",
     "start",
 ]
@@ -63,6 +64,7 @@ _KEY: Final = b"key "  # fal's scheme: `Authorization: Key <FAL_KEY>`
 _PARAM: Final = b"x-casola-param-"
 _JOB_ID: Final = re.compile(rb"[A-Za-z0-9._~-]{1,128}")  # URL-safe as is: ids go back out in URLs
 _NO_RESPONSE: Final = ResponseMeta()
+_POLICIES: Final[dict[str, FilterPolicy]] = {p: p for p in get_args(FilterPolicy)}
 _RESPONSE, _ERROR = FrameType.RESPONSE, FrameType.ERROR
 
 # A job's `error_type` is the `type` column of protocol/errors.toml (e.g. "worker_error") or "cancelled";
@@ -156,6 +158,13 @@ def header_params(ex: Exchange) -> dict[str, Param]:
 class Caller(NamedTuple):
     tenant: str
     region: str  # "" = any
+    filter: FilterPolicy = ""  # the key's content-filter policy (RequestMeta.filter); "" = none, or auth off
+
+
+def key_filter(claims: Claims | None) -> FilterPolicy:
+    """The key's content-filter policy as RequestMeta carries it: "" with auth off, and for a value
+    this ingress does not know (a key from a newer issuer), so the model's own policy applies."""
+    return _POLICIES.get(claims.filter, "") if claims is not None else ""
 
 
 def api_key(ex: Exchange) -> bytes | None:
@@ -186,7 +195,7 @@ def authorize(ing: Ingress, ex: Exchange, refuse: Callable[[int, str, str, str],
     if claims.region and region and region != claims.region:
         refuse(403, f"this key is pinned to region {claims.region!r}", "permission_error", "region_pinned")
         return None
-    return Caller(claims.tenant, region or claims.region)
+    return Caller(claims.tenant, region or claims.region, key_filter(claims))
 
 
 def start(
@@ -230,6 +239,7 @@ def start(
         op=op,
         idempotency_key=idempotency_key,
         webhook_url=webhook_url,
+        filter=caller.filter,  # a job's input is filtered under its key's policy, as a sync request's
     )
     ing.metrics.in_flight += 1
     JobExchange(ing, ex, link, meta, reply)

@@ -10,6 +10,9 @@ one-frame answer goes out with Content-Length and the complete Server-Timing hea
 is chunked, its header carries what is known at the first byte and the totals follow in a
 `Server-Timing` trailer (declared with `Trailer: server-timing`). An error after the first byte
 aborts the chunked body (no terminating chunk), so no client mistakes it for a complete answer.
+Except for `text/event-stream`: SSE clients (browsers' EventSource, OpenAI's SDKs) reconnect or
+report a bare "connection lost" on a cut stream, so there the error goes out as a last event,
+`event: error` with the error envelope as `data`, and the body then ends normally.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from collections.abc import Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING
 
+from casola.ingress.envelope import error_body
 from casola.ingress.http import Exchange
 from casola.ingress.timing import server_timing
 from casola.ingress.upstream import Upstream
 from casola.net.link import LinkBase
 from casola.wire import (
     FLAG_END,
+    Buffer,
     EndMeta,
     ErrorCode,
     ErrorMeta,
@@ -49,6 +54,8 @@ OPEN_AT = 64 * 1024  # buffer a body up to this before opening the stream: small
 SLOW_CLIENT_MAX = 32 * 1024 * 1024
 log = logging.getLogger("casola.ingress")
 _OCTET = "application/octet-stream"
+_SSE = "text/event-stream"
+_EVENT_END = b"\n\n"  # a blank line ends an SSE event (the LF form; what SSE servers write)
 Header = tuple[bytes, bytes]
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "trailer", "upgrade"})
 _RESPONSE, _DATA, _END, _ERROR = FrameType.RESPONSE, FrameType.DATA, FrameType.END, FrameType.ERROR
@@ -90,9 +97,11 @@ class RunExchange:
         "model",
         "rmeta",
         "sid",
+        "sse",
         "t0",
         "t_answer",
         "t_sent",
+        "tail",
         "trace",
     )
 
@@ -107,6 +116,8 @@ class RunExchange:
         self.rmeta: ResponseMeta | None = None
         self.committed = False
         self.done = False
+        self.sse = False  # the committed answer is text/event-stream
+        self.tail = b""  # sse: the body's last two bytes, to tell whether it ends between events
         ex.on_body, ex.on_body_end, ex.on_abort = self.on_body, self.on_body_end, self.on_abort
 
     # -- request body -> upstream -------------------------------------------------------------------
@@ -173,11 +184,14 @@ class RunExchange:
                 self._respond_whole(frame.payload, self.rmeta.timing)  # type: ignore[union-attr]
             elif len(frame.payload):
                 self._commit()
-                self.ex.write(frame.payload)
+                self._write(frame.payload)
         elif ft is _DATA:
             if not self.committed:
                 self._commit()
-            self.ex.write(frame.payload)
+            if self.sse:
+                self._write(frame.payload)
+            else:
+                self.ex.write(frame.payload)
             if frame.flags & FLAG_END:
                 self._finish_stream(t, None)
             elif self.ex.writing_paused and self.ex.write_buffered > SLOW_CLIENT_MAX:
@@ -190,7 +204,7 @@ class RunExchange:
                 self._respond_whole(frame.payload, meta.timing)
             else:
                 if len(frame.payload):
-                    self.ex.write(frame.payload)
+                    self._write(frame.payload)
                 self._finish_stream(t, meta.timing)
         elif ft is _ERROR:
             meta = frame.meta
@@ -213,10 +227,13 @@ class RunExchange:
         waited = (self.t_answer - self.t_sent) if self.t_sent else 0.0
         return ((now - self.t0) - waited) * 1000
 
+    def _content_type(self) -> str:
+        meta = self.rmeta
+        return (meta.content_type if meta is not None else "") or self.meta.content_type or _OCTET
+
     def _headers(self, timing: dict[str, float] | None, now: float) -> list[tuple[bytes, bytes]]:
         meta = self.rmeta
-        ct = (meta.content_type if meta is not None else "") or self.meta.content_type or _OCTET
-        headers = [(b"content-type", ct.encode("latin-1"))]
+        headers = [(b"content-type", self._content_type().encode("latin-1"))]
         if meta is not None and meta.headers:
             headers += [
                 (k.lower().encode(), v.encode("latin-1"))
@@ -237,9 +254,16 @@ class RunExchange:
 
     def _commit(self) -> None:
         self.committed = True
+        self.sse = self._content_type().partition(";")[0].strip().lower() == _SSE
         timing = self.rmeta.timing if self.rmeta is not None else None
         trailers = (b"server-timing",) if self.trace else ()
         self.ex.start(200, self._headers(timing, perf_counter()), trailers=trailers)
+
+    def _write(self, payload: Buffer) -> None:
+        """A body write after the commit that also keeps the SSE tail."""
+        self.ex.write(payload)
+        if self.sse and len(payload):
+            self.tail = (self.tail + bytes(payload[-2:]))[-2:]
 
     def _finish_stream(self, t: float, timing: dict[str, float] | None) -> None:
         self.done = True
@@ -256,9 +280,22 @@ class RunExchange:
         self.done = True
         now = perf_counter()
         if self.committed:
-            self.ex.abort()  # mid-stream: truncate, never fake a complete answer
             status = error_info(code).http
+            if self.sse:
+                self._sse_error(code, message, param, timing, now)
+            else:
+                self.ex.abort()  # mid-stream: truncate, never fake a complete answer
         else:
             extra = [(b"server-timing", server_timing(self._ingress_ms(now), timing or {}))] if self.trace else []
             status = send_wire_error(self.ex, code, message, retry_after_ms, param, extra)
         self.ing.finished(self.model, status, timing, self._ingress_ms(now), self.t0)
+
+    def _sse_error(self, code: int, message: str, param: str, timing: dict[str, float] | None, now: float) -> None:
+        """End an SSE answer with `event: error` (the envelope an HTTP error would carry) and a complete
+        chunked body: the event is what tells the client, so nothing may follow it."""
+        body = error_body(message, error_info(code).type, error_name(code).lower(), param or None)
+        # An event the worker left half-written is ended first, so it cannot swallow the error's fields.
+        sep = b"" if self.tail in (b"", _EVENT_END) else _EVENT_END
+        self.ex.write(b"%bevent: error\ndata: %b\n\n" % (sep, body))
+        trailers = [(b"server-timing", server_timing(self._ingress_ms(now), timing or {}))] if self.trace else []
+        self.ex.end(trailers)

@@ -2,7 +2,8 @@
 
 Routes: `POST /v1/run/{model}` (native, streamed both ways; with `X-Casola-Async: 1` it submits an
 async job), `/v1/jobs/...` (the native async API, casola/ingress/asyncapi.py), `GET /healthz`,
-`GET /metrics`, then fal's queue API for any other path of two or more segments (casola/ingress/fal.py).
+`GET /metrics`, `GET /v1/signals` (scope `signals`), then fal's queue API for any other path of two
+or more segments (casola/ingress/fal.py).
 Authentication is local (Ed25519 tokens, `casola.auth`): no remote call on the request path.
 With `tls_cert` and `tls_key` set both listeners speak TLS (HTTPS, and frames over TLS).
 """
@@ -17,18 +18,19 @@ from typing import Any
 
 import msgspec
 
-from casola.auth import SCOPE_RUN, Claims, Verifier
+from casola.auth import SCOPE_RUN, SCOPE_SIGNALS, AuthError, Claims, Verifier
 from casola.certs import server_context
 from casola.ingress import asyncapi, fal
 from casola.ingress.envelope import JSON_CT
 from casola.ingress.frames import FrameListener
 from casola.ingress.http import Exchange, HttpLimits, serve_http
-from casola.ingress.jobs import authorize
+from casola.ingress.jobs import api_key, authorize
 from casola.ingress.metrics import CONTENT_TYPE as METRICS_CT
 from casola.ingress.metrics import Metrics
 from casola.ingress.native import RunExchange, send_wire_error
 from casola.ingress.upstream import QueueNodeSpec, Upstream
 from casola.wire import ErrorCode, RequestMeta
+from casola.wire.meta import FilterPolicy
 
 __all__ = ["Ingress", "IngressConfig"]
 
@@ -71,6 +73,7 @@ class Ingress:
         self.timing_allow_origin = config.timing_allow_origin.encode()
         self.loop: asyncio.AbstractEventLoop  # set in start()
         self.queue_snapshot: Any = None
+        self.queue_signals: Any = None  # the in-process queue node's signals (`casola up`)
         self._servers: list[asyncio.Server] = []
         self.frames = FrameListener(self)
         self._limits = HttpLimits(
@@ -138,6 +141,8 @@ class Ingress:
             return self._healthz(ex)
         if path == b"/metrics" and ex.method in (b"GET", b"HEAD"):
             return ex.respond(200, [(b"content-type", METRICS_CT)], self.metrics.render())
+        if path == b"/v1/signals" and ex.method == b"GET":
+            return self._signals(ex)
         if fal.route(self, ex):  # any other path of 2+ segments: fal's queue API
             return None
         ex.send_error(
@@ -161,7 +166,7 @@ class Ingress:
         # With auth off a sync request carries no tenant; a job needs one (`caller.tenant`).
         tenant = caller.tenant if self.verifier is not None else ""
         try:
-            meta, run_async = self._request_meta(ex, model_b.decode(), tenant)
+            meta, run_async = self._request_meta(ex, model_b.decode(), tenant, caller.filter)
         except ValueError as exc:
             return ex.send_error(400, str(exc), "invalid_request_error", "bad_request")
         if run_async:
@@ -178,7 +183,9 @@ class Ingress:
         self.metrics.in_flight += 1
         RunExchange(self, ex, link, meta, meta.trace)
 
-    def _request_meta(self, ex: Exchange, model: str, tenant: str) -> tuple[RequestMeta, bool]:
+    def _request_meta(
+        self, ex: Exchange, model: str, tenant: str, filter: FilterPolicy = ""
+    ) -> tuple[RequestMeta, bool]:
         """The request head from the headers, in one pass; True when it asks to run async."""
         params: dict[str, Any] = {}
         deadline = self.config.default_deadline_ms
@@ -200,7 +207,7 @@ class Ingress:
                 run_async = run_async or value.lower() in _TRUE
             elif name == b"prefer":
                 run_async = run_async or b"respond-async" in value.lower()
-        return RequestMeta(model, deadline, content_type, params, trace, tenant), run_async
+        return RequestMeta(model, deadline, content_type, params, trace, tenant, filter=filter), run_async
 
     def finished(
         self, model: str, status: int, timing: dict[str, float] | None, ingress_ms: float, t_start: float
@@ -208,6 +215,17 @@ class Ingress:
         """One request is over (any outcome): count it and free its place."""
         self.metrics.in_flight -= 1
         self.metrics.observe(model, status, perf_counter() - t_start, timing, ingress_ms)
+
+    def _signals(self, ex: Exchange) -> None:
+        """What an autoscaler reads: the queue node's per (model, pool) signals (docs/scheduling.md).
+        Needs a key with the `signals` scope."""
+        try:
+            self.authenticate(api_key(ex), SCOPE_SIGNALS)
+        except AuthError as exc:
+            kind = "authentication_error" if exc.status == 401 else "permission_error"
+            return ex.send_error(exc.status, exc.message, kind, exc.code)
+        nodes = [self.queue_signals()] if self.queue_signals is not None else []
+        ex.respond(200, [(b"content-type", JSON_CT)], msgspec.json.encode({"nodes": nodes}))
 
     def _healthz(self, ex: Exchange) -> None:
         nodes = self.upstream.snapshot()

@@ -25,6 +25,7 @@ __all__ = [
     "CreditMeta",
     "EndMeta",
     "ErrorMeta",
+    "FilterPolicy",
     "GoAwayMeta",
     "HeartbeatMeta",
     "HelloAckMeta",
@@ -45,6 +46,7 @@ Grant = Annotated[int, msgspec.Meta(ge=1, le=0x7FFF_FFFF)]
 Role = Literal["client", "ingress", "queue", "worker"]
 Pool = Literal["", "sync", "async", "shared"]
 JobOp = Literal["", "submit", "status", "result", "cancel"]
+FilterPolicy = Literal["", "off", "race", "block"]  # "": the caller's key sets none
 Param = str | int | float | bool | None
 
 
@@ -111,6 +113,7 @@ class RequestMeta(Meta, frozen=True):
     op: JobOp = ""  # "": run now (sync, or a job's dispatch); else an async job operation (SPEC §3.8.1)
     idempotency_key: str = ""  # op "submit": a repeat with the same key returns the first job
     webhook_url: str = ""  # op "submit": POSTed to once the job completes
+    filter: FilterPolicy = ""  # the API key's content-filter policy; "": the model's applies
 
 
 class ResponseMeta(Meta, frozen=True):

@@ -71,6 +71,7 @@ def test_create_records_metadata_but_never_the_token(state_dir: Path) -> None:
             "region": "eu-west",
             "exp": claims.iat + 3600,
             "iat": claims.iat,
+            "filter": "",
             "revoked": False,
         }
     ]
