@@ -31,8 +31,12 @@ tls_key = ""                     # its private key; both "" = plain HTTP (dev pa
 listen = "127.0.0.1:7710"        # frames, for ingresses and workers
 region = "local"
 node_id = "queue-1"
-max_pending = 1024               # requests waiting for a slot, per model; beyond, 429
-retry_after_ms = 1000
+max_pending = 1024               # sync requests waiting for a slot, per model; beyond, 429
+max_pending_per_tenant = 256     # of those, one tenant's (one tenant's flood cannot fill the line)
+retry_after_ms = 1000            # Retry-After until a service time is measured (then: from the drain rate)
+deadlines = {}                   # per model, e.g. { tts = 800 }: deadline (ms) of sync requests naming none
+lend_idle_sync = false           # async jobs may use free slots of sync-pool workers...
+lend_reserve = 1                 # ...all but this many per worker, kept free for sync arrivals
 models = []                      # models known before a worker registers (others: 404 until one does)
 worker_ping_timeout = 5.0        # a worker silent this long is considered dead
 
@@ -48,11 +52,23 @@ max_wait_ms = 30000              # longest long poll (status/result ?wait_ms=)
 webhook_key = ""                 # Ed25519 key signing webhooks; "" = <state_dir>/webhook-key.pem
 webhook_attempts = 8             # deliveries tried per webhook (backoff with jitter, Retry-After honoured)
 
+[queue.filter]                   # content filtering, racing dispatch (docs/filtering.md)
+policy = "race"                  # every model's: off | race | block (classify before dispatch)
+models = {}                      # per model, e.g. { image-gen = "block" }; "block" also overrides a key's policy
+classifiers = ["rules"]          # "rules" and/or "model"; a violation from any one counts
+terms = []                       # rules: literal terms, case-insensitive (none and no patterns: rules off)
+patterns = []                    # rules: RE2 regular expressions (linear time)
+classify_model = "classify"      # model: the worker model asked for a verdict
+timeout_ms = 2000                # a classification that takes longer counts as failed
+on_error = "allow"               # allow | block: what a failed classification means
+max_input = 16777216             # bytes; larger inputs are not classified (block: 413)
+audit_clean = false              # also store audit records of clean verdicts (violations always)
+
 [[workers]]                      # local worker processes started by `casola up`
 models = ["echo"]
 count = 1                        # processes
 capacity = 64                    # requests each runs at once
-pool = "sync"                    # sync | async | shared
+pool = "shared"                  # sync | async | shared (shared: both, sync first)
 threads = 4                      # thread pool for blocking handlers
 ```
 """
@@ -74,7 +90,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     models: list[str] = msgspec.field(default_factory=lambda: ["echo"])
     count: int = 1
     capacity: int = 64
-    pool: str = "sync"
+    pool: str = "shared"
     threads: int = 4
 
 

@@ -93,6 +93,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     upstream.add_memory(node.memory_dialer, config.queue.region)
     ingress = Ingress(config.ingress, verifier, upstream)
     ingress.queue_snapshot = ingress.metrics.queue_snapshot = node.registry.snapshot
+    ingress.queue_signals = ingress.metrics.queue_signals = node.signals
     await upstream.start(wait=5.0)
     await ingress.start()
     queue_addr = f"{config.queue.listen.rpartition(':')[0]}:{node.port}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -61,11 +61,11 @@ class FilterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     policy: Policy = Policy.RACE  # every model's default
     models: dict[str, Policy] = {}  # per model; "block" there also overrides a key's own policy
-    classifiers: list[str] = msgspec.field(default_factory=lambda: ["rules"])  # "rules" and/or "model"
+    classifiers: list[Literal["rules", "model"]] = msgspec.field(default_factory=lambda: ["rules"])  # any one flags
     terms: list[str] = []  # rules: literal terms, matched case-insensitively
     patterns: list[str] = []  # rules: RE2 regular expressions (linear time, no backtracking)
     classify_model: str = "classify"  # model: the worker model that classifies
     timeout_ms: int = 2000  # a classification that takes longer counts as an error
-    on_error: str = "allow"  # allow | block: what a failed classification means
+    on_error: Literal["allow", "block"] = "allow"  # what a failed classification means
     max_input: int = 16 * 1024 * 1024  # larger inputs are not classified (block: refused with 413)
     audit_clean: bool = False  # also store an audit record for clean verdicts (violations always)

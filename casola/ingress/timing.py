@@ -13,14 +13,17 @@ from typing import Final
 __all__ = ["STAGES", "server_timing"]
 
 # The stages, in the order they appear: the ingress's own, then the queue node's in the order it
-# reports them (queue-overhead, wait, worker-rtt, work; later stages such as `filter` follow).
-STAGES: Final = ("ingress", "queue-overhead", "wait", "worker-rtt", "work")
+# reports them (queue-overhead, wait, worker-rtt, work, then the content filter's).
+STAGES: Final = ("ingress", "queue-overhead", "wait", "worker-rtt", "work", "filter")
+# A negative duration means the stage had not finished when the answer went out (the content filter
+# racing a response that won): rendered `filter;desc="pending"`.
 
 
 def server_timing(ingress_ms: float, upstream: Mapping[str, float]) -> bytes:
     """`ingress;dur=0.120, queue-overhead;dur=0.041, ...` as header-value bytes."""
     parts = [f"ingress;dur={ingress_ms:.3f}"]
     for name, v in upstream.items():  # the queue node sends them in STAGES order
-        if name != "ingress":
-            parts.append(f"{name};dur={v:.3f}")
+        if name == "ingress":
+            continue
+        parts.append(f"{name};dur={v:.3f}" if v >= 0 else f'{name};desc="pending"')
     return ", ".join(parts).encode()

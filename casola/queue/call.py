@@ -17,6 +17,7 @@ from casola.wire import Frame, RequestMeta
 if TYPE_CHECKING:
     from asyncio import TimerHandle
 
+    from casola.queue.filtering import FilterCheck
     from casola.queue.registry import ModelEntry, WorkerEntry
 
 __all__ = ["RETAIN_MAX", "Call"]
@@ -28,8 +29,12 @@ class Call:
     __slots__ = (
         "attempt",
         "deadline",
+        "filter",
+        "finished",
         "frames",
         "head_seen",
+        "held",
+        "held_s",
         "ing",
         "ing_sid",
         "meta",
@@ -45,7 +50,9 @@ class Call:
         "worker",
     )
 
-    def __init__(self, ing: LinkBase, ing_sid: int, meta: RequestMeta, model: ModelEntry, now: float) -> None:
+    def __init__(
+        self, ing: LinkBase, ing_sid: int, meta: RequestMeta, model: ModelEntry, now: float, deadline_ms: int = 0
+    ) -> None:
         self.ing = ing
         self.ing_sid = ing_sid
         self.meta = meta
@@ -54,7 +61,12 @@ class Call:
         self.t_queued = 0.0
         self.t_dispatch = 0.0
         self.wait = 0.0
-        self.deadline = now + meta.deadline_ms / 1000 if meta.deadline_ms else 0.0
+        deadline_ms = meta.deadline_ms or deadline_ms  # the request's own, else the model's default
+        self.deadline = now + deadline_ms / 1000 if deadline_ms else 0.0
+        self.filter: FilterCheck | None = None
+        self.held = False  # waiting for the filter's verdict before dispatch (policy block)
+        self.held_s = 0.0  # how long it waited for it: the filter's stage, not the node's overhead
+        self.finished = False  # answered (or failed): a later verdict is recorded, not acted on
         self.frames: list[Frame] = []  # request frames seen so far (REQUEST first), for forwarding/retry
         self.retained = 0  # their payload bytes
         self.req_done = False  # the request direction has ended
@@ -85,7 +97,7 @@ class Call:
         rtt = t_answer - self.t_dispatch
         wait = self.wait
         t = {
-            "queue-overhead": max(0.0, (now - self.t_recv) - wait - rtt) * 1000,
+            "queue-overhead": max(0.0, (now - self.t_recv) - wait - rtt - self.held_s) * 1000,
             "wait": wait * 1000,
             "worker-rtt": rtt * 1000,
         }

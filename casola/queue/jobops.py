@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -91,6 +92,9 @@ class JobOp:
                 raise ValueError(f"webhook URL must be http(s)://host/...: {meta.webhook_url!r}")
         payload = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks = []
+        if (rec := await node.filtering.check_job(meta, payload)) is not None:
+            msg = f"the input was classified as violating the content policy (audit id {rec.id})"
+            return self._error(ErrorCode.CONTENT_POLICY_VIOLATION, msg)
         spec = NewJob(
             tenant=self.tenant,
             model=meta.model,
@@ -103,7 +107,7 @@ class JobOp:
             priority=meta.priority,
         )
         # A free slot and nobody ahead in line: lease it in the same commit and dispatch at once.
-        worker = None if meta.model in jobs.maybe_queued or entry.pending else entry.pick()
+        worker = None if meta.model in jobs.maybe_queued or entry.pending else jobs.pick(meta.model)
         now = time.time()
         if worker is not None:
             worker.reserved += 1
@@ -117,6 +121,7 @@ class JobOp:
             job, created = await jobs.store.submit(spec, now)
         if created:
             jobs.stats["submitted"] += 1
+            entry.signals.arrival("async", perf_counter())
         position = await jobs.store.queue_position(job.id) if job.status is JobStatus.QUEUED else None
         self._answer(encode_view(view_of(job, position)), JOB_VIEW_CT, {"job-created": "1" if created else "0"})
         if created and job.status is JobStatus.RUNNING and worker is not None:

@@ -3,10 +3,11 @@
 A job is persisted before anything else happens (`casola.queue.jobops` answers the submit only
 after the store's durable commit). This module moves it on from there:
 
-- claim: when a worker serving the model has a free slot and no sync request waits for it (sync
-  first), the job is leased to that worker with a new fencing token and dispatched as an ordinary
-  REQUEST carrying `job_id`, `fence`, `attempt` and, after a lost lease, the last checkpoint
-  (`resume_len`). When a slot is free at submit time the submit itself leases the job (one commit);
+- claim: when a worker of the async or shared pool (`casola.queue.scheduler`) serving the model has
+  a free slot and no sync request waits for it (sync first), the job is leased to that worker with
+  a new fencing token and dispatched as an ordinary REQUEST carrying `job_id`, `fence`, `attempt`
+  and, after a lost lease, the last checkpoint (`resume_len`). When a slot is free at submit time
+  the submit itself leases the job (one commit);
 - progress: the worker's HEARTBEATs renew the leases of every job it runs; its CHECKPOINTs are
   stored (and renew too). A stale fence is refused and the worker's stream is cancelled;
 - outcome: the answer (RESPONSE + DATA* + END) is collected and recorded once; a retryable worker
@@ -24,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import msgspec
 
+from casola.queue.scheduler import async_free, pick_async
 from casola.queue.webhooks import WebhookSender, WebhookSigner, webhook_body
 from casola.store import Job, JobStatus, JobStore, StoreError
 from casola.wire import (
@@ -81,6 +84,7 @@ class RunningJob:
         "model",
         "renewed",
         "size",
+        "t0",
         "w_sid",
         "webhook",
         "worker",
@@ -92,6 +96,7 @@ class RunningJob:
         self.base_seq = job.checkpoint_seq  # the worker counts from 1 on every dispatch
         self.worker, self.w_sid = worker, w_sid
         self.renewed = now
+        self.t0 = perf_counter()  # for the service time
         self.chunks: list[Buffer] = []
         self.size = 0
         self.content_type = ""
@@ -180,37 +185,48 @@ class Jobs:
                 self._wake.set()
 
     async def _claim_round(self) -> bool:
-        """Claim jobs for every model with free slots and no sync request waiting: one claim per
-        worker for as many jobs as it has free slots (one statement); True if any was claimed."""
+        """Claim jobs for the models that may have some queued and no sync request waiting: one
+        claim per worker, for all such models it serves, for as many jobs as it has slots a job may
+        take (one statement); True if any was claimed.
+
+        A claim holds the worker's slots while it runs, so a model whose claim came back short is
+        known drained and not claimed for again until a submit or a requeue says otherwise."""
         models = self.node.registry.models
-        claims: list[tuple[str, WorkerEntry, int, asyncio.Future[list[Job]]]] = []
+        wanted = {m for m in self.maybe_queued if (e := models.get(m)) is not None and not e.pending}
+        claims: list[tuple[list[str], WorkerEntry, int, asyncio.Future[list[Job]]]] = []
         lease_s = self.config.lease_s
-        for name in list(self.maybe_queued):
-            entry = models.get(name)
-            if entry is None or entry.pending:  # sync requests first
-                continue
-            for worker in entry.workers:
-                n = min(worker.free, _CLAIM_BATCH)
+        lend, reserve = self.node.config.lend_idle_sync, self.node.config.lend_reserve
+        seen: set[int] = set()
+        for name in wanted:
+            for worker in models[name].workers:
+                if id(worker) in seen:
+                    continue
+                seen.add(id(worker))
+                n = min(async_free(worker, lend, reserve), _CLAIM_BATCH)
                 if n <= 0:
                     continue
+                mine = [m for m in worker.models if m in wanted]
                 worker.reserved += n
-                claim = self.store.claim_many([name], self.owner(worker), lease_s, time.time(), n)
-                claims.append((name, worker, n, asyncio.ensure_future(claim)))
+                claim = self.store.claim_many(mine, self.owner(worker), lease_s, time.time(), n)
+                claims.append((mine, worker, n, asyncio.ensure_future(claim)))
         if not claims:
             return False
         results = await asyncio.gather(*(f for *_, f in claims), return_exceptions=True)
         got = False
         failed: BaseException | None = None
-        for (name, worker, n, _), jobs in zip(claims, results, strict=True):
+        for (mine, worker, n, _), jobs in zip(claims, results, strict=True):
             worker.reserved -= n
             if isinstance(jobs, BaseException):
                 failed = jobs
                 continue
             if len(jobs) < n:
-                self.maybe_queued.discard(name)  # drained; a submit or requeue adds it back
+                self.maybe_queued.difference_update(mine)  # drained; a submit or requeue adds it back
             for job in jobs:
                 got = True
                 self.dispatch(job, worker)
+            # Sync requests that arrived while the claim held the slots take what is left at once
+            # (nothing else would wake them before the worker's next CREDIT).
+            self.node.serve_pending(worker)
         if failed is not None:
             raise StoreError(f"claim failed: {failed}") from failed
         return got
@@ -218,8 +234,9 @@ class Jobs:
     def dispatch(self, job: Job, worker: WorkerEntry) -> None:
         """Send a leased job to `worker` (its slot was reserved), or take the lease back at once."""
         link = worker.link
+        entry = self.node.registry.models.get(job.model)
         if not link.is_up or link.conn.send_credit <= 0:
-            other = self.node.registry.models[job.model].pick() if job.model in self.node.registry.models else None
+            other = self.pick(job.model)
             if other is None:
                 self.spawn(self._release(job.id, job.fence, job.model, "its worker went away before dispatch"))
                 return
@@ -239,6 +256,8 @@ class Jobs:
         rj = RunningJob(job, worker, sid, time.time())
         self.running[job.id] = rj
         worker.jobs[sid] = rj
+        if entry is not None and job.attempt <= 1:
+            entry.signals.started("async", max(0.0, time.time() - job.created_at))
         max_frame = link.conn.peer_max_payload
         first = resume if resume else job.payload
         if resume:
@@ -325,7 +344,15 @@ class Jobs:
     def _forget(self, rj: RunningJob) -> None:
         if self.running.get(rj.id) is rj:  # not a later dispatch of the same job (a new fence)
             del self.running[rj.id]
-        rj.worker.jobs.pop(rj.w_sid, None)
+        if rj.worker.jobs.pop(rj.w_sid, None) is not None and (entry := self.node.registry.models.get(rj.model)):
+            entry.signals.finished(rj.worker.pool, perf_counter() - rj.t0)
+
+    def pick(self, model: str) -> WorkerEntry | None:
+        """A worker with a slot an async job may take (async or shared pool; sync when lending)."""
+        entry = self.node.registry.models.get(model)
+        if entry is None:
+            return None
+        return pick_async(entry.workers, self.node.config.lend_idle_sync, self.node.config.lend_reserve)
 
     def cancel_dispatch(self, job_id: str, message: str) -> None:
         """The job was cancelled: CANCEL its worker's stream, if it runs here (its fence is stale)."""
@@ -453,7 +480,13 @@ class Jobs:
                     if job.status is JobStatus.COMPLETED:
                         self.finished(job.id, bool(job.webhook_url))
                 # Other queue nodes on a shared store submit too: look for their jobs now and then.
-                self.maybe_queued.update(self.node.registry.models)
+                # The count also tells which models have jobs to claim: no claim round (which holds
+                # the workers' free slots while it runs) for a model with nothing queued.
+                depth = await self.store.queued_by_model()
+                for name, entry in self.node.registry.models.items():
+                    entry.signals.async_depth = n = depth.get(name, 0)
+                    if n:
+                        self.maybe_queued.add(name)
                 self._wake.set()
                 if self.webhooks is not None:
                     await self._deliver_due(now)

@@ -1,6 +1,9 @@
 """The queue node: accepts ingresses and workers, dispatches each request to a worker with a free
 slot, forwards both directions as the same payload buffers, retries once before the first response
 frame, cancels, and times every stage (DESIGN "The path of one request", "Timing users can see").
+Sync requests take their pool's capacity first and jump the async backlog (`scheduler`); one that
+cannot start within its deadline is refused at once; its input is classified in a race with the
+worker (`filtering`); what the autoscaler needs is measured per (model, pool) (`signals`).
 
 Everything runs in link callbacks: no task, no await per request. The node never touches payload
 bytes; it re-labels frames with the other link's stream id and sends the same payload objects on.
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +24,12 @@ from typing import Any
 import msgspec
 
 from casola.auth import SCOPE_INGRESS, SCOPE_WORKER, AuthError, Verifier
+from casola.filter import FilterConfig, Policy
 from casola.net.handshake import MemoryDialer, Refused, accept_memory, serve_tcp
 from casola.net.link import LinkBase
+from casola.net.memlink import MemoryEnd
 from casola.queue.call import RETAIN_MAX, Call
+from casola.queue.filtering import Filtering, make_classifiers
 from casola.queue.jobops import JobOp
 from casola.queue.jobs import Jobs, JobsConfig
 from casola.queue.registry import ModelEntry, Registry, WorkerEntry
@@ -63,10 +71,15 @@ class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     region: str = "local"
     node_id: str = "queue-1"
     max_pending: int = 1024  # requests waiting for a slot, per model; beyond: OVERLOADED (429)
-    retry_after_ms: int = 1000  # advertised with OVERLOADED / NO_CAPACITY
+    max_pending_per_tenant: int = 256  # of those, one tenant's (one flood cannot fill the line)
+    retry_after_ms: int = 1000  # advertised with NO_CAPACITY, and with OVERLOADED before any measurement
+    deadlines: dict[str, int] = {}  # per model: deadline (ms) of sync requests that name none
+    lend_idle_sync: bool = False  # async jobs may take a sync worker's free slots (beyond lend_reserve)
+    lend_reserve: int = 1  # slots per sync worker kept free for sync arrivals while lending
     models: list[str] = []  # models known before any worker registers (else: unknown -> 404)
     worker_ping_timeout: float = 5.0  # a worker that answers no PING this long is gone
     jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)  # async jobs ([queue.jobs])
+    filter: FilterConfig = msgspec.field(default_factory=FilterConfig)  # content filtering ([queue.filter])
 
 
 class QueueNode:
@@ -75,7 +88,13 @@ class QueueNode:
     def __init__(self, config: QueueConfig, verifier: Verifier | None) -> None:
         self.config = config
         self.registry = Registry(config.models)
-        self.stats: dict[str, int] = {"requests": 0, "retries": 0, "refused": 0, "worker_failures": 0}
+        self.stats: dict[str, int] = {
+            "requests": 0,
+            "retries": 0,
+            "refused": 0,
+            "deadline_refused": 0,
+            "worker_failures": 0,
+        }
         self._verifier = verifier
         self._server: asyncio.Server | None = None
         self._links: set[LinkBase] = set()
@@ -83,6 +102,10 @@ class QueueNode:
         self._worker_limits = Limits(ping_timeout=config.worker_ping_timeout)
         self.memory_dialer: MemoryDialer = accept_memory(self.on_hello)
         self.jobs: Jobs | None = None  # async jobs, when a store is configured
+        self.filtering = Filtering(self, config.filter, [], None, self._spawn)  # off until start()
+        self._internal_secret = secrets.token_urlsafe(32)  # the node's own in-process links (classifier)
+        self._internal: set[LinkBase] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         """Open the job store (if configured), then listen.
@@ -100,8 +123,27 @@ class QueueNode:
             signer = WebhookSigner.load_or_create(Path(jc.webhook_key)) if jc.webhook_key else None
             self.jobs = Jobs(self, open_store(jc.store), jc, signer)
             await self.jobs.start()
+        fc = self.config.filter
+        store = self.jobs.store if self.jobs is not None else None
+        self.filtering = Filtering(self, fc, make_classifiers(fc, self._connect_internal), store, self._spawn)
+        await self.filtering.start()
         host, _, port = self.config.listen.rpartition(":")
         self._server = await serve_tcp(host, int(port), self.on_hello)
+
+    async def _connect_internal(self, on_events: Any, on_lost: Any) -> LinkBase:
+        """An in-process ingress link of the node's own (the model classifier's requests travel on it)."""
+        hello = HelloMeta("ingress", credential=self._internal_secret, node_id=f"{self.config.node_id}/internal")
+        return await self.memory_dialer(hello, on_events, on_lost)
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("queue node task failed: %r", exc, exc_info=exc)
 
     @property
     def port(self) -> int:
@@ -115,6 +157,10 @@ class QueueNode:
             link.close()
         if self._server is not None:
             await self._server.wait_closed()
+        await self.filtering.stop()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.jobs is not None:
             await self.jobs.stop()
 
@@ -129,7 +175,10 @@ class QueueNode:
             self._authenticate(hello, SCOPE_WORKER)
             self._register_worker(link, hello)
         elif hello.role == "ingress":
-            self._authenticate(hello, SCOPE_INGRESS)
+            if hello.credential == self._internal_secret and isinstance(link, MemoryEnd):
+                self._internal.add(link)  # the node's own: not authenticated, not filtered
+            else:
+                self._authenticate(hello, SCOPE_INGRESS)
             link.tag = {}  # ingress-side stream id -> Call
             link.on_events, link.on_lost = self._ingress_events, self._ingress_lost
             self._ack(link, credit=link.conn.limits.max_streams)
@@ -159,7 +208,7 @@ class QueueNode:
         self._ack(link, credit=0)  # the queue node opens streams to the worker, never the reverse
         self.registry.add(worker)
         log.info("worker %s registered: models=%s capacity=%d", hello.node_id, hello.models, hello.credit)
-        self._serve_pending(worker)
+        self.serve_pending(worker)
         if self.jobs is not None:
             for m in worker.models:
                 self.jobs.wake(m)
@@ -203,11 +252,23 @@ class QueueNode:
         if not model.workers:
             msg = f"no worker for model {meta.model!r} is connected"
             return self._refuse(link, sid, ErrorCode.NO_CAPACITY, msg, self.config.retry_after_ms)
-        call = Call(link, sid, meta, model, now)
+        call = Call(link, sid, meta, model, now, self.config.deadlines.get(meta.model, 0))
         call.keep(frame)
         call.req_done = frame.end
         link.tag[sid] = call
-        worker = model.pick()
+        model.signals.arrival("sync", now)
+        check = self.filtering.begin(call) if link not in self._internal else None
+        if check is None:
+            return self._schedule(call, now)
+        call.filter = check
+        if check.policy is Policy.BLOCK:
+            call.held = True  # dispatched by release_held() once the verdict is clean
+        else:
+            self._schedule(call, now)
+        self.filtering.feed(check, frame.payload, frame.end)
+
+    def _schedule(self, call: Call, now: float) -> None:
+        worker = call.model.pick()
         if worker is not None:
             self._start(call, worker)
         else:
@@ -223,9 +284,13 @@ class QueueNode:
             self._fail(
                 call, ErrorCode.PAYLOAD_TOO_LARGE, f"request bodies waiting for a slot are capped at {RETAIN_MAX} bytes"
             )
+            return
+        if call.filter is not None and not call.filter.started:
+            self.filtering.feed(call.filter, frame.payload, frame.end)
 
     def _ingress_lost(self, link: LinkBase, exc: BaseException | None) -> None:
         self._links.discard(link)
+        self._internal.discard(link)
         calls: dict[int, Call | JobOp] = link.tag
         for call in list(calls.values()):
             self._cancel(call, "the ingress went away")
@@ -234,13 +299,29 @@ class QueueNode:
     # -- dispatch ----------------------------------------------------------------------------------
 
     def _enqueue(self, call: Call, now: float) -> None:
-        model = call.model
-        if len(model.pending) >= self.config.max_pending:
-            msg = f"model {model.name!r}: {len(model.pending)} requests already wait for a slot"
-            self._fail(call, ErrorCode.OVERLOADED, msg, self.config.retry_after_ms)
+        """Wait for a slot, unless the line is full or the wait would outlast the deadline: then
+        refuse at once, with Retry-After from the measured drain rate."""
+        model, cfg = call.model, self.config
+        line, tenant = model.pending, call.meta.tenant
+        if len(line) >= cfg.max_pending or line.depth(tenant) >= cfg.max_pending_per_tenant:
+            whose = "" if len(line) >= cfg.max_pending else f" of tenant {tenant!r}"
+            est = model.signals.wait_estimate(len(line), model.slots)
+            msg = f"model {model.name!r}: {len(line)} requests{whose} already wait for a slot"
+            self._fail(call, ErrorCode.OVERLOADED, msg, math.ceil(est * 1000) if est else cfg.retry_after_ms)
             return
+        if call.deadline:
+            est = model.signals.wait_estimate(line.ahead(tenant), model.slots)
+            left = call.deadline - now
+            if est is not None and est > left:
+                self.stats["deadline_refused"] += 1
+                msg = (
+                    f"model {model.name!r}: a slot frees in about {est * 1000:.0f} ms,"
+                    f" after the request's deadline ({left * 1000:.0f} ms left)"
+                )
+                self._fail(call, ErrorCode.OVERLOADED, msg, max(1, math.ceil((est - left) * 1000)))
+                return
         call.t_queued = now
-        model.pending.append(call)
+        line.push(call)
         if call.deadline and call.timer is None:
             call.timer = self._loop.call_later(call.deadline - now, self._expire, call)  # type: ignore[union-attr]
 
@@ -251,6 +332,8 @@ class QueueNode:
         if call.t_queued:
             call.wait += now - call.t_queued
             call.t_queued = 0.0
+        if not call.attempt:
+            call.model.signals.started("sync", call.wait)
         meta = call.meta
         if call.deadline:
             remaining = int((call.deadline - now) * 1000)
@@ -275,12 +358,12 @@ class QueueNode:
         call.t_dispatch = perf_counter()
         link.flush()
 
-    def _serve_pending(self, worker: WorkerEntry) -> None:
+    def serve_pending(self, worker: WorkerEntry) -> None:
         """A worker has free slots: give them to waiting requests, oldest first."""
         for name in worker.models:
             pending = self.registry.models[name].pending
             while pending and worker.free > 0:
-                self._start(pending.popleft(), worker)
+                self._start(pending.pop(), worker)
 
     def _retry(self, call: Call, failed: WorkerEntry, why: str) -> None:
         self.stats["retries"] += 1
@@ -292,15 +375,14 @@ class QueueNode:
             self._start(call, other)
         elif any(w is not failed for w in call.model.workers):
             call.t_queued = perf_counter()
-            call.model.pending.appendleft(call)  # it has waited already: first in line
+            call.model.pending.push(call, front=True)  # it has waited already: first in line
         else:
             self._fail(call, ErrorCode.WORKER_FAILED, f"{why}; no other worker to retry on")
 
     def _expire(self, call: Call) -> None:
         call.timer = None
         if call.worker is None:
-            if call in call.model.pending:
-                call.model.pending.remove(call)
+            call.model.pending.remove(call)
         else:
             self._release_worker_stream(call, ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded")
         self._fail(call, ErrorCode.DEADLINE_EXCEEDED, f"deadline of {call.meta.deadline_ms} ms exceeded")
@@ -335,7 +417,7 @@ class QueueNode:
                 elif (job := worker.jobs.get(ev.stream_id)) is not None:
                     self.jobs.on_worker_reset(job, ev.message)  # type: ignore[union-attr]
         if credit:
-            self._serve_pending(worker)
+            self.serve_pending(worker)
             if self.jobs is not None and worker.free > 0:
                 for m in worker.models:
                     if m in self.jobs.maybe_queued:
@@ -349,6 +431,8 @@ class QueueNode:
         assert isinstance(meta, ResponseMeta)
         timing = call.timing(t_answer, perf_counter(), None)
         timing.update(meta.timing)  # the worker's stages (work) after the node's
+        if call.filter is not None:
+            timing["filter"] = call.filter.dur_ms
         out = ResponseMeta(meta.content_type, meta.headers, timing)
         self._to_ingress(call, Frame(RESPONSE, call.ing_sid, out, frame.payload, frame.flags))
         if frame.end:
@@ -364,6 +448,8 @@ class QueueNode:
         assert isinstance(meta, EndMeta)
         timing = call.timing(t_answer, perf_counter(), None)
         timing.update(meta.timing)
+        if call.filter is not None:
+            timing["filter"] = call.filter.dur_ms
         out = EndMeta(timing, meta.fence, meta.trailers)
         self._to_ingress(call, Frame(END, call.ing_sid, out, frame.payload, frame.flags))
         self._done(call)
@@ -379,6 +465,8 @@ class QueueNode:
             return
         timing = call.timing(t_answer, perf_counter(), None)
         timing.update(meta.timing)
+        if call.filter is not None:
+            timing["filter"] = call.filter.dur_ms
         out = ErrorMeta(meta.code, meta.message, meta.retry_after_ms, meta.param, timing)
         self._to_ingress(call, Frame(ERROR, call.ing_sid, out))
         self._done(call)
@@ -422,11 +510,11 @@ class QueueNode:
             call.cancel()
             return
         assert isinstance(call, Call)
+        call.finished = True
         if call.timer is not None:
             call.timer.cancel()
         if call.worker is None:
-            if call in call.model.pending:
-                call.model.pending.remove(call)
+            call.model.pending.remove(call)
         else:
             self._release_worker_stream(call, ErrorCode.CANCELLED, message)
 
@@ -440,25 +528,50 @@ class QueueNode:
     def _fail(self, call: Call, code: int, message: str, retry_after_ms: int = 0) -> None:
         self.stats["refused"] += 1
         now = perf_counter()
-        timing = {"queue-overhead": (now - call.t_recv - call.wait) * 1000, "wait": call.wait * 1000}
+        timing = {"queue-overhead": (now - call.t_recv - call.wait - call.held_s) * 1000, "wait": call.wait * 1000}
+        if call.filter is not None:
+            timing["filter"] = call.filter.dur_ms
         self._to_ingress(call, Frame(ERROR, call.ing_sid, ErrorMeta(code, message, retry_after_ms, timing=timing)))
         self._done(call)
 
     def _fail_pending(self, model: ModelEntry, code: int, message: str) -> None:
-        while model.pending:
-            self._fail(model.pending.popleft(), code, message, self.config.retry_after_ms)
+        for call in model.pending.drain():
+            self._fail(call, code, message, self.config.retry_after_ms)
 
     def _refuse(self, link: LinkBase, sid: int, code: int, message: str, retry_after_ms: int = 0) -> None:
         self.stats["refused"] += 1
         link.send(Frame(ERROR, sid, ErrorMeta(code, message, retry_after_ms)))
 
     def _done(self, call: Call) -> None:
+        call.finished = True
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
         call.ing.tag.pop(call.ing_sid, None)
-        if call.worker is not None:
-            call.worker.calls.pop(call.w_sid, None)
+        worker = call.worker
+        if worker is not None:
+            worker.calls.pop(call.w_sid, None)
+            call.model.signals.finished(worker.pool, perf_counter() - call.t_dispatch)
+
+    # -- what the content filter decides ---------------------------------------------------------------
+
+    def abort_call(self, call: Call, code: int, message: str) -> None:
+        """Stop a request that is still here: out of its line, or CANCEL to its worker; the client
+        gets the error (a stream ends with it)."""
+        if call.finished:
+            return
+        if call.worker is None:
+            call.model.pending.remove(call)
+        else:
+            self._release_worker_stream(call, code, message)
+        self._fail(call, code, message)
+
+    def release_held(self, call: Call) -> None:
+        """The verdict on a held (block) request is clean: dispatch it now."""
+        now = perf_counter()
+        call.held = False
+        call.held_s = now - call.t_recv
+        self._schedule(call, now)
 
     def _to_ingress(self, call: Call, frame: Frame) -> None:
         link = call.ing
@@ -479,4 +592,14 @@ class QueueNode:
             "models": self.registry.snapshot(),
             "stats": dict(self.stats),
             "jobs": dict(self.jobs.stats) if self.jobs is not None else None,
+            "filter": self.filtering.snapshot(),
+        }
+
+    def signals(self) -> dict[str, Any]:
+        """What the autoscaler reads: per (model, pool) arrivals, queue depth, wait, service, busy."""
+        return {
+            "node_id": self.config.node_id,
+            "region": self.config.region,
+            "pools": self.registry.signals(perf_counter()),
+            "filter": self.filtering.snapshot(),
         }

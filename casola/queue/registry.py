@@ -2,16 +2,18 @@
 
 A worker's free slots are its link's send credit (SPEC §7): the worker grants one CREDIT per slot
 that frees, so "has a free slot" is `link.conn.send_credit > 0`, kept by the core, never guessed.
-Each model keeps a bounded FIFO of requests waiting for a slot; bounded, so overload is refused at
-once (OVERLOADED) instead of buffered.
+Each model keeps a bounded, tenant-fair line of sync requests waiting for a slot (`FairLine`);
+bounded, so overload is refused at once (OVERLOADED) instead of buffered. Which worker a request or a
+job gets follows its pool (`casola.queue.scheduler`).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from casola.net.link import LinkBase
+from casola.queue.scheduler import FairLine, pick_sync
+from casola.queue.signals import ModelSignals, model_signals
 
 if TYPE_CHECKING:
     from casola.queue.call import Call
@@ -56,23 +58,24 @@ class WorkerEntry:
 
 
 class ModelEntry:
-    """One model: its workers and its waiting requests."""
+    """One model: its workers, its waiting sync requests and its signals."""
 
-    __slots__ = ("name", "pending", "workers")
+    __slots__ = ("name", "pending", "signals", "workers")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.workers: list[WorkerEntry] = []
-        self.pending: deque[Call] = deque()  # waiting for a slot, oldest first (lazy removal)
+        self.pending = FairLine()  # sync requests waiting for a slot
+        self.signals = ModelSignals()
 
     def pick(self, exclude: WorkerEntry | None = None) -> WorkerEntry | None:
-        """The worker with the most free slots (ties: the first registered), or None."""
-        best, most = None, 0
-        for w in self.workers:
-            f = w.free
-            if f > most and w is not exclude:
-                best, most = w, f
-        return best
+        """A worker for a sync request (sync pool first, then shared, then async), or None."""
+        return pick_sync(self.workers, exclude)
+
+    @property
+    def slots(self) -> int:
+        """Slots of the live workers: what a waiting sync request may get (any pool)."""
+        return sum(w.capacity for w in self.workers if w.link.is_up and w.healthy)
 
     @property
     def live_workers(self) -> int:
@@ -101,6 +104,10 @@ class Registry:
             entry = self.models.get(m)
             if entry is not None and worker in entry.workers:
                 entry.workers.remove(worker)
+
+    def signals(self, now: float) -> list[dict[str, Any]]:
+        """Per (model, pool): arrival rate, queue depth, wait and service time, busy slots."""
+        return [rec for e in self.models.values() for rec in model_signals(e, now)]
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Per model: live workers, slots, free slots, waiting requests (for /healthz and signals)."""

@@ -43,7 +43,7 @@ class WorkerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     queue: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:7710"])  # queue nodes, host:port
     models: list[str] = msgspec.field(default_factory=lambda: ["echo"])
     capacity: int = 64  # requests run at once (the slots granted as credit)
-    pool: str = "sync"  # sync | async | shared
+    pool: str = "shared"  # sync | async | shared (shared: both classes, sync first)
     region: str = "local"
     node_id: str = ""
     threads: int = 4  # thread pool for blocking handlers
@@ -61,6 +61,7 @@ class WorkerRuntime:
                 m.executor = self.executor
         self._credential = credential
         self._tasks: dict[tuple[LinkBase, int], tuple[asyncio.Task[None], WorkCall]] = {}
+        self.cancelled = 0  # calls the queue node cancelled (CANCEL or reset) while they ran or waited
         self._redialers: list[Redialer] = []
         self._draining = False
         self._freed: dict[LinkBase, int] = {}  # slots freed this loop iteration, per link
@@ -159,6 +160,7 @@ class WorkerRuntime:
     def _cancel(self, link: LinkBase, sid: int) -> None:
         entry = self._tasks.get((link, sid))
         if entry is not None:
+            self.cancelled += 1
             entry[1].cancelled = True
             entry[0].cancel()
 

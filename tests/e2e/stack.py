@@ -50,6 +50,7 @@ class Stack:
         self.upstream.add_memory(self.node.memory_dialer, "local")
         self.ingress = Ingress(self._ingress_cfg, verifier, self.upstream)
         self.ingress.queue_snapshot = self.ingress.metrics.queue_snapshot = self.node.registry.snapshot
+        self.ingress.queue_signals = self.ingress.metrics.queue_signals = self.node.signals
         await self.upstream.start(wait=5)
         await self.ingress.start()
         self.http_port, self.frames_port = self.ingress.ports

@@ -1,0 +1,308 @@
+"""Content filtering as a race with dispatch (DESIGN "Content filtering off the critical path").
+
+When a sync request's input is complete, its classification starts: right after the node has
+handed the request to a worker (race) or, for models that require it, before (block). The verdict
+decides:
+
+- a violation while the request is still in the node (queued, running, streaming): the worker's
+  stream is cancelled and the client gets `content_policy_violation` (a stream ends with it and no
+  further byte is sent). With `block`, the request never reaches a worker;
+- a violation after the response finished: delivered untouched; the verdict is recorded (log,
+  metric, audit record);
+- clean: nothing happens (block: the request is dispatched now).
+
+A classifier answers at once (a small input through the rules) or later (an awaitable); nothing on
+the request's path awaits it. `Server-Timing` gets `filter;dur=...` when the verdict came before the
+response, and `filter;desc="pending"` (the `PENDING` value) when it had not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from time import perf_counter, time
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+
+from casola.filter.base import Classifier, FilterConfig, Policy, Verdict
+from casola.filter.remote import Connect, ModelClassifier
+from casola.filter.rules import RuleClassifier
+from casola.stats import FastHistogram
+from casola.store import AuditRecord, JobStore
+from casola.wire import Buffer, ErrorCode, RequestMeta
+
+if TYPE_CHECKING:
+    from casola.queue.call import Call
+    from casola.queue.node import QueueNode
+
+__all__ = ["PENDING", "FilterCheck", "Filtering", "make_classifiers"]
+
+log = logging.getLogger("casola.filter")
+audit_log = logging.getLogger("casola.audit")
+
+PENDING: Final = -1.0  # Server-Timing value of a filter that had not finished: rendered desc="pending"
+_FLUSH_S: Final = 0.05  # audit records are written in batches at most this old
+_POLICIES: Final = {p.value: p for p in Policy}
+
+
+def make_classifiers(config: FilterConfig, connect: Connect) -> list[Classifier]:
+    """The classifiers `config` names (`connect` dials the node for the model classifier).
+
+    Raises:
+        ValueError: an unknown classifier, or an invalid rule pattern.
+    """
+    out: list[Classifier] = []
+    for name in config.classifiers:
+        if name == "rules":
+            rules = RuleClassifier(config.terms, config.patterns)
+            if not rules.empty:  # nothing configured: nothing to race
+                out.append(rules)
+        elif name == "model":
+            out.append(ModelClassifier(connect, config.classify_model, config.timeout_ms))
+        else:
+            raise ValueError(f"[queue.filter] classifiers: unknown classifier {name!r} (rules, model)")
+    return out
+
+
+class FilterCheck:
+    """One request's classification."""
+
+    __slots__ = ("call", "decided", "dur_ms", "parts", "policy", "size", "started", "t0", "waiting")
+
+    def __init__(self, call: Call, policy: Policy) -> None:
+        self.call, self.policy = call, policy
+        self.parts: list[Buffer] = []
+        self.size = 0
+        self.started = self.decided = False
+        self.waiting = 0
+        self.t0 = 0.0
+        self.dur_ms = PENDING
+
+    def timing(self) -> float:
+        """The `filter` stage as the response reports it: ms, or PENDING."""
+        return self.dur_ms
+
+
+class Filtering:
+    def __init__(
+        self,
+        node: QueueNode,
+        config: FilterConfig,
+        classifiers: list[Classifier],
+        store: JobStore | None,
+        spawn: Callable[[Awaitable[object]], None],
+    ) -> None:
+        self.node, self.config, self.classifiers = node, config, classifiers
+        self._store, self._spawn = store, spawn
+        self.enabled = bool(classifiers)
+        self._default = Policy(config.policy)  # as Policy members, also when built in Python with strs
+        self._models = {m: Policy(p) for m, p in config.models.items()}
+        self.stats = {"classified": 0, "flagged": 0, "aborted": 0, "blocked": 0, "late": 0, "errors": 0}
+        self.duration = FastHistogram()
+        self._audit: list[AuditRecord] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._seq = 0
+
+    async def start(self) -> None:
+        for c in self.classifiers:
+            await c.start()
+
+    async def stop(self) -> None:
+        for c in self.classifiers:
+            await c.stop()
+        if self._flush is not None:
+            self._flush.cancel()
+        await self._write_audit()
+
+    # -- policy --------------------------------------------------------------------------------------
+
+    def policy(self, model: str, key_policy: str) -> Policy:
+        """A model configured `block` always blocks; otherwise the key's policy, else the model's."""
+        model_policy = self._models.get(model, self._default)
+        if model_policy is Policy.BLOCK:
+            return Policy.BLOCK
+        return _POLICIES.get(key_policy, model_policy)
+
+    def begin(self, call: Call) -> FilterCheck | None:
+        """The request's check, or None when it is not classified."""
+        if not self.enabled:
+            return None
+        policy = self.policy(call.meta.model, call.meta.filter)
+        return FilterCheck(call, policy) if policy is not Policy.OFF else None
+
+    def feed(self, check: FilterCheck, payload: Buffer, end: bool) -> None:
+        """More of the request's input; at its end, the classification starts."""
+        if check.started:
+            return
+        if len(payload):
+            check.size += len(payload)
+            if check.size <= self.config.max_input:
+                check.parts.append(payload)
+        if end:
+            self.run(check)
+
+    # -- classification ------------------------------------------------------------------------------
+
+    def run(self, check: FilterCheck) -> None:
+        check.started = True
+        check.t0 = perf_counter()
+        self.stats["classified"] += 1
+        if check.size > self.config.max_input:
+            check.parts = []
+            why = f"input of {check.size} bytes is over the filter's max_input"
+            return self._verdict(check, Verdict(error=why, classifier="limit"), unclassifiable=True)
+        parts, check.parts = check.parts, []
+        data: Buffer = parts[0] if len(parts) == 1 else b"".join(parts) if parts else b""
+        meta = check.call.meta
+        check.waiting = len(self.classifiers)
+        for c in self.classifiers:
+            try:
+                out = c.classify(data, meta.content_type, meta.model)
+            except Exception as exc:  # a classifier bug must not take the request down
+                out = Verdict(error=f"{c.name}: {exc}", classifier=c.name)
+            if isinstance(out, Verdict):
+                self._verdict(check, out)
+            else:
+                self._await(check, c.name, out)
+
+    def _await(self, check: FilterCheck, name: str, out: Awaitable[Verdict]) -> None:
+        fut = asyncio.ensure_future(out)
+        timer = asyncio.get_running_loop().call_later(self.config.timeout_ms / 1000, fut.cancel)
+
+        def done(f: asyncio.Future[Verdict]) -> None:
+            timer.cancel()
+            if f.cancelled():
+                v = Verdict(error=f"{name}: no verdict within {self.config.timeout_ms} ms", classifier=name)
+            elif (exc := f.exception()) is not None:
+                v = Verdict(error=f"{name}: {exc}", classifier=name)
+            else:
+                v = f.result()
+            self._verdict(check, v)
+
+        fut.add_done_callback(done)
+
+    def _verdict(self, check: FilterCheck, v: Verdict, unclassifiable: bool = False) -> None:
+        if check.decided:
+            return
+        check.waiting -= 1
+        if v.error:
+            self.stats["errors"] += 1
+            log.warning("%s: classification failed: %s", check.call.meta.model, v.error)
+        # An input too large to classify only stops a request whose model requires a verdict first.
+        fail_closed = self.config.on_error == "block" or (unclassifiable and check.policy is Policy.BLOCK)
+        violation = v.flagged or (bool(v.error) and fail_closed)
+        if not violation and check.waiting > 0:
+            return
+        check.decided = True
+        check.dur_ms = (perf_counter() - check.t0) * 1000
+        self.duration.observe(check.dur_ms / 1000)
+        self._decide(check, v, violation)
+
+    def _decide(self, check: FilterCheck, v: Verdict, violation: bool) -> None:
+        call, node = check.call, self.node
+        live = not call.finished
+        if violation:
+            self.stats["flagged"] += 1
+            outcome = "late"
+            if live:
+                outcome = "blocked" if check.policy is Policy.BLOCK and call.worker is None else "aborted"
+            self.stats[outcome] += 1
+            rec = self._record(check.call.meta, check.policy, check.dur_ms, v, outcome, before=live)
+            if live:
+                code = ErrorCode.PAYLOAD_TOO_LARGE if v.classifier == "limit" else ErrorCode.CONTENT_POLICY_VIOLATION
+                msg = "the input was classified as violating the content policy"
+                if code == ErrorCode.PAYLOAD_TOO_LARGE:
+                    msg = f"the input is too large to classify ({check.size} bytes; max {self.config.max_input})"
+                node.abort_call(call, code, f"{msg} (audit id {rec.id})")
+            return
+        if v.error or self.config.audit_clean:
+            self._record(check.call.meta, check.policy, check.dur_ms, v, "error" if v.error else "clean", before=live)
+        if live and check.policy is Policy.BLOCK and call.held:
+            node.release_held(call)
+
+    # -- async jobs ----------------------------------------------------------------------------------
+
+    async def check_job(self, meta: RequestMeta, data: Buffer) -> AuditRecord | None:
+        """Classify an async job's input before it is persisted, whatever the policy but `off`: no
+        one waits on its first byte, and a stored job must never run on a violating input. Returns
+        the audit record of a violation (the submit is then refused), else None."""
+        if not self.enabled:
+            return None
+        policy = self.policy(meta.model, meta.filter)
+        if policy is Policy.OFF:
+            return None
+        self.stats["classified"] += 1
+        t0 = perf_counter()
+        verdict = Verdict()
+        unclassifiable = len(data) > self.config.max_input
+        if unclassifiable:
+            verdict = Verdict(error=f"input of {len(data)} bytes is over the filter's max_input", classifier="limit")
+        for c in [] if unclassifiable else self.classifiers:
+            try:
+                out = c.classify(data, meta.content_type, meta.model)
+                v = out if isinstance(out, Verdict) else await asyncio.wait_for(out, self.config.timeout_ms / 1000)
+            except Exception as exc:
+                v = Verdict(error=f"{c.name}: {exc or type(exc).__name__}", classifier=c.name)
+            verdict = v
+            if v.flagged or (v.error and self.config.on_error == "block"):
+                break
+        dur_ms = (perf_counter() - t0) * 1000
+        self.duration.observe(dur_ms / 1000)
+        if verdict.error:
+            self.stats["errors"] += 1
+        fail_closed = self.config.on_error == "block" or (unclassifiable and policy is Policy.BLOCK)
+        if verdict.flagged or (bool(verdict.error) and fail_closed):
+            self.stats["flagged"] += 1
+            self.stats["blocked"] += 1
+            return self._record(meta, policy, dur_ms, verdict, "blocked", before=True)
+        if verdict.error or self.config.audit_clean:
+            self._record(meta, policy, dur_ms, verdict, "error" if verdict.error else "clean", before=True)
+        return None
+
+    # -- audit ---------------------------------------------------------------------------------------
+
+    def _record(
+        self, meta: RequestMeta, policy: Policy, dur_ms: float, v: Verdict, outcome: str, before: bool
+    ) -> AuditRecord:
+        self._seq += 1
+        rec = AuditRecord(
+            id=f"{self.node.config.node_id}-{int(time() * 1000):x}-{self._seq}",
+            at=time(),
+            tenant=meta.tenant,
+            model=meta.model,
+            request_id=meta.job_id,
+            policy=policy.value,
+            outcome=outcome,
+            flagged=v.flagged,
+            label=v.label,
+            score=v.score,
+            classifier=v.classifier,
+            filter_ms=round(dur_ms, 3),
+            before_response=before,
+            detail=v.error,
+        )
+        log_fn = audit_log.warning if v.flagged else audit_log.info
+        log_fn("%s", msgspec.json.encode(rec).decode())
+        if self._store is not None:
+            self._audit.append(rec)
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_later(_FLUSH_S, self._flush_now)
+        return rec
+
+    def _flush_now(self) -> None:
+        self._flush = None
+        self._spawn(self._write_audit())
+
+    async def _write_audit(self) -> None:
+        batch, self._audit = self._audit, []
+        if batch and self._store is not None:
+            await self._store.record_audit(batch)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "classifiers": [c.name for c in self.classifiers],
+            "stats": dict(self.stats),
+            "duration": {"count": self.duration.count, "sum_s": round(self.duration.sum, 6)},
+        }
