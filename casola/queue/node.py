@@ -24,14 +24,15 @@ from typing import Any
 import msgspec
 
 from casola.auth import SCOPE_INGRESS, SCOPE_WORKER, AuthError, Verifier
-from casola.filter import FilterConfig, Policy
+from casola.filter import Policy
 from casola.net.handshake import MemoryDialer, Refused, accept_memory, serve_tcp
 from casola.net.link import LinkBase
 from casola.net.memlink import MemoryEnd
 from casola.queue.call import RETAIN_MAX, Call
+from casola.queue.config import QueueConfig
 from casola.queue.filtering import Filtering, make_classifiers
 from casola.queue.jobops import JobOp
-from casola.queue.jobs import Jobs, JobsConfig
+from casola.queue.jobs import Jobs
 from casola.queue.registry import ModelEntry, Registry, WorkerEntry
 from casola.wire import (
     EndMeta,
@@ -64,22 +65,6 @@ REQUEST, DATA, END, ERROR, CANCEL, RESPONSE = (
 )
 # Worker errors the node may retry on another worker (before the first response frame only).
 _NOT_RETRIED = frozenset({ErrorCode.OVERLOADED, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CANCELLED})
-
-
-class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    listen: str = "127.0.0.1:7710"  # frames, for ingresses and workers
-    region: str = "local"
-    node_id: str = "queue-1"
-    max_pending: int = 1024  # requests waiting for a slot, per model; beyond: OVERLOADED (429)
-    max_pending_per_tenant: int = 256  # of those, one tenant's (one flood cannot fill the line)
-    retry_after_ms: int = 1000  # advertised with NO_CAPACITY, and with OVERLOADED before any measurement
-    deadlines: dict[str, int] = {}  # per model: deadline (ms) of sync requests that name none
-    lend_idle_sync: bool = False  # async jobs may take a sync worker's free slots (beyond lend_reserve)
-    lend_reserve: int = 1  # slots per sync worker kept free for sync arrivals while lending
-    models: list[str] = []  # models known before any worker registers (else: unknown -> 404)
-    worker_ping_timeout: float = 5.0  # a worker that answers no PING this long is gone
-    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)  # async jobs ([queue.jobs])
-    filter: FilterConfig = msgspec.field(default_factory=FilterConfig)  # content filtering ([queue.filter])
 
 
 class QueueNode:

@@ -1,0 +1,26 @@
+"""The queue node's configuration (`[queue]`, with `[queue.jobs]` and `[queue.filter]`)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from casola.filter import FilterConfig
+from casola.queue.jobs import JobsConfig
+
+__all__ = ["QueueConfig"]
+
+
+class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:7710"  # frames, for ingresses and workers
+    region: str = "local"
+    node_id: str = "queue-1"
+    max_pending: int = 1024  # requests waiting for a slot, per model; beyond: OVERLOADED (429)
+    max_pending_per_tenant: int = 256  # of those, one tenant's (one flood cannot fill the line)
+    retry_after_ms: int = 1000  # advertised with NO_CAPACITY, and with OVERLOADED before any measurement
+    deadlines: dict[str, int] = {}  # per model: deadline (ms) of sync requests that name none
+    lend_idle_sync: bool = False  # async jobs may take a sync worker's free slots (beyond lend_reserve)
+    lend_reserve: int = 1  # slots per sync worker kept free for sync arrivals while lending
+    models: list[str] = []  # models known before any worker registers (else: unknown -> 404)
+    worker_ping_timeout: float = 5.0  # a worker that answers no PING this long is gone
+    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)  # async jobs ([queue.jobs])
+    filter: FilterConfig = msgspec.field(default_factory=FilterConfig)  # content filtering ([queue.filter])
