@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ANONYMOUS", "JobOp"]
 
+POSITION_MAX = 1000  # queued jobs of a model (as last counted) beyond which a submit gives no position
 log = logging.getLogger("casola.jobs")
 
 ANONYMOUS = "anonymous"  # the tenant of requests when authentication is off
@@ -122,7 +123,10 @@ class JobOp:
         if created:
             jobs.stats["submitted"] += 1
             entry.signals.arrival("async", perf_counter())
-        position = await jobs.store.queue_position(job.id) if job.status is JobStatus.QUEUED else None
+        # The exact position is a count of the jobs ahead (O(backlog)): deep queues answer the submit
+        # without it rather than spend milliseconds per submit on it (status polls still give it).
+        exact = job.status is JobStatus.QUEUED and entry.signals.async_depth < POSITION_MAX
+        position = await jobs.store.queue_position(job.id) if exact else None
         self._answer(encode_view(view_of(job, position)), JOB_VIEW_CT, {"job-created": "1" if created else "0"})
         if created and job.status is JobStatus.RUNNING and worker is not None:
             jobs.dispatch(job, worker)
