@@ -47,15 +47,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
 from filter_rules import PATTERNS, terms, text
-from floor import ROOT, BenchError, Procs, cpu_s, descendants, free_port
+from floor import ROOT, BenchError, Procs, cpu_s, descendants
+from upstack import Up, pct
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -71,72 +69,30 @@ TARGET_US = 50.0
 STAGES = ("ingress", "queue-overhead", "wait", "worker-rtt", "work")  # Server-Timing, besides filter
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    return float(np.percentile(np.asarray(xs), q)) if xs else None
-
-
 def _toml_list(xs: list[str] | tuple[str, ...]) -> str:
     return "[" + ", ".join(json.dumps(x) for x in xs) + "]"  # JSON strings are TOML basic strings
 
 
-class Up:
+class FilterUp(Up):
     """`casola up` with one echo worker and the given [queue.filter] section."""
 
     def __init__(self, procs: Procs, tmp: Path, filter_toml: str) -> None:
-        self.http, self.frames, self.queue = free_port(), free_port(), free_port()
-        tmp.mkdir(parents=True, exist_ok=True)
-        state, config = tmp / "state", tmp / "casola.toml"
-        state.mkdir()
-        config.write_text(
-            f'[ingress]\nhttp = "127.0.0.1:{self.http}"\nframes = "127.0.0.1:{self.frames}"\n'
-            f'[queue]\nlisten = "127.0.0.1:{self.queue}"\n[queue.jobs]\nstore = "sqlite:///{tmp}/jobs.db"\n'
-            f"[queue.filter]\n{filter_toml}"
-            f'[[workers]]\nmodels = ["echo"]\ncount = 1\ncapacity = 64\n'
+        toml = (
+            f'[queue.jobs]\nstore = "sqlite:///{tmp}/jobs.db"\n[queue.filter]\n{filter_toml}'
+            '[[workers]]\nmodels = ["echo"]\ncount = 1\ncapacity = 64\n'
         )
-        self.name = f"casola-up-{uuid.uuid4().hex[:6]}"
-        cmd = [sys.executable, "-m", "casola", "up", "--config", str(config), "--state-dir", str(state)]
-        self.procs = procs
-        self.proc = procs.start(self.name, cmd)
-        self.state = state
-        self.address = f"127.0.0.1:{self.frames}"
-
-    async def ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"casola up exited with {self.proc.returncode}\n{self.procs.log(self.name)}")
-            key_file = self.state / "dev-api-key"
-            try:
-                if key_file.exists():
-                    async with await Client.connect(self.address, key_file.read_text().strip()) as c:
-                        if (await c.run("echo", b"ping")).payload == b"ping":
-                            return
-            except Exception as exc:  # not up yet
-                last = f"{type(exc).__name__}: {exc}"
-            await asyncio.sleep(0.2)
-        raise BenchError(f"casola up not ready: {last}\n{self.procs.log(self.name)}")
+        super().__init__(procs, tmp, toml)
 
     async def filter_counts(self) -> dict[str, float]:
-        async with httpx.AsyncClient(timeout=5.0) as h:
-            body = (await h.get(f"http://127.0.0.1:{self.http}/metrics")).text
         out = {}
-        for line in body.splitlines():
+        for line in (await self.metrics_text()).splitlines():
             if line.startswith("casola_filter_verdicts_total{"):
                 name, value = line.rsplit(" ", 1)
                 out[name.split('"')[1]] = float(value)
         return out
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
-
-def start_classify_worker(procs: Procs, up: Up, classify_ms: float, nice: int = 0) -> subprocess.Popen[bytes]:
+def start_classify_worker(procs: Procs, up: FilterUp, classify_ms: float, nice: int = 0) -> subprocess.Popen[bytes]:
     name = "classify-worker"
     cmd = ["nice", "-n", str(nice)] if nice else []
     cmd += [
@@ -281,11 +237,11 @@ async def one_run(
         ftoml = f'classifiers = ["rules"]\nterms = {_toml_list(term_list)}\npatterns = {_toml_list(PATTERNS)}\n'
     else:
         ftoml = 'classifiers = ["model"]\nclassify_model = "classify"\n'
-    up = Up(procs, tmp / kind, ftoml)
+    up = FilterUp(procs, tmp / kind, ftoml)
     worker = None
     t_ready = float("inf")  # failed classifications before the classify worker is up are expected
     try:
-        await up.ready()
+        await (await up.ready()).close()
         if kind == "model":
             worker = start_classify_worker(procs, up, args.classify_ms, args.classify_nice)
         t_ready = time.time()

@@ -34,9 +34,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from floor import ROOT, BenchError, Procs, free_port
+from floor import ROOT, BenchError, Procs
 from store import drop_schema
+from upstack import Up, pct
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -46,49 +46,6 @@ from casola.client import Client, Result
 KiB = 1024
 PAYLOAD = os.urandom(KiB)
 PG_DSN = "postgresql://127.0.0.1:5432/test"
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    return float(np.percentile(np.asarray(xs), q)) if xs else None
-
-
-class Up:
-    """`casola up` with one echo worker and the given job store; its frames port and dev key."""
-
-    def __init__(self, procs: Procs, tmp: Path, store: str) -> None:
-        self.http, self.frames, queue = free_port(), free_port(), free_port()
-        state, config = tmp / "state", tmp / "casola.toml"
-        state.mkdir()
-        config.write_text(
-            f'[ingress]\nhttp = "127.0.0.1:{self.http}"\nframes = "127.0.0.1:{self.frames}"\n'
-            f'[queue]\nlisten = "127.0.0.1:{queue}"\n[queue.jobs]\nstore = "{store}"\n'
-            f'[[workers]]\nmodels = ["echo"]\ncount = 1\ncapacity = 64\n'
-        )
-        cmd = [sys.executable, "-m", "casola", "up", "--config", str(config), "--state-dir", str(state)]
-        self.proc = procs.start(f"casola-up-{uuid.uuid4().hex[:6]}", cmd)
-        self.state = state
-
-    async def ready(self, timeout: float = 30.0) -> Client:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"casola up exited with {self.proc.returncode}")
-            key_file = self.state / "dev-api-key"
-            try:
-                if key_file.exists():
-                    c = await Client.connect(f"127.0.0.1:{self.frames}", key_file.read_text().strip())
-                    r = await c.run("echo", b"ping")
-                    if r.payload == b"ping":
-                        return c
-                    await c.close()
-            except Exception as exc:  # not up yet
-                last = f"{type(exc).__name__}: {exc}"
-            await asyncio.sleep(0.2)
-        raise BenchError(f"casola up not ready: {last}")
-
-    def key(self) -> str:
-        return (self.state / "dev-api-key").read_text().strip()
 
 
 async def latency(c: Client, pairs: int) -> dict[str, Any]:
@@ -174,7 +131,7 @@ async def sustained(address: str, key: str, concurrency: int, duration: float, w
 
 
 async def bench_backend(name: str, store: str, args: argparse.Namespace, procs: Procs, tmp: Path) -> dict[str, Any]:
-    up = Up(procs, tmp, store)
+    up = Up(procs, tmp, f'[queue.jobs]\nstore = "{store}"\n[[workers]]\nmodels = ["echo"]\ncount = 1\ncapacity = 64\n')
     c = await up.ready()
     for _ in range(50):  # warm both paths
         await c.run("echo", PAYLOAD)

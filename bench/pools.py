@@ -48,13 +48,11 @@ import re
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
-from floor import ROOT, BenchError, Procs, free_port
+from floor import ROOT, BenchError, Procs
+from upstack import Up, pct
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -69,82 +67,42 @@ SWEEP_S = 1.0  # [queue.jobs] sweep_interval (the default): how fresh the depth 
 _METRIC = re.compile(r'^(casola_pool_\w+)\{model="([^"]*)",pool="([^"]*)"\} (\S+)$', re.M)
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    return float(np.percentile(np.asarray(xs), q)) if xs else None
-
-
-class Up:
-    """`casola up` with the given worker specs; its frames and HTTP ports and its dev key."""
+class PoolsUp(Up):
+    """`casola up` with echo workers in the given pools; ready once every worker registered."""
 
     def __init__(self, procs: Procs, tmp: Path, workers: list[dict[str, Any]]) -> None:
-        self.http, self.frames, queue = free_port(), free_port(), free_port()
-        tmp.mkdir(parents=True, exist_ok=True)
-        state, config = tmp / "state", tmp / "casola.toml"
-        state.mkdir()
-        text = (
-            f'[ingress]\nhttp = "127.0.0.1:{self.http}"\nframes = "127.0.0.1:{self.frames}"\n'
-            f'[queue]\nlisten = "127.0.0.1:{queue}"\n'
-            f'[queue.jobs]\nstore = "sqlite:///{tmp}/jobs.db"\nsweep_interval = {SWEEP_S}\n'
-        )
+        toml = f'[queue.jobs]\nstore = "sqlite:///{tmp}/jobs.db"\nsweep_interval = {SWEEP_S}\n'
         for w in workers:
-            text += f'[[workers]]\nmodels = ["echo"]\ncount = 1\ncapacity = {w["capacity"]}\npool = "{w["pool"]}"\n'
-        config.write_text(text)
-        self.name = f"casola-up-{uuid.uuid4().hex[:6]}"
-        cmd = [sys.executable, "-m", "casola", "up", "--config", str(config), "--state-dir", str(state)]
-        self.procs = procs
-        self.proc = procs.start(self.name, cmd)
-        self.state = state
+            toml += f'[[workers]]\nmodels = ["echo"]\ncount = 1\ncapacity = {w["capacity"]}\npool = "{w["pool"]}"\n'
+        super().__init__(procs, tmp, toml)
         self.workers = workers
-        self.address = f"127.0.0.1:{self.frames}"
 
-    async def ready(self, timeout: float = 40.0) -> None:
-        """Until the dev key exists, echo answers, and every worker has registered in its pool."""
+    async def ready(self, timeout: float = 40.0) -> Client:
+        """Until echo answers and every worker has registered in its pool."""
+        c = await super().ready(timeout)
         deadline = time.monotonic() + timeout
         want: dict[str, int] = {}
         for w in self.workers:
             want[w["pool"]] = want.get(w["pool"], 0) + 1
-        last = ""
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"casola up exited with {self.proc.returncode}\n{self.procs.log(self.name)}")
-            key_file = self.state / "dev-api-key"
-            try:
-                if key_file.exists():
-                    async with await Client.connect(self.address, key_file.read_text().strip()) as c:
-                        r = await c.run("echo", b"ping")
-                    workers = (await self.metrics()).get("casola_pool_workers", {})
-                    got = {pool: int(workers.get(("echo", pool), 0)) for pool in want}
-                    if r.payload == b"ping" and got == want:
-                        return
-                    last = f"workers per pool {got}, want {want}"
-            except Exception as exc:  # not up yet
-                last = f"{type(exc).__name__}: {exc}"
+            workers = (await self.metrics()).get("casola_pool_workers", {})
+            got = {pool: int(workers.get(("echo", pool), 0)) for pool in want}
+            if got == want:
+                return c
             await asyncio.sleep(0.2)
-        raise BenchError(f"casola up not ready: {last}\n{self.procs.log(self.name)}")
-
-    def key(self) -> str:
-        return (self.state / "dev-api-key").read_text().strip()
+        await c.close()
+        raise BenchError(f"workers per pool {got}, want {want}\n{self.procs.log(self.name)}")
 
     async def metrics(self) -> dict[str, dict[tuple[str, str], float]]:
         """The casola_pool_* gauges: {name: {(model, pool): value}}."""
-        async with httpx.AsyncClient(timeout=5.0) as h:
-            text = (await h.get(f"http://127.0.0.1:{self.http}/metrics")).text
         out: dict[str, dict[tuple[str, str], float]] = {}
-        for name, model, pool, value in _METRIC.findall(text):
+        for name, model, pool, value in _METRIC.findall(await self.metrics_text()):
             out.setdefault(name, {})[(model, pool)] = float(value)
         return out
 
     async def depth(self) -> int:
         """Jobs queued for echo, as the store counted them at the last sweep."""
         return int((await self.metrics()).get("casola_pool_queue_depth", {}).get(("echo", "async"), -1))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 # ------------------------------------------------------------------------------------- the loads
@@ -175,7 +133,7 @@ async def submit_many(address: str, key: str, n: int, delay_ms: int) -> dict[str
     return {"jobs": n, "seconds": elapsed, "per_s": n / elapsed, "refused": len(errors)}
 
 
-async def sync_load(up: Up, clients: int, seconds: float, warm: float, delay_ms: int) -> dict[str, Any]:
+async def sync_load(up: PoolsUp, clients: int, seconds: float, warm: float, delay_ms: int) -> dict[str, Any]:
     """A closed loop of `clients` sync clients; the depth gauge is sampled every SWEEP_S meanwhile."""
     conns = [await Client.connect(up.address, up.key()) for _ in range(clients)]
     waits: list[float] = []
@@ -241,7 +199,7 @@ async def sync_load(up: Up, clients: int, seconds: float, warm: float, delay_ms:
 
 
 async def fifo_load(
-    up: Up, clients: int, per_client: int, target: int, delay_ms: int, timeout: float
+    up: PoolsUp, clients: int, per_client: int, target: int, delay_ms: int, timeout: float
 ) -> dict[str, Any]:
     """C "sync" clients sending their requests as async jobs (submit + long poll) into the FIFO
     queue, `per_client` each, one after the other. Each client's first request arrives right behind
@@ -336,8 +294,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(d)
         procs = Procs(dict(os.environ), tmp)
         try:
-            up = Up(procs, tmp / "pools", [{"pool": "sync", "capacity": 4}, {"pool": "async", "capacity": 4}])
-            await up.ready()
+            up = PoolsUp(procs, tmp / "pools", [{"pool": "sync", "capacity": 4}, {"pool": "async", "capacity": 4}])
+            await (await up.ready()).close()
             print(f"A: no backlog, {C} sync clients, {args.seconds:g} s", file=sys.stderr, flush=True)
             a = await sync_load(up, C, args.seconds, args.warm, D)
             a["depth_before"] = a["depth_after"] = await up.depth()
@@ -354,8 +312,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             out["B"] = b
             up.stop()
 
-            fifo = Up(procs, tmp / "fifo", [{"pool": "shared", "capacity": 4}, {"pool": "shared", "capacity": 4}])
-            await fifo.ready()
+            fifo = PoolsUp(procs, tmp / "fifo", [{"pool": "shared", "capacity": 4}, {"pool": "shared", "capacity": 4}])
+            await (await fifo.ready()).close()
             print(f"C: submitting {args.jobs} jobs (FIFO, 8 shared slots)", file=sys.stderr, flush=True)
             out["C_submit"] = await submit_many(fifo.address, fifo.key(), args.jobs, D)
             await asyncio.sleep(SWEEP_S * 1.2)

@@ -17,9 +17,8 @@ from typing import Any
 import msgspec
 
 from casola.filter.base import Verdict
-from casola.net.link import LinkBase
+from casola.net.link import LinkBase, send_whole
 from casola.wire import (
-    FLAG_END,
     Buffer,
     ConnectionTerminated,
     ErrorMeta,
@@ -59,11 +58,9 @@ class ModelClassifier:
         self._connect = connect
         self._link: LinkBase | None = None
         self._pending: dict[int, _Pending] = {}
-        self._max_frame = 1024 * 1024
 
     async def start(self) -> None:
         self._link = await self._connect(self._on_events, self._on_lost)
-        self._max_frame = self._link.conn.peer_max_payload
 
     async def stop(self) -> None:
         if self._link is not None:
@@ -77,18 +74,10 @@ class ModelClassifier:
         if link is None or not link.is_up or link.conn.send_credit <= 0:
             fut.set_exception(ClassifierFailed("the classifier link is down or full"))
             return fut
-        conn = link.conn
-        sid = conn.next_stream_id()
+        sid = link.conn.next_stream_id()
         meta = RequestMeta(self.model, self.timeout_ms, content_type, {"for-model": model}, False, "_filter")
         self._pending[sid] = _Pending(fut)
-        n, step = len(data), self._max_frame
-        if n <= step:
-            conn.send(Frame(FrameType.REQUEST, sid, meta, data, FLAG_END))
-        else:
-            view = memoryview(data)
-            conn.send(Frame(FrameType.REQUEST, sid, meta, view[:step]))
-            for off in range(step, n, step):
-                conn.send(Frame(FrameType.DATA, sid, None, view[off : off + step], FLAG_END if off + step >= n else 0))
+        send_whole(link, FrameType.REQUEST, sid, meta, data)
         link.flush()
         return fut
 

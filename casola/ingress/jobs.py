@@ -23,7 +23,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, get_args
 from urllib.parse import parse_qsl
 
-from casola.auth import AuthError, Claims
+from casola.auth import SCOPE_RUN, AuthError, Claims
 from casola.ingress.exchange import Exchange
 from casola.ingress.native import RunExchange
 from casola.ingress.upstream import Upstream
@@ -176,15 +176,17 @@ def api_key(ex: Exchange) -> bytes | None:
     return value
 
 
-def authorize(ing: Ingress, ex: Exchange, refuse: Callable[[int, str, str, str], object]) -> Caller | None:
-    """Authenticate the request's key and settle its region (the one check every surface makes);
-    None when it was refused through `refuse(status, message, type, code)`.
+def authorize(
+    ing: Ingress, ex: Exchange, refuse: Callable[[int, str, str, str], object], scope: str = SCOPE_RUN
+) -> Caller | None:
+    """Authenticate the request's key for `scope` and settle its region (the one check every surface
+    makes); None when it was refused through `refuse(status, message, type, code)`.
 
     Raises:
         Nothing: refusals are answered through `refuse`.
     """
     try:
-        claims = ing.authenticate(api_key(ex))
+        claims = ing.authenticate(api_key(ex), scope)
     except AuthError as exc:
         kind = "authentication_error" if exc.status == 401 else "permission_error"
         refuse(exc.status, exc.message, kind, exc.code)

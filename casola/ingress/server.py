@@ -18,13 +18,13 @@ from typing import Any
 
 import msgspec
 
-from casola.auth import SCOPE_RUN, SCOPE_SIGNALS, AuthError, Claims, Verifier
+from casola.auth import SCOPE_RUN, SCOPE_SIGNALS, Claims, Verifier
 from casola.certs import server_context
 from casola.ingress import asyncapi, fal
 from casola.ingress.envelope import JSON_CT
 from casola.ingress.frames import FrameListener
 from casola.ingress.http import Exchange, HttpLimits, serve_http
-from casola.ingress.jobs import api_key, authorize
+from casola.ingress.jobs import authorize
 from casola.ingress.metrics import CONTENT_TYPE as METRICS_CT
 from casola.ingress.metrics import Metrics
 from casola.ingress.native import RunExchange, send_wire_error
@@ -219,11 +219,8 @@ class Ingress:
     def _signals(self, ex: Exchange) -> None:
         """What an autoscaler reads: the queue node's per (model, pool) signals (docs/scheduling.md).
         Needs a key with the `signals` scope."""
-        try:
-            self.authenticate(api_key(ex), SCOPE_SIGNALS)
-        except AuthError as exc:
-            kind = "authentication_error" if exc.status == 401 else "permission_error"
-            return ex.send_error(exc.status, exc.message, kind, exc.code)
+        if authorize(self, ex, ex.send_error, SCOPE_SIGNALS) is None:
+            return None
         nodes = [self.queue_signals()] if self.queue_signals is not None else []
         ex.respond(200, [(b"content-type", JSON_CT)], msgspec.json.encode({"nodes": nodes}))
 

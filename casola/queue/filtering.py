@@ -45,6 +45,7 @@ audit_log = logging.getLogger("casola.audit")
 PENDING: Final = -1.0  # Server-Timing value of a filter that had not finished: rendered desc="pending"
 _FLUSH_S: Final = 0.05  # audit records are written in batches at most this old
 _POLICIES: Final = {p.value: p for p in Policy}
+_LIMIT: Final = "limit"  # the classifier named in the verdict on an input too large to classify
 
 
 def make_classifiers(config: FilterConfig, connect: Connect) -> list[Classifier]:
@@ -151,8 +152,8 @@ class Filtering:
         self.stats["classified"] += 1
         if check.size > self.config.max_input:
             check.parts = []
-            why = f"input of {check.size} bytes is over the filter's max_input"
-            return self._verdict(check, Verdict(error=why, classifier="limit"), unclassifiable=True)
+            check.waiting = 1
+            return self._verdict(check, self._too_large(check.size))
         parts, check.parts = check.parts, []
         data: Buffer = parts[0] if len(parts) == 1 else b"".join(parts) if parts else b""
         meta = check.call.meta
@@ -183,16 +184,29 @@ class Filtering:
 
         fut.add_done_callback(done)
 
-    def _verdict(self, check: FilterCheck, v: Verdict, unclassifiable: bool = False) -> None:
+    def _too_large(self, size: int) -> Verdict:
+        return Verdict(error=f"input of {size} bytes is over the filter's max_input", classifier=_LIMIT)
+
+    def _violates(self, v: Verdict, policy: Policy) -> bool:
+        """A violation, or a failure that counts as one: with `on_error = "block"`, or an input too
+        large to classify sent to a model that requires a verdict first."""
+        if v.flagged:
+            return True
+        if not v.error:
+            return False
+        return self.config.on_error == "block" or (v.classifier == _LIMIT and policy is Policy.BLOCK)
+
+    def _failed(self, model: str, v: Verdict) -> None:
+        if v.error:
+            self.stats["errors"] += 1
+            log.warning("%s: classification failed: %s", model, v.error)
+
+    def _verdict(self, check: FilterCheck, v: Verdict) -> None:
         if check.decided:
             return
         check.waiting -= 1
-        if v.error:
-            self.stats["errors"] += 1
-            log.warning("%s: classification failed: %s", check.call.meta.model, v.error)
-        # An input too large to classify only stops a request whose model requires a verdict first.
-        fail_closed = self.config.on_error == "block" or (unclassifiable and check.policy is Policy.BLOCK)
-        violation = v.flagged or (bool(v.error) and fail_closed)
+        self._failed(check.call.meta.model, v)
+        violation = self._violates(v, check.policy)
         if not violation and check.waiting > 0:
             return
         check.decided = True
@@ -211,7 +225,7 @@ class Filtering:
             self.stats[outcome] += 1
             rec = self._record(check.call.meta, check.policy, check.dur_ms, v, outcome, before=live)
             if live:
-                code = ErrorCode.PAYLOAD_TOO_LARGE if v.classifier == "limit" else ErrorCode.CONTENT_POLICY_VIOLATION
+                code = ErrorCode.PAYLOAD_TOO_LARGE if v.classifier == _LIMIT else ErrorCode.CONTENT_POLICY_VIOLATION
                 msg = "the input was classified as violating the content policy"
                 if code == ErrorCode.PAYLOAD_TOO_LARGE:
                     msg = f"the input is too large to classify ({check.size} bytes; max {self.config.max_input})"
@@ -235,25 +249,23 @@ class Filtering:
             return None
         self.stats["classified"] += 1
         t0 = perf_counter()
-        verdict = Verdict()
-        unclassifiable = len(data) > self.config.max_input
-        if unclassifiable:
-            verdict = Verdict(error=f"input of {len(data)} bytes is over the filter's max_input", classifier="limit")
-        for c in [] if unclassifiable else self.classifiers:
+        too_large = len(data) > self.config.max_input
+        verdicts = [self._too_large(len(data))] if too_large else []
+        for c in () if too_large else self.classifiers:
             try:
                 out = c.classify(data, meta.content_type, meta.model)
                 v = out if isinstance(out, Verdict) else await asyncio.wait_for(out, self.config.timeout_ms / 1000)
             except Exception as exc:
                 v = Verdict(error=f"{c.name}: {exc or type(exc).__name__}", classifier=c.name)
-            verdict = v
-            if v.flagged or (v.error and self.config.on_error == "block"):
+            verdicts.append(v)
+            if self._violates(v, policy):
                 break
         dur_ms = (perf_counter() - t0) * 1000
         self.duration.observe(dur_ms / 1000)
-        if verdict.error:
-            self.stats["errors"] += 1
-        fail_closed = self.config.on_error == "block" or (unclassifiable and policy is Policy.BLOCK)
-        if verdict.flagged or (bool(verdict.error) and fail_closed):
+        for v in verdicts:
+            self._failed(meta.model, v)
+        verdict = verdicts[-1] if verdicts else Verdict()
+        if self._violates(verdict, policy):
             self.stats["flagged"] += 1
             self.stats["blocked"] += 1
             return self._record(meta, policy, dur_ms, verdict, "blocked", before=True)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from casola.jobview import JOB_VIEW_CT, JobLog, JobView, encode_view
-from casola.queue.jobs import Jobs, send_body
+from casola.net.link import send_whole
+from casola.queue.jobs import Jobs
 from casola.store import Job, JobStatus, NewJob, StoreError
 from casola.wire import Buffer, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta
 
@@ -188,13 +189,7 @@ class JobOp:
         link, sid = self.link, self.sid
         if not link.is_up or not link.conn.is_open(sid):
             return
-        meta = ResponseMeta(content_type, headers)
-        max_frame = link.conn.peer_max_payload
-        if len(payload) <= max_frame:
-            link.send(Frame(FrameType.RESPONSE, sid, meta, payload, 1))
-            return
-        link.conn.send(Frame(FrameType.RESPONSE, sid, meta))
-        send_body(link, sid, payload, max_frame)
+        send_whole(link, FrameType.RESPONSE, sid, ResponseMeta(content_type, headers), payload)
         link.flush()
 
     def _error(self, code: int, message: str, retry_after_ms: int = 0) -> None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from casola.net.link import send_body, send_whole
 from casola.queue.scheduler import async_free, pick_async
 from casola.queue.webhooks import WebhookSender, WebhookSigner, webhook_body
 from casola.store import Job, JobStatus, JobStore, StoreError
@@ -47,7 +48,6 @@ from casola.wire import (
 from casola.wire.errors import error_info
 
 if TYPE_CHECKING:
-    from casola.net.link import LinkBase
     from casola.queue.node import QueueNode
     from casola.queue.registry import WorkerEntry
 
@@ -258,16 +258,11 @@ class Jobs:
         worker.jobs[sid] = rj
         if entry is not None and job.attempt <= 1:
             entry.signals.started("async", max(0.0, time.time() - job.created_at))
-        max_frame = link.conn.peer_max_payload
-        first = resume if resume else job.payload
-        if resume:
-            link.conn.send(Frame(REQUEST, sid, meta, first))
-            send_body(link, sid, job.payload, max_frame)
-        elif len(first) <= max_frame:
-            link.conn.send(Frame(REQUEST, sid, meta, first, 1))
+        if resume:  # the checkpoint rides in the REQUEST, the input follows
+            link.conn.send(Frame(REQUEST, sid, meta, resume))
+            send_body(link, sid, job.payload, link.conn.peer_max_payload)
         else:
-            link.conn.send(Frame(REQUEST, sid, meta))
-            send_body(link, sid, job.payload, max_frame)
+            send_whole(link, REQUEST, sid, meta, job.payload)
         link.flush()
         self.stats["dispatched"] += 1
 
@@ -521,16 +516,3 @@ class Jobs:
             await self.store.webhook_attempted(request_id, delivered, time.time(), next_at)
         except StoreError as exc:
             log.error("recording a webhook attempt for %s failed: %s", request_id, exc)
-
-
-def send_body(link: LinkBase, sid: int, payload: Buffer, max_frame: int) -> None:
-    """`payload` as DATA frames of at most `max_frame` bytes, the last one ending the direction."""
-    conn = link.conn
-    view = memoryview(payload)
-    n = len(view)
-    if n == 0:
-        conn.send(Frame(DATA, sid, None, b"", 1))
-        return
-    for off in range(0, n, max_frame):
-        piece = view[off : off + max_frame]
-        conn.send(Frame(DATA, sid, None, piece, 1 if off + max_frame >= n else 0))

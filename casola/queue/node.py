@@ -242,7 +242,7 @@ class QueueNode:
         call.req_done = frame.end
         link.tag[sid] = call
         model.signals.arrival("sync", now)
-        check = self.filtering.begin(call) if link not in self._internal else None
+        check = self.filtering.begin(call) if self.filtering.enabled and link not in self._internal else None
         if check is None:
             return self._schedule(call, now)
         call.filter = check

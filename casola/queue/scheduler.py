@@ -53,10 +53,6 @@ class FairLine:
         line = self._lines.get(tenant)
         return len(line) if line is not None else 0
 
-    @property
-    def tenants(self) -> int:
-        return len(self._ring)
-
     def push(self, call: Call, *, front: bool = False) -> None:
         """Queue `call` at the end of its tenant's line; `front`: first in line and its tenant next
         (a retried call has waited once already)."""

@@ -79,9 +79,9 @@ def model_signals(entry: ModelEntry, now: float) -> list[dict[str, Any]]:
     busy = dict.fromkeys(POOLS, 0)
     workers = dict.fromkeys(POOLS, 0)
     for w in entry.workers:
-        pool = w.pool if w.pool in slots else "shared"
         if not (w.link.is_up and w.healthy):
             continue
+        pool = w.pool  # validated in HELLO; "" registers as shared
         workers[pool] += 1
         slots[pool] += w.capacity
         busy[pool] += sum(1 for c in w.calls.values() if c.model is entry)
