@@ -2,8 +2,18 @@
 
 from casola.worker.call import HandlerError, WorkCall
 from casola.worker.echo import Echo
-from casola.worker.model import BlockingModel, Model
+from casola.worker.model import BlockingModel, Model, Reply
 from casola.worker.runtime import WorkerConfig, WorkerRuntime
 from casola.worker.steps import Steps
 
-__all__ = ["BlockingModel", "Echo", "HandlerError", "Model", "Steps", "WorkCall", "WorkerConfig", "WorkerRuntime"]
+__all__ = [
+    "BlockingModel",
+    "Echo",
+    "HandlerError",
+    "Model",
+    "Reply",
+    "Steps",
+    "WorkCall",
+    "WorkerConfig",
+    "WorkerRuntime",
+]

@@ -12,19 +12,29 @@ import concurrent.futures
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor
-from typing import Protocol, cast
+from typing import NamedTuple, Protocol, cast
 
-from casola.wire import Buffer
+from casola.wire import Buffer, RequestMeta
 from casola.wire.meta import Param
 from casola.worker.call import WorkCall
 
-__all__ = ["BlockingModel", "Model", "param_bool", "param_float", "param_int"]
+__all__ = ["BlockingModel", "Model", "Reply", "param_bool", "param_float", "param_int", "param_str"]
 
 
 class Model(Protocol):
     name: str
 
     async def __call__(self, call: WorkCall) -> None: ...
+
+
+class Reply(NamedTuple):
+    """An answer whose content type (and headers) depend on the request: what `run_request` returns.
+
+    `body` is the whole answer, or an iterable of pieces streamed as they are produced."""
+
+    content_type: str
+    body: Buffer | Iterable[Buffer]
+    headers: dict[str, str] | None = None
 
 
 _DONE = object()
@@ -45,19 +55,29 @@ class BlockingModel:
     def run(self, body: Buffer, params: Mapping[str, Param], cancelled: threading.Event) -> Buffer | Iterable[Buffer]:
         raise NotImplementedError
 
+    def run_request(
+        self, body: Buffer, meta: RequestMeta, cancelled: threading.Event
+    ) -> Reply | Buffer | Iterable[Buffer]:
+        """Like `run`, with the whole request head (content type, params); a `Reply` sets the answer's
+        content type and headers per request. Runs in the thread pool."""
+        return self.run(body, meta.params, cancelled)
+
     async def __call__(self, call: WorkCall) -> None:
         pool = self.executor or _default_pool()
         body = await call.body()
         cancelled = threading.Event()
-        step: concurrent.futures.Future[object] = pool.submit(self.run, body, call.params, cancelled)
+        step: concurrent.futures.Future[object] = pool.submit(self.run_request, body, call.meta, cancelled)
         it: Iterator[Buffer] | None = None
+        content_type, headers = self.content_type, None
         try:
             out = await asyncio.wrap_future(step)
+            if isinstance(out, Reply):
+                content_type, headers, out = out.content_type, out.headers, out.body
             if isinstance(out, bytes | bytearray | memoryview):
-                call.respond(out, self.content_type)
+                call.respond(out, content_type, headers)
                 return
             it = iter(cast(Iterable[Buffer], out))
-            call.start(self.content_type)
+            call.start(content_type, headers)
             while True:
                 step = pool.submit(next, it, _DONE)
                 piece = await asyncio.wrap_future(step)
@@ -109,6 +129,11 @@ def param_float(params: Mapping[str, Param], name: str, default: float = 0.0) ->
         return float(v)
     except (TypeError, ValueError):
         raise HandlerError(f"parameter {name!r} must be a number, got {v!r}", param=name) from None
+
+
+def param_str(params: Mapping[str, Param], name: str, default: str = "") -> str:
+    v = _param(params, name)
+    return default if v is None else str(v)
 
 
 def param_int(params: Mapping[str, Param], name: str, default: int = 0) -> int:
