@@ -1,4 +1,4 @@
-"""The `casola` command: `up`, `ingress`, `queue`, `worker`, `keys`, `certs`.
+"""The `casola` command: `up`, `ingress`, `queue`, `worker`, `keys`, `certs`, `models`.
 
 `casola up` is what a new user runs first: the ingress and a queue node in this process (joined by
 the in-memory link), local worker processes from the config (with no config: one `echo` worker), a
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from casola.auth.cli import add_keys_parser, run_keys
 from casola.config import Config, ConfigError, load_config
+from casola.models_cli import add_models_parser, run_models
 
 __all__ = ["main"]
 
@@ -30,7 +31,7 @@ MALLOC_ENV = {"MALLOC_TOP_PAD_": str(128 * 1024 * 1024)}
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="casola", description="low-latency inference router")
     p.add_argument("--state-dir", default=None, help="keys and runtime state (default: ./.casola or the config's)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{up,ingress,queue,worker,keys,certs}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{up,ingress,queue,worker,keys,certs,models}")
 
     up = sub.add_parser("up", help="ingress + queue node in one process, plus local workers")
     _common(up)
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--queue", help="queue node listener host:port (default 127.0.0.1:7710)")
     up.add_argument("--trace", action="store_true", help="Server-Timing on every response")
     up.add_argument("--tls", action="store_true", help="HTTPS with development certificates in <state-dir>/certs")
+    up.add_argument("--models-dir", help="model directories (default: the config's models_dir, ./models)")
 
     ing = sub.add_parser("ingress", help="the edge ingress alone")
     _common(ing)
@@ -64,10 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--capacity", type=int, help="requests run at once")
     w.add_argument("--pool", choices=("sync", "async", "shared"))
     w.add_argument("--node-id")
+    w.add_argument("--threads", type=int, help="thread pool for blocking handlers")
+    w.add_argument("--models-dir", help="model directories (default: the config's models_dir, ./models)")
     w.add_argument("--credential-file", help="worker key file (default: <state-dir>/worker-key)")
 
     add_keys_parser(sub)
     _certs_parser(sub)
+    add_models_parser(sub)
     return p
 
 
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         args.state_dir = args.state_dir or ".casola"
         return run_keys(args)
+    if args.command == "models":
+        return run_models(args)
     if args.command == "certs":
         return _run_certs(Path(args.out) if args.out else Path(args.state_dir or ".casola") / "certs", args)
     if argv is None and not os.environ.get("MALLOC_TOP_PAD_") and not os.environ.get("CASOLA_NO_MALLOC_TUNE"):
@@ -165,6 +172,8 @@ def apply_overrides(args: argparse.Namespace, config: Config) -> Config:
         q = msgspec.structs.replace(q, listen=args.listen)
     if getattr(args, "region", None):
         q = msgspec.structs.replace(q, region=args.region)
+    if getattr(args, "models_dir", None):
+        config = msgspec.structs.replace(config, models_dir=args.models_dir)
     if args.command == "queue":
         if args.node_id:
             q = msgspec.structs.replace(q, node_id=args.node_id)

@@ -6,6 +6,7 @@ error (a typo must not silently fall back to a default). Example, with the defau
 ```toml
 state_dir = ".casola"            # signing key, API keys, revocation list (--state-dir wins)
 log_level = "info"
+models_dir = "models"            # model directories <models_dir>/<name>/ with casola.json (`casola models`)
 
 [ingress]
 http = "127.0.0.1:8000"          # HTTP/1.1 listener
@@ -22,6 +23,7 @@ head_timeout = 10.0              # a request head must arrive within this (slow 
 body_timeout = 30.0              # a body stalled this long -> 408
 tls_cert = ""                    # PEM chain, leaf first; with tls_key the HTTP listener speaks HTTPS
 tls_key = ""                     # its private key; both "" = plain HTTP (dev pair: `casola certs dev`)
+openai_aliases = {}              # /openai/v1 model names to served ones, e.g. { "whisper-1" = "asr" }
 # `casola ingress` (separate process) names its queue nodes; `casola up` uses its own.
 # [[ingress.queue_nodes]]
 # address = "127.0.0.1:7710"
@@ -65,11 +67,20 @@ max_input = 16777216             # bytes; larger inputs are not classified (bloc
 audit_clean = false              # also store audit records of clean verdicts (violations always)
 
 [[workers]]                      # local worker processes started by `casola up`
-models = ["echo"]
+models = ["echo"]                # built in (echo, steps) or directories in models_dir
 count = 1                        # processes
 capacity = 64                    # requests each runs at once
 pool = "shared"                  # sync | async | shared (shared: both, sync first)
 threads = 4                      # thread pool for blocking handlers
+
+# Per model, optional: what its directory's casola.json says, overridden (docs/models.md).
+# [models.chat]
+# kind = "llm"                   # whisper | llm | tts | classify
+# path = ""                      # "" = <models_dir>/chat
+# device = "auto"                # auto (CUDA when CTranslate2 sees a GPU) | cpu | cuda
+# compute_type = "auto"          # auto: int8_float16 on CUDA, int8 on CPU; or any CTranslate2 type
+# threads = 0                    # CTranslate2 intra_threads on CPU (0: its default)
+# options = {}                   # merged over the manifest's options
 ```
 """
 
@@ -77,13 +88,25 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from casola.ingress.server import IngressConfig
 from casola.queue.node import QueueConfig
 
-__all__ = ["Config", "ConfigError", "WorkerSpec", "load_config"]
+__all__ = ["Config", "ConfigError", "ModelConfig", "WorkerSpec", "load_config"]
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[models.<name>]`: overrides of what `<models_dir>/<name>/casola.json` says."""
+
+    kind: str = ""
+    path: str = ""
+    device: str = "auto"
+    compute_type: str = "auto"
+    threads: int = 0
+    options: dict[str, Any] = {}
 
 
 class WorkerSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -101,9 +124,11 @@ def _default_workers() -> list[WorkerSpec]:
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     state_dir: str = ".casola"
     log_level: str = "info"
+    models_dir: str = "models"
     ingress: IngressConfig = msgspec.field(default_factory=IngressConfig)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     workers: list[WorkerSpec] = msgspec.field(default_factory=_default_workers)
+    models: dict[str, ModelConfig] = {}
 
 
 class ConfigError(ValueError):

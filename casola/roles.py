@@ -97,7 +97,8 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     await upstream.start(wait=5.0)
     await ingress.start()
     queue_addr = f"{config.queue.listen.rpartition(':')[0]}:{node.port}"
-    workers = _LocalWorkers(config.workers, queue_addr, state_dir, worker_key)
+    workers = _LocalWorkers(config.workers, queue_addr, state_dir, worker_key, config)
+    workers._config_file = str(Path(args.config).resolve()) if args.config else ""  # [models.*] overrides
     workers.start()
     http_port, *rest = ingress.ports
     endpoints = {
@@ -145,8 +146,12 @@ def _banner(endpoints: dict[str, str], state_dir: Path, dev_key: str, ca: Path |
 class _LocalWorkers:
     """Worker processes of `casola up`; one that dies unexpectedly is restarted after a pause."""
 
-    def __init__(self, specs: list[WorkerSpec], queue: str, state_dir: Path, credential: str) -> None:
+    def __init__(
+        self, specs: list[WorkerSpec], queue: str, state_dir: Path, credential: str, config: Config | None = None
+    ) -> None:
         self._specs, self._queue, self._state_dir = specs, queue, state_dir
+        self._config_file = ""
+        self._models_dir = str(Path(config.models_dir).resolve()) if config is not None else ""
         self._credential = credential
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -164,7 +169,9 @@ class _LocalWorkers:
         return [
             sys.executable, "-m", "casola", "--state-dir", str(self._state_dir), "worker",
             "--queue", self._queue, "--models", ",".join(spec.models), "--capacity", str(spec.capacity),
-            "--pool", spec.pool, "--node-id", f"worker-{n}",
+            "--pool", spec.pool, "--node-id", f"worker-{n}", "--threads", str(spec.threads),
+            *(["--config", self._config_file] if self._config_file else []),
+            *(["--models-dir", self._models_dir] if self._models_dir else []),
         ]  # fmt: skip
 
     async def _keep(self, spec: WorkerSpec, n: int) -> None:
@@ -239,9 +246,10 @@ async def _queue(args: argparse.Namespace, config: Config, state_dir: Path) -> i
 async def _worker(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     spec = config.workers[0] if config.workers else WorkerSpec()
     names = args.models.split(",") if args.models else spec.models
-    unknown = [m for m in names if m not in BUILTIN_MODELS]
-    if unknown:
-        print(f"casola worker: unknown model(s) {unknown}; built in: {sorted(BUILTIN_MODELS)}", file=sys.stderr)
+    try:
+        models = [_load_model(name, config) for name in names]
+    except (ValueError, OSError) as exc:  # SpecError, a device or file problem: say which model
+        print(f"casola worker: {exc}", file=sys.stderr)
         return 2
     wc = WorkerConfig(
         queue=args.queue or [config.queue.listen],
@@ -249,11 +257,10 @@ async def _worker(args: argparse.Namespace, config: Config, state_dir: Path) -> 
         capacity=args.capacity or spec.capacity,
         pool=args.pool or spec.pool,
         node_id=args.node_id or "",
-        threads=spec.threads,
+        threads=args.threads or spec.threads,
         region=config.queue.region,
     )
     credential = _worker_credential(args, state_dir)
-    models: list[Model] = [BUILTIN_MODELS[m]() for m in names]
     runtime = WorkerRuntime(wc, models, credential)
     await runtime.start()
     sig = await _until_signalled()
@@ -263,6 +270,18 @@ async def _worker(args: argparse.Namespace, config: Config, state_dir: Path) -> 
     else:
         await runtime.stop()
     return 0
+
+
+def _load_model(name: str, config: Config) -> Model:
+    """A built-in model, or one from the models directory (loaded now, once, before registering)."""
+    if name in BUILTIN_MODELS:
+        model: Model = BUILTIN_MODELS[name]()
+        return model
+    from workers.loader import build, resolve
+
+    spec = resolve(name, config.models_dir, config.models)
+    log.info("loading model %s (%s) from %s", name, spec.kind, spec.path or "-")
+    return build(spec)
 
 
 def _worker_credential(args: argparse.Namespace, state_dir: Path) -> str:

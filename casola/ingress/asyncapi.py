@@ -39,7 +39,7 @@ from casola.ingress.jobs import (
     query,
     start,
 )
-from casola.ingress.native import send_wire_error
+from casola.ingress.native import RunExchange, send_wire_error
 from casola.jobview import JobView, decode_view
 from casola.wire import ErrorCode, RequestMeta
 from casola.wire.meta import JobOp, Param
@@ -115,9 +115,10 @@ def job_document(view: JobView, base: str) -> bytes:
     return _encoder.encode(doc)
 
 
-def submit(ing: Ingress, ex: Exchange, meta: RequestMeta, caller: Caller) -> None:
+def submit(ing: Ingress, ex: Exchange, meta: RequestMeta, caller: Caller) -> RunExchange | None:
     """`POST /v1/run/{model}` asked to run async (`X-Casola-Async: 1` or `Prefer: respond-async`);
-    the ingress has authorized it and read its head into `meta` as for a sync run.
+    the ingress has authorized it and read its head into `meta` as for a sync run. Returns the
+    exchange that takes the body (None when refused at once).
 
     Raises:
         Nothing: every outcome is answered.
@@ -127,8 +128,8 @@ def submit(ing: Ingress, ex: Exchange, meta: RequestMeta, caller: Caller) -> Non
     if len(key) > MAX_IDEMPOTENCY_KEY:
         msg = f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters"
         reply.http_error(400, msg, "invalid_request_error", "bad_request")
-        return
-    start(
+        return None
+    return start(
         ing,
         ex,
         reply,

@@ -214,8 +214,9 @@ def start(
     priority: int = 0,
     idempotency_key: str = "",
     webhook_url: str = "",
-) -> None:
-    """Send one job operation to a queue node; its outcome goes to `reply`.
+) -> JobExchange | None:
+    """Send one job operation to a queue node; its outcome goes to `reply`. Returns the exchange that
+    takes the request body (None when refused at once).
 
     Counts against `max_inflight` (refused with OVERLOADED beyond it) and in the request metrics, as
     a native run does.
@@ -225,12 +226,12 @@ def start(
     """
     if ing.in_flight >= ing.config.max_inflight:
         reply.wire_error(ErrorCode.OVERLOADED, "too many requests in progress", 1000)
-        return
+        return None
     link = ing.upstream.pick(caller.region)
     if link is None:
         where = f" in region {caller.region!r}" if caller.region else ""
         reply.wire_error(ErrorCode.NO_CAPACITY, f"no queue node{where} is reachable or has room", 1000)
-        return
+        return None
     meta = RequestMeta(
         model,
         content_type=content_type,
@@ -244,7 +245,7 @@ def start(
         filter=caller.filter,  # a job's input is filtered under its key's policy, as a sync request's
     )
     ing.metrics.in_flight += 1
-    JobExchange(ing, ex, link, meta, reply)
+    return JobExchange(ing, ex, link, meta, reply)
 
 
 def _discard(chunk: bytes) -> None:

@@ -2,7 +2,8 @@
 
 Routes: `POST /v1/run/{model}` (native, streamed both ways; with `X-Casola-Async: 1` it submits an
 async job), `/v1/jobs/...` (the native async API, casola/ingress/asyncapi.py), `GET /healthz`,
-`GET /metrics`, `GET /v1/signals` (scope `signals`), then fal's queue API for any other path of two
+`GET /metrics`, `GET /v1/signals` (scope `signals`), `/openai/v1/...` (the OpenAI-compatible
+surface, casola/ingress/openai.py), then fal's queue API for any other path of two
 or more segments (casola/ingress/fal.py).
 Authentication is local (Ed25519 tokens, `casola.auth`): no remote call on the request path.
 With `tls_cert` and `tls_key` set both listeners speak TLS (HTTPS, and frames over TLS).
@@ -20,11 +21,11 @@ import msgspec
 
 from casola.auth import SCOPE_RUN, SCOPE_SIGNALS, Claims, Verifier
 from casola.certs import server_context
-from casola.ingress import asyncapi, fal
+from casola.ingress import asyncapi, fal, openai
 from casola.ingress.envelope import JSON_CT
 from casola.ingress.frames import FrameListener
 from casola.ingress.http import Exchange, HttpLimits, serve_http
-from casola.ingress.jobs import authorize
+from casola.ingress.jobs import Caller, authorize
 from casola.ingress.metrics import CONTENT_TYPE as METRICS_CT
 from casola.ingress.metrics import Metrics
 from casola.ingress.native import RunExchange, send_wire_error
@@ -58,6 +59,7 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     body_timeout: float = 30.0
     tls_cert: str = ""  # PEM certificate chain (leaf first); with tls_key: HTTPS on the HTTP listener
     tls_key: str = ""  # PEM private key of tls_cert; both empty = plain HTTP
+    openai_aliases: dict[str, str] = {}  # /openai/v1 model names to served ones, e.g. {"whisper-1": "asr"}
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -143,6 +145,8 @@ class Ingress:
             return ex.respond(200, [(b"content-type", METRICS_CT)], self.metrics.render())
         if path == b"/v1/signals" and ex.method == b"GET":
             return self._signals(ex)
+        if path.startswith(openai.PREFIX):
+            return openai.route(self, ex)
         if fal.route(self, ex):  # any other path of 2+ segments: fal's queue API
             return None
         ex.send_error(
@@ -166,24 +170,29 @@ class Ingress:
         # With auth off a sync request carries no tenant; a job needs one (`caller.tenant`).
         tenant = caller.tenant if self.verifier is not None else ""
         try:
-            meta, run_async = self._request_meta(ex, model_b.decode(), tenant, caller.filter)
+            meta, run_async = self.request_meta(ex, model_b.decode(), tenant, caller.filter)
         except ValueError as exc:
             return ex.send_error(400, str(exc), "invalid_request_error", "bad_request")
+        self.dispatch(ex, meta, run_async, caller)
+
+    def dispatch(self, ex: Exchange, meta: RequestMeta, run_async: bool, caller: Caller) -> RunExchange | None:
+        """Send one authorized request upstream (sync, or as an async job); the returned exchange takes
+        the request body (already set as the exchange's body callbacks). None: refused and answered."""
         if run_async:
             return asyncapi.submit(self, ex, meta, caller)
         if self.in_flight >= self.config.max_inflight:
             send_wire_error(ex, ErrorCode.OVERLOADED, "too many requests in progress", 1000)
-            return
+            return None
         region = caller.region
         link = self.upstream.pick(region)
         if link is None:
             where = f" in region {region!r}" if region else ""
             send_wire_error(ex, ErrorCode.NO_CAPACITY, f"no queue node{where} is reachable or has room", 1000)
-            return
+            return None
         self.metrics.in_flight += 1
-        RunExchange(self, ex, link, meta, meta.trace)
+        return RunExchange(self, ex, link, meta, meta.trace)
 
-    def _request_meta(
+    def request_meta(
         self, ex: Exchange, model: str, tenant: str, filter: FilterPolicy = ""
     ) -> tuple[RequestMeta, bool]:
         """The request head from the headers, in one pass; True when it asks to run async."""
