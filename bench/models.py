@@ -74,8 +74,9 @@ def _whole(buf: bytes) -> bool:
     if end < 0:
         return False
     head = buf[:end].lower()
-    if b"transfer-encoding: chunked" in head:
-        return buf.endswith(b"0\r\n\r\n") or b"\r\n0\r\n\r\n" in buf[end:]
+    if b"transfer-encoding: chunked" in head:  # the last chunk, then trailers (Server-Timing) and a blank line
+        last = buf.find(b"\r\n0\r\n", end)
+        return last >= 0 and buf.endswith(b"\r\n\r\n") and len(buf) >= last + 7
     i = head.find(b"content-length:")
     return i >= 0 and len(buf) - end - 4 >= int(head[i + 15 :].split(b"\r\n", 1)[0])
 
@@ -310,7 +311,7 @@ def bench_classify(up: Up, http: Http, path: Path, device: str, compute: str, th
 
 
 def _config(models_dir: Path, models: dict[str, str], device: str, threads: int) -> str:
-    toml = f'models_dir = "{models_dir}"\n'
+    toml = ""
     for name in models.values():
         toml += f'[models."{name}"]\ndevice = "{device}"\nthreads = {threads}\n'
     toml += '[[workers]]\nmodels = ["echo"]\n'
@@ -319,9 +320,10 @@ def _config(models_dir: Path, models: dict[str, str], device: str, threads: int)
     return toml
 
 
-async def _ready(up: Up) -> None:
+async def _ready(up: Up, models: list[str]) -> None:
     c = await up.ready(120)
     await c.close()
+    await up.serving(models)
 
 
 def main() -> int:
@@ -354,10 +356,11 @@ def main() -> int:
     names = {"llm": "chat-random" if args.set == "tiny" else "chat", "asr": "asr", "tts": "tts", "classify": "classify"}
     names = {k: v for k, v in names.items() if k in only and (models_dir / v).exists()}
     procs = Procs({**os.environ, "MALLOC_TOP_PAD_": "0"}, tmp)
-    up = Up(procs, tmp / "up", _config(models_dir, names, args.device, args.threads))
+    top = f'models_dir = "{models_dir}"\n'
+    up = Up(procs, tmp / "up", _config(models_dir, names, args.device, args.threads), top)
     rows: list[dict[str, Any]] = []
     try:
-        asyncio.run(_ready(up))
+        asyncio.run(_ready(up, list(names.values())))
         http = Http(up.http, up.key())
         th = args.threads
         print(f"device {device} ({compute}), models {models_dir}, {rounds} rounds, threads {th or 'default'}")

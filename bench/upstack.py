@@ -28,15 +28,16 @@ def pct(xs: list[float], q: float) -> float | None:
 
 class Up:
     """`python -m casola up` with `toml` after its listeners (`[ingress]` http/frames and `[queue]`
-    listen are set here; `toml` goes on with more `[queue]` keys or later sections)."""
+    listen are set here; `toml` goes on with more `[queue]` keys or later sections; `top` holds
+    top-level keys such as `models_dir`, which TOML wants before any section)."""
 
-    def __init__(self, procs: Procs, tmp: Path, toml: str) -> None:
+    def __init__(self, procs: Procs, tmp: Path, toml: str, top: str = "") -> None:
         self.http, self.frames, self.queue = free_port(), free_port(), free_port()
         tmp.mkdir(parents=True, exist_ok=True)
         state, config = tmp / "state", tmp / "casola.toml"
         state.mkdir()
         config.write_text(
-            f'[ingress]\nhttp = "127.0.0.1:{self.http}"\nframes = "127.0.0.1:{self.frames}"\n'
+            f'{top}[ingress]\nhttp = "127.0.0.1:{self.http}"\nframes = "127.0.0.1:{self.frames}"\n'
             f'[queue]\nlisten = "127.0.0.1:{self.queue}"\n{toml}'
         )
         self.name = f"casola-up-{uuid.uuid4().hex[:6]}"
@@ -64,6 +65,19 @@ class Up:
                 last = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(0.2)
         raise BenchError(f"casola up not ready: {last}\n{self.procs.log(self.name)}")
+
+    async def serving(self, models: list[str], timeout: float = 120.0) -> None:
+        """Until every model in `models` has a registered worker (model workers load before they register)."""
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=5.0) as h:
+            while time.monotonic() < deadline:
+                served = (await h.get(f"http://127.0.0.1:{self.http}/healthz")).json().get("models", {})
+                if all(served.get(m, {}).get("workers", 0) for m in models):
+                    return
+                if self.proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.2)
+        raise BenchError(f"casola up does not serve {models}\n{self.procs.log(self.name)}")
 
     def key(self) -> str:
         return (self.state / "dev-api-key").read_text().strip()

@@ -81,7 +81,10 @@ def loop(http: Http, question: str) -> list[tuple[str, float, dict[str, float], 
     body, ctype = _multipart({"model": "asr", "response_format": "json", "language": "en"}, wav)
     t0 = T()
     buf = http.post("/openai/v1/audio/transcriptions", body, {**trace, "Content-Type": ctype}, _whole)
-    text = json.loads(_body(buf))["text"].strip()
+    answer_json = json.loads(_body(buf))
+    if "text" not in answer_json:
+        raise RuntimeError(f"transcription failed: {buf[:600]!r}")
+    text = answer_json["text"].strip()
     rows.append(("asr", (T() - t0) * 1000, _timing(buf), text))
     req = {"model": "chat", "messages": [{"role": "user", "content": text}], "stream": True, "max_tokens": 48}
     t0 = T()
@@ -110,6 +113,7 @@ def loop(http: Http, question: str) -> list[tuple[str, float, dict[str, float], 
 async def _ready(up: Up) -> None:
     c = await up.ready(180)
     await c.close()
+    await up.serving(["asr", "chat", "tts"])
 
 
 def main() -> int:
@@ -118,11 +122,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="casola-voice-"))
-    toml = f'models_dir = "{Path(args.models_dir).resolve()}"\n'
-    toml += '[[workers]]\nmodels = ["echo"]\n[[workers]]\nmodels = ["asr"]\ncapacity = 2\nthreads = 2\n'
+    top = f'models_dir = "{Path(args.models_dir).resolve()}"\n'
+    toml = '[[workers]]\nmodels = ["echo"]\n[[workers]]\nmodels = ["asr"]\ncapacity = 2\nthreads = 2\n'
     toml += '[[workers]]\nmodels = ["chat"]\ncapacity = 2\nthreads = 2\n[[workers]]\nmodels = ["tts"]\ncapacity = 4\n'
     procs = Procs({**os.environ, "MALLOC_TOP_PAD_": "0"}, tmp)
-    up = Up(procs, tmp / "up", toml)
+    up = Up(procs, tmp / "up", toml, top)
     try:
         asyncio.run(_ready(up))
         http = Http(up.http, up.key())

@@ -68,6 +68,7 @@ _ASR_OPTIONS: Final = {"beam_size": 5}
 _LLM_OPTIONS: Final = {
     "system_prompt": "You are a helpful voice assistant. Answer in one short sentence.",
     "repetition_penalty": 1.1,  # a 135M model at 4 bits loops without it
+    "temperature": 0.0,  # its default (a request may ask for more): sampling the whole vocabulary derails it
 }
 _LLM_FILES: Final = ("model.bin", "config.json", "vocabulary.json", "tokenizer.json", "chat_template.jinja")
 _BLOCK: Final = 1 << 20

@@ -148,7 +148,7 @@ def test_tenants_unknown_ids_and_refused_routes(tmp_path: Path) -> None:
                 ("GET", "/o/idle/requests"),
                 ("GET", f"/o/idle/requests/{rid}/status/stream"),  # SSE: not implemented
                 ("POST", "/v1/other/thing"),  # casola's own namespaces never reach fal
-                ("POST", "/openai/v1/chat/completions"),
+                ("POST", "/openai/v1/images/generations"),  # not served by the OpenAI surface
                 ("GET", "/.well-known/thing/x"),
                 ("POST", "/o//x"),
                 ("GET", "/single"),
