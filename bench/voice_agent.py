@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 from floor import ROOT, Procs
-from models import Http, _whole
+from handlers import Http, _whole
 from upstack import Up
 
 QUESTIONS = ["What is the capital of France?", "Turn on the lights in the kitchen."]

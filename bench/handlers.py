@@ -12,10 +12,10 @@ socket client. The figure is the ratio and the difference of medians.
 - classify: text -> verdict (direct: tokenize, `Encoder.forward_batch`, head).
 
 Usage:
-    python bench/models.py                      # tiny models (built offline now), CPU
-    python bench/models.py --set demo           # the demo set (`casola models prepare-demo`)
-    python bench/models.py --device cuda        # the GPU variant (same script) on a CUDA machine
-    python bench/models.py --quick              # a few rounds, a smoke test
+    python bench/handlers.py                      # tiny models (built offline now), CPU
+    python bench/handlers.py --set demo           # the demo set (`casola models prepare-demo`)
+    python bench/handlers.py --device cuda        # the GPU variant (same script) on a CUDA machine
+    python bench/handlers.py --quick              # a few rounds, a smoke test
 """
 
 from __future__ import annotations
