@@ -69,16 +69,26 @@ class Http:
 
 
 def _whole(buf: bytes) -> bool:
-    """A complete response: Content-Length reached, or the last chunk of a chunked body."""
+    """A complete response: Content-Length reached, or a chunked body walked to its last chunk and the
+    blank line after its trailers (Server-Timing)."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         return False
     head = buf[:end].lower()
-    if b"transfer-encoding: chunked" in head:  # the last chunk, then trailers (Server-Timing) and a blank line
-        last = buf.find(b"\r\n0\r\n", end)
-        return last >= 0 and buf.endswith(b"\r\n\r\n") and len(buf) >= last + 7
-    i = head.find(b"content-length:")
-    return i >= 0 and len(buf) - end - 4 >= int(head[i + 15 :].split(b"\r\n", 1)[0])
+    pos = end + 4
+    if b"transfer-encoding: chunked" not in head:
+        i = head.find(b"content-length:")
+        return i >= 0 and len(buf) - pos >= int(head[i + 15 :].split(b"\r\n", 1)[0])
+    while True:
+        nl = buf.find(b"\r\n", pos)
+        if nl < 0:
+            return False
+        size = int(buf[pos:nl].split(b";")[0], 16)
+        if size == 0:
+            return buf.startswith(b"\r\n", nl + 2) or buf.find(b"\r\n\r\n", nl) >= 0
+        pos = nl + 2 + size + 2
+        if pos > len(buf):
+            return False
 
 
 def _status(buf: bytes) -> int:
@@ -151,8 +161,8 @@ def bench_llm(up: Up, http: Http, path: Path, device: str, compute: str, threads
             k = buf.count(b'"content":"', seen[0]) - buf.count(b'"content":""', seen[0])
             if k > 0:
                 marks.extend([now] * k)
-            seen[0] = max(0, len(buf) - 16)  # a marker may straddle two reads
-            return buf.endswith(b"data: [DONE]\n\n\r\n") or (b"data: [DONE]" in buf[-40:] and _whole(buf))
+            seen[0] = max(0, len(buf) - 10)  # a marker (11 bytes) may straddle two reads; never counted twice
+            return _whole(buf)
 
         t0 = T()
         buf = http.post("/openai/v1/chat/completions", request, {"Content-Type": "application/json"}, on_data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor
 from typing import NamedTuple, Protocol, cast
@@ -67,7 +68,6 @@ class BlockingModel:
         body = await call.body()
         cancelled = threading.Event()
         step: concurrent.futures.Future[object] = pool.submit(self.run_request, body, call.meta, cancelled)
-        it: Iterator[Buffer] | None = None
         content_type, headers = self.content_type, None
         try:
             out = await asyncio.wrap_future(step)
@@ -76,21 +76,64 @@ class BlockingModel:
             if isinstance(out, bytes | bytearray | memoryview):
                 call.respond(out, content_type, headers)
                 return
-            it = iter(cast(Iterable[Buffer], out))
             call.start(content_type, headers)
-            while True:
-                step = pool.submit(next, it, _DONE)
-                piece = await asyncio.wrap_future(step)
-                if piece is _DONE:
-                    break
-                await call.write(piece)  # type: ignore[arg-type]
+            await _Pieces(iter(cast(Iterable[Buffer], out)), cancelled, pool).stream(call)
             call.end()
         except asyncio.CancelledError:
             cancelled.set()
-            if it is not None:  # close the generator once its current piece is done (same thread order)
-                gen = it
-                step.add_done_callback(lambda _: pool.submit(_close, gen))
             raise
+
+
+class _Pieces:
+    """A blocking generator drained by one pool thread that runs ahead of the link by up to AHEAD
+    pieces: the model computes its next piece (token) while the loop sends the last one, and a piece
+    costs one thread-to-loop handoff, not a pool round trip. The thread checks `cancelled` between
+    pieces and closes the generator itself (its `finally` runs in the thread that ran it)."""
+
+    AHEAD = 64
+
+    def __init__(self, it: Iterator[Buffer], cancelled: threading.Event, pool: Executor) -> None:
+        self.it, self.cancelled = it, cancelled
+        self.loop = asyncio.get_running_loop()
+        self.ready: deque[object] = deque()
+        self.wake: asyncio.Future[None] | None = None
+        self.room = threading.Semaphore(self.AHEAD)
+        pool.submit(self._produce)
+
+    def _produce(self) -> None:
+        it, cancelled, room = self.it, self.cancelled, self.room
+        try:
+            for piece in it:
+                if cancelled.is_set():
+                    return
+                while not room.acquire(timeout=0.1):  # the link is backed up: wait, unless cancelled
+                    if cancelled.is_set():
+                        return
+                self.loop.call_soon_threadsafe(self._push, piece)
+            self.loop.call_soon_threadsafe(self._push, _DONE)
+        except BaseException as exc:  # the handler failed mid-stream: re-raised on the loop
+            self.loop.call_soon_threadsafe(self._push, exc)
+        finally:
+            _close(it)
+
+    def _push(self, item: object) -> None:
+        self.ready.append(item)
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
+
+    async def stream(self, call: WorkCall) -> None:
+        ready = self.ready
+        while True:
+            while not ready:
+                self.wake = self.loop.create_future()
+                await self.wake
+            item = ready.popleft()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            self.room.release()
+            await call.write(item)  # type: ignore[arg-type]
 
 
 def _close(it: Iterator[Buffer]) -> None:

@@ -55,7 +55,9 @@ class WorkerRuntime:
         self.config = config
         self.models: dict[str, Model] = {m.name: m for m in models}
         self.node_id = config.node_id or f"worker-{os.getpid()}"
-        self.executor = ThreadPoolExecutor(config.threads, thread_name_prefix="casola-handler")
+        # A streaming handler holds one thread for its whole answer (casola.worker.model._Pieces), so
+        # every slot may need one; threads start only when used.
+        self.executor = ThreadPoolExecutor(max(config.threads, config.capacity), thread_name_prefix="casola-handler")
         for m in models:
             if isinstance(m, BlockingModel):
                 m.executor = self.executor
