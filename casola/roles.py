@@ -97,8 +97,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     await upstream.start(wait=5.0)
     await ingress.start()
     queue_addr = f"{config.queue.listen.rpartition(':')[0]}:{node.port}"
-    workers = _LocalWorkers(config.workers, queue_addr, state_dir, worker_key, config)
-    workers._config_file = str(Path(args.config).resolve()) if args.config else ""  # [models.*] overrides
+    workers = _LocalWorkers(config.workers, queue_addr, state_dir, worker_key, config.models_dir, args.config or "")
     workers.start()
     http_port, *rest = ingress.ports
     endpoints = {
@@ -147,11 +146,11 @@ class _LocalWorkers:
     """Worker processes of `casola up`; one that dies unexpectedly is restarted after a pause."""
 
     def __init__(
-        self, specs: list[WorkerSpec], queue: str, state_dir: Path, credential: str, config: Config | None = None
+        self, specs: list[WorkerSpec], queue: str, state_dir: Path, credential: str, models_dir: str, config_file: str
     ) -> None:
         self._specs, self._queue, self._state_dir = specs, queue, state_dir
-        self._config_file = ""
-        self._models_dir = str(Path(config.models_dir).resolve()) if config is not None else ""
+        self._config_file = str(Path(config_file).resolve()) if config_file else ""  # its [models.*] overrides
+        self._models_dir = str(Path(models_dir).resolve())
         self._credential = credential
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -171,7 +170,7 @@ class _LocalWorkers:
             "--queue", self._queue, "--models", ",".join(spec.models), "--capacity", str(spec.capacity),
             "--pool", spec.pool, "--node-id", f"worker-{n}", "--threads", str(spec.threads),
             *(["--config", self._config_file] if self._config_file else []),
-            *(["--models-dir", self._models_dir] if self._models_dir else []),
+            "--models-dir", self._models_dir,
         ]  # fmt: skip
 
     async def _keep(self, spec: WorkerSpec, n: int) -> None:

@@ -39,7 +39,7 @@ from casola.wire.meta import Param
 from casola.worker.call import HandlerError
 from casola.worker.model import BlockingModel, Reply, param_float, param_int, param_str
 from workers.audio import AudioError, load_for_asr
-from workers.device import load_once, pick_device
+from workers.device import load_model
 from workers.features import HOP_LENGTH, N_FRAMES_30S, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
 from workers.spec import ModelSpec
 
@@ -168,15 +168,8 @@ class WhisperModel(BlockingModel):
     content_type = _JSON
 
     def __init__(self, spec: ModelSpec) -> None:
-        if spec.path is None:
-            raise ValueError(f"model {spec.name!r}: a whisper model needs a directory")
         self.name = spec.name
-        self.device, self.compute_type = pick_device(spec.device, spec.compute_type)
-        path = str(spec.path)
-        self.model, self.tokenizer = load_once(
-            ("whisper", path, self.device, self.compute_type, spec.threads),
-            lambda: _model_and_tokenizer(path, self.device, self.compute_type, spec.threads),
-        )
+        self.device, self.compute_type, (self.model, self.tokenizer) = load_model(spec, _model_and_tokenizer)
         self.vocab = _Vocab(self.tokenizer)
         self.multilingual = bool(self.model.is_multilingual)
         self.n_mels = int(self.model.n_mels)

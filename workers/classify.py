@@ -36,7 +36,7 @@ import numpy as np
 from casola.wire import Buffer, RequestMeta
 from casola.worker.call import HandlerError
 from casola.worker.model import BlockingModel, Reply
-from workers.device import load_once, pick_device
+from workers.device import load_model
 from workers.spec import ModelSpec
 
 __all__ = ["ClassifyModel"]
@@ -69,15 +69,9 @@ class ClassifyModel(BlockingModel):
     content_type = _JSON
 
     def __init__(self, spec: ModelSpec) -> None:
-        if spec.path is None:
-            raise ValueError(f"model {spec.name!r}: a classify model needs a directory")
         self.name = spec.name
-        self.device, self.compute_type = pick_device(spec.device, spec.compute_type)
-        path = str(spec.path)
-        self.encoder, self.tokenizer, self.weight, self.bias = load_once(
-            ("classify", path, self.device, self.compute_type, spec.threads),
-            lambda: _load(path, self.device, self.compute_type, spec.threads),
-        )
+        self.device, self.compute_type, loaded = load_model(spec, _load)
+        self.encoder, self.tokenizer, self.weight, self.bias = loaded
         o = spec.options
         n = self.weight.shape[0]
         self.labels: list[str] = [str(x) for x in o.get("labels", [f"LABEL_{i}" for i in range(n)])]

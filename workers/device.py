@@ -9,7 +9,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["load_once", "pick_device"]
+from workers.spec import ModelSpec, SpecError
+
+__all__ = ["load_model", "load_once", "pick_device"]
 
 T = TypeVar("T")
 
@@ -52,3 +54,21 @@ def load_once(key: tuple[Any, ...], factory: Callable[[], T]) -> T:
         if key not in _loaded:
             _loaded[key] = factory()
         return _loaded[key]  # type: ignore[no-any-return]
+
+
+def load_model(spec: ModelSpec, factory: Callable[[str, str, str, int], T]) -> tuple[str, str, T]:
+    """(device, compute type, `factory(path, device, compute_type, threads)`) for a model directory,
+    the factory run once per process for the same directory, device, type and threads.
+
+    Raises:
+        SpecError: the spec names no model directory.
+        ValueError: the device or compute type cannot be used.
+    """
+    if spec.path is None:
+        raise SpecError(f"model {spec.name!r}: a {spec.kind} model needs a directory")
+    device, compute_type = pick_device(spec.device, spec.compute_type)
+    path = str(spec.path)
+    made = load_once(
+        (spec.kind, path, device, compute_type, spec.threads), lambda: factory(path, device, compute_type, spec.threads)
+    )
+    return device, compute_type, made

@@ -51,7 +51,7 @@ from workers.chat import (
     new_completion_id,
     parse_request,
 )
-from workers.device import load_once, pick_device
+from workers.device import load_model
 from workers.spec import ModelSpec, SpecError
 
 __all__ = ["LLMModel"]
@@ -70,7 +70,8 @@ class _Loaded:
     eos_token: str
 
 
-def _load(path: Path, device: str, compute_type: str, threads: int) -> _Loaded:
+def _load(directory: str, device: str, compute_type: str, threads: int) -> _Loaded:
+    path = Path(directory)
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     source = path / "chat_template.jinja"
     # The template writes bos_token itself where the model wants one (HF convention; ChatML wants none), so
@@ -98,14 +99,8 @@ class LLMModel(BlockingModel):
             SpecError: no model directory, an option of the wrong type, or end tokens the vocabulary lacks.
             ValueError: the device or compute type cannot be used.
         """
-        if spec.path is None:
-            raise SpecError(f"model {spec.name!r}: no model directory")
         self.name = spec.name
-        path, threads = spec.path, spec.threads
-        device, compute_type = pick_device(spec.device, spec.compute_type)
-        self._m = load_once(
-            ("llm", str(path), device, compute_type, threads), lambda: _load(path, device, compute_type, threads)
-        )
+        _device, _compute_type, self._m = load_model(spec, _load)
         o = spec.options
         try:
             ends = o.get("end_tokens") or ([self._m.eos_token] if self._m.eos_token else [])

@@ -193,14 +193,20 @@ class Ingress:
         return RunExchange(self, ex, link, meta, meta.trace)
 
     def request_meta(
-        self, ex: Exchange, model: str, tenant: str, filter: FilterPolicy = ""
+        self,
+        ex: Exchange,
+        model: str,
+        tenant: str,
+        filter: FilterPolicy = "",
+        content_type: str | None = None,
     ) -> tuple[RequestMeta, bool]:
-        """The request head from the headers, in one pass; True when it asks to run async."""
+        """The request head from the headers, in one pass; True when it asks to run async.
+        `content_type`, when given (the OpenAI surface: a file part's type), wins over the header."""
         params: dict[str, Any] = {}
         deadline = self.config.default_deadline_ms
         trace = self.config.trace
         run_async = False
-        content_type = ""
+        header_ctype = ""
         for name, value in ex.headers:
             if name.startswith(_PARAM):
                 params[name[len(_PARAM) :].decode("latin-1")] = value.decode("latin-1")
@@ -211,12 +217,13 @@ class Ingress:
             elif name == b"x-casola-trace":
                 trace = trace or value in (b"1", b"true", b"on")
             elif name == b"content-type":
-                content_type = value.decode("latin-1")
+                header_ctype = value.decode("latin-1")
             elif name == b"x-casola-async":
                 run_async = run_async or value.lower() in _TRUE
             elif name == b"prefer":
                 run_async = run_async or b"respond-async" in value.lower()
-        return RequestMeta(model, deadline, content_type, params, trace, tenant, filter=filter), run_async
+        ctype = content_type if content_type is not None else header_ctype
+        return RequestMeta(model, deadline, ctype, params, trace, tenant, filter=filter), run_async
 
     def finished(
         self, model: str, status: int, timing: dict[str, float] | None, ingress_ms: float, t_start: float

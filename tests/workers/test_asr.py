@@ -23,7 +23,6 @@ from casola.worker.model import Reply
 from workers.asr import Options, WhisperModel, _Decoded
 from workers.audio import float_to_pcm16, wav_bytes
 from workers.loader import resolve
-from workers.tiny import build_tiny_set
 
 SCRIPT = "turn on the lights"
 SRT_CUE = re.compile(r"(\d+)\n(\d\d):(\d\d):(\d\d),(\d{3}) --> (\d\d):(\d\d):(\d\d),(\d{3})\n(.+)\n")
@@ -40,13 +39,6 @@ SEGMENT_KEYS = {
     "compression_ratio",
     "no_speech_prob",
 }
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    build_tiny_set(root)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,13 @@ from casola.worker.model import Reply
 from workers.classify import ClassifyModel
 from workers.loader import resolve
 from workers.spec import ModelSpec
-from workers.tiny import build_tiny_set
 
 LABELS = ["ok", "violence", "spam"]
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
-    root = tmp_path_factory.mktemp("models")
-    build_tiny_set(root)
-    return resolve("classify", root)
+def spec(models_dir: Path) -> ModelSpec:
+    return resolve("classify", models_dir)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from casola.worker.model import Reply
 from workers.llm import LLMModel
 from workers.loader import resolve
 from workers.spec import SpecError
-from workers.tiny import build_tiny_set
 
 ANSWER = "Sure, turning on the lights now."
 USER = [{"role": "user", "content": "Turn on the lights"}]
@@ -37,13 +36,6 @@ TOOLS = [
     }
 ]
 META = RequestMeta(model="chat", content_type="application/json")
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    build_tiny_set(root)
-    return root
 
 
 @pytest.fixture(scope="module")
