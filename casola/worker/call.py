@@ -32,7 +32,7 @@ from casola.wire import (
 )
 from casola.wire.meta import Param
 
-__all__ = ["HandlerError", "WorkCall"]
+__all__ = ["AnswerClosed", "HandlerError", "WorkCall"]
 
 
 class HandlerError(Exception):
@@ -41,6 +41,11 @@ class HandlerError(Exception):
     def __init__(self, message: str, code: int = ErrorCode.BAD_REQUEST, param: str = "") -> None:
         super().__init__(message)
         self.code, self.message, self.param = code, message, param
+
+
+class AnswerClosed(RuntimeError):
+    """A handler tried to answer a request whose answer is already complete (a handler bug, not a
+    cancellation: the runtime logs it)."""
 
 
 class WorkCall:
@@ -76,12 +81,19 @@ class WorkCall:
 
     def _send_last(self, frame: Frame) -> None:
         self.finished = True
-        conn = self.link.conn
-        conn.send(frame)
-        if self.release is not None:
-            self.release()
-            self.release = None
+        try:
+            self.link.conn.send(frame)
+        finally:
+            self.done()
         self.link.flush_soon()  # answers finishing in one loop iteration leave in one write
+
+    def done(self) -> None:
+        """Give this call's slot back (once; later calls do nothing). The runtime calls it whatever
+        became of the call; the last frame calls it as it is queued, so answer and credit leave together."""
+        release = self.release
+        if release is not None:
+            self.release = None
+            release()
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -191,5 +203,7 @@ class WorkCall:
         return (time.perf_counter() - self.t_start) * 1000
 
     def _check(self) -> None:
-        if self.finished or self.cancelled or not self.link.conn.is_open(self.sid):
-            raise asyncio.CancelledError("the request was cancelled or already answered")
+        if self.finished:
+            raise AnswerClosed(f"stream {self.sid} is already answered")
+        if self.cancelled or not self.link.conn.is_open(self.sid):
+            raise asyncio.CancelledError("the request was cancelled")  # CANCEL, a reset, or the link's loss

@@ -31,7 +31,7 @@ from casola.wire import (
     Limits,
     StreamReset,
 )
-from casola.worker.call import HandlerError, WorkCall
+from casola.worker.call import AnswerClosed, HandlerError, WorkCall
 from casola.worker.model import BlockingModel, Model
 
 __all__ = ["WorkerConfig", "WorkerRuntime"]
@@ -125,20 +125,33 @@ class WorkerRuntime:
 
     def _begin(self, link: LinkBase, frame: Frame) -> None:
         call = WorkCall(link, frame.stream_id, frame)
-        call.release = lambda: self._grant(link)
+        call.release = functools.partial(self._grant, link)
         model = self.models.get(call.meta.model)
-        if model is None or self._draining:
-            code = ErrorCode.UNKNOWN_MODEL if model is None else ErrorCode.SHUTTING_DOWN
-            call.fail(code, f"this worker does not serve {call.meta.model!r}" if model is None else "worker draining")
+        refusal = self._refusal(call, model)
+        if refusal is not None:
+            call.fail(*refusal)
+            call.done()  # the slot comes back even when the stream was already reset (CANCEL in this read)
             return
-        if len(self._tasks) >= self.config.capacity and not call.job_id:  # several queue nodes share our slots
-            call.fail(ErrorCode.NO_CAPACITY, "all slots of this worker are busy")
-            return
+        assert model is not None  # _refusal refuses an unknown model
         # An async job beyond capacity (another queue node used the slot its credit stood for) waits
-        # here for a slot: refused, it would go back to the queue having spent one of its attempts,
+        # in _run for a slot: refused, it would go back to the queue having spent one of its attempts,
         # and the credit coming straight back would bring it (or another) back at once.
         task = asyncio.get_running_loop().create_task(self._run(model, call))
-        self._tasks[(link, frame.stream_id)] = (task, call)
+        key = (link, frame.stream_id)
+        self._tasks[key] = (task, call)
+        # Cleanup as a done-callback, not a `finally`: a task cancelled before its first step (its
+        # CANCEL came in the same read as its REQUEST) never runs its body, but this always runs.
+        task.add_done_callback(functools.partial(self._finished, key, call))
+
+    def _refusal(self, call: WorkCall, model: Model | None) -> tuple[int, str] | None:
+        """Why this request is answered with an error at once, or None to run it."""
+        if model is None:
+            return ErrorCode.UNKNOWN_MODEL, f"this worker does not serve {call.meta.model!r}"
+        if self._draining:
+            return ErrorCode.SHUTTING_DOWN, "worker draining"
+        if len(self._tasks) >= self.config.capacity and not call.job_id:  # several queue nodes share our slots
+            return ErrorCode.NO_CAPACITY, "all slots of this worker are busy"
+        return None
 
     async def _run(self, model: Model, call: WorkCall) -> None:
         try:
@@ -150,14 +163,17 @@ class WorkerRuntime:
             call.cancelled = True
         except HandlerError as exc:
             call.fail(exc.code, exc.message, exc.param)
+        except AnswerClosed as exc:
+            log.error("handler %s wrote after its answer was complete: %s", call.meta.model, exc)
         except Exception as exc:
             log.exception("handler %s failed", call.meta.model)
             call.fail(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        finally:
-            self._tasks.pop((call.link, call.sid), None)
-            if call.release is not None:  # cancelled, or the last frame could not be sent
-                call.release = None
-                self._grant(call.link)
+
+    def _finished(self, key: tuple[LinkBase, int], call: WorkCall, task: asyncio.Task[None]) -> None:
+        """The call's task is over, however it ended (also cancelled before it ever ran)."""
+        if self._tasks.get(key, (None,))[0] is task:
+            del self._tasks[key]
+        call.done()
 
     def _cancel(self, link: LinkBase, sid: int) -> None:
         entry = self._tasks.get((link, sid))
