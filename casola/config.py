@@ -41,6 +41,7 @@ lend_idle_sync = false           # async jobs may use free slots of sync-pool wo
 lend_reserve = 1                 # ...all but this many per worker, kept free for sync arrivals
 models = []                      # models known before a worker registers (others: 404 until one does)
 worker_ping_timeout = 5.0        # a worker silent this long is considered dead
+outbound_allow = []              # CIDRs webhooks may reach though not public, e.g. ["10.1.0.0/16", "::1/128"]
 
 [queue.jobs]                     # async jobs (persisted, leased, redispatched from checkpoints)
 store = ""                       # "" = sqlite:///<state_dir>/jobs.db; or postgresql://user@host:5432/db[?schema=s]

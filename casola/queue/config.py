@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from casola.filter import FilterConfig
+from casola.net.outbound import OutboundPolicy
 from casola.queue.jobs import JobsConfig
 
 __all__ = ["QueueConfig"]
@@ -22,5 +23,11 @@ class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lend_reserve: int = 1  # slots per sync worker kept free for sync arrivals while lending
     models: list[str] = []  # models known before any worker registers (else: unknown -> 404)
     worker_ping_timeout: float = 5.0  # a worker that answers no PING this long is gone
+    # CIDR networks outbound calls (webhooks) may reach although not public, e.g. ["10.1.0.0/16"]
+    outbound_allow: list[str] = []
     jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)  # async jobs ([queue.jobs])
     filter: FilterConfig = msgspec.field(default_factory=FilterConfig)  # content filtering ([queue.filter])
+
+    def __post_init__(self) -> None:
+        # A bad CIDR fails at load, naming it (msgspec reports the ValueError as a ValidationError).
+        OutboundPolicy(self.outbound_allow)

@@ -13,7 +13,6 @@ import logging
 import time
 from time import perf_counter
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from casola.jobview import JOB_VIEW_CT, JobLog, JobView, encode_view
 from casola.net.link import send_whole
@@ -89,9 +88,10 @@ class JobOp:
         if entry is None:
             return self._error(ErrorCode.UNKNOWN_MODEL, f"model {meta.model!r} is not served here")
         if meta.webhook_url:
-            url = urlsplit(meta.webhook_url)
-            if url.scheme not in ("http", "https") or not url.hostname:
-                raise ValueError(f"webhook URL must be http(s)://host/...: {meta.webhook_url!r}")
+            try:
+                jobs.outbound.check_url(meta.webhook_url)  # address literals now; names when delivering
+            except ValueError as exc:
+                raise ValueError(f"webhook URL refused: {exc}") from None
         payload = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks = []
         if (rec := await node.filtering.check_job(meta, payload)) is not None:

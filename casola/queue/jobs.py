@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from casola.net.link import send_body, send_whole
+from casola.net.outbound import OutboundPolicy
 from casola.queue.scheduler import async_free, pick_async
 from casola.queue.webhooks import WebhookSender, WebhookSigner, webhook_body
 from casola.store import Job, JobStatus, JobStore, StoreError
@@ -120,8 +121,11 @@ class Jobs:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[object]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self.outbound = OutboundPolicy(node.config.outbound_allow)  # webhooks; submits are checked with it
         self.webhooks = (
-            WebhookSender(signer, max_attempts=config.webhook_attempts, on_result=self._webhook_result)
+            WebhookSender(
+                signer, policy=self.outbound, max_attempts=config.webhook_attempts, on_result=self._webhook_result
+            )
             if signer is not None
             else None
         )
@@ -504,8 +508,8 @@ class Jobs:
             ok = not job.error_type
             body = webhook_body(job.id, ok, job.result, job.result_content_type, job.error, job.error_type)
             try:
-                sender.submit(job.webhook_url, job.id, body, job.webhook_attempts)
-            except ValueError as exc:  # not an http(s) URL: nothing to retry
+                sender.submit(job.webhook_url, job.id, body, job.webhook_attempts, tenant=job.tenant)
+            except ValueError as exc:  # not an http(s) URL, or a refused address: nothing to retry
                 log.warning("job %s: webhook not sent: %s", job.id, exc)
                 await self.store.webhook_attempted(job.id, False, now, None)
 

@@ -1,43 +1,43 @@
-"""Webhook delivery for completed async jobs (fal's `fal_webhook`), signed with Ed25519.
+"""Webhook delivery for completed async jobs (fal's `fal_webhook`), signed the Standard Webhooks way.
 
-When an async job submitted with `?fal_webhook=URL` completes, the queue node POSTs a JSON body in
-fal's webhook shape (`webhook_body`) to URL through a `WebhookSender`, which retries with backoff and
-reports every attempt (`on_result`) so that the node can persist progress and resume after a restart.
+When an async job submitted with a webhook URL completes, the queue node POSTs a JSON body in fal's
+webhook shape (`webhook_body`) to the URL through a `WebhookSender`, which retries with backoff,
+shares its workers fairly between tenants, and reports every attempt (`on_result`) so that the node
+can persist progress and resume after a restart. Every connection goes through
+`casola.net.outbound` (the outbound address policy: no loopback, private or link-local receivers
+unless the operator allows them).
 
-Signature scheme (docs/webhooks.md has the receiver's side):
+Signature (https://www.standardwebhooks.com/, asymmetric form; docs/webhooks.md has the receiver's
+side). Each attempt is signed afresh, with its own timestamp:
 
-    message   = request_id + "\\n" + str(timestamp) + "\\n" + sha256(body).hexdigest()    (UTF-8)
-    signature = Ed25519(private_key, message), sent as 128 lowercase hex digits
+    webhook-id         the job's request id (the same on every attempt: the receiver's idempotency key)
+    webhook-timestamp  unix seconds when this attempt was signed
+    webhook-signature  "v1a," + base64(Ed25519(private_key, f"{id}.{timestamp}.".encode() + body))
 
-Headers on every attempt (each attempt is signed afresh, with its own timestamp):
-
-    X-Casola-Webhook-Request-Id   the job's request id (also `request_id` in the body)
-    X-Casola-Webhook-Timestamp    unix seconds when this attempt was signed
-    X-Casola-Webhook-Key-Id       first 16 hex digits of sha256(raw 32-byte public key)
-    X-Casola-Webhook-Signature    the signature above
-
-A receiver checks the timestamp is within a tolerance of its clock (default 300 s), finds the public
-key by key id, and verifies the signature over the message it rebuilds from the raw body
-(`verify_webhook`). This is fal's scheme (Ed25519, hex signature, sha256 of the body, newline-joined
-fields, ±5 min) without fal's user id field and with a key id header instead of trying every key.
+The header may carry several space-separated signatures (key rotation); a receiver accepts the
+webhook when one `v1a` signature verifies with a key it trusts and the timestamp is within its
+tolerance (default 300 s) of its clock (`verify_webhook`). Public keys are given as `whpk_` + base64
+of the raw 32-byte key, beside the PEM the node writes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
-import hashlib
 import heapq
 import inspect
 import logging
 import math
+import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import httpx
 import msgspec
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -45,47 +45,81 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from casola import __version__
 from casola.files import write_atomic
+from casola.net.outbound import (
+    OutboundCallError,
+    OutboundClient,
+    OutboundPolicy,
+    OutboundRefused,
+    OutboundURL,
+    Resolver,
+    system_resolver,
+)
 from casola.net.pool import Backoff
 
 __all__ = [
-    "H_KEY_ID",
-    "H_REQUEST_ID",
+    "H_ID",
     "H_SIGNATURE",
     "H_TIMESTAMP",
     "WebhookSender",
     "WebhookSigner",
     "WebhookVerifyError",
+    "encode_public_key",
     "load_public_key",
-    "public_key_id",
+    "parse_public_key",
     "public_key_path",
+    "public_whpk_path",
     "verify_webhook",
     "webhook_body",
 ]
 
 log = logging.getLogger("casola.webhooks")
 
-H_REQUEST_ID: Final = "X-Casola-Webhook-Request-Id"
-H_TIMESTAMP: Final = "X-Casola-Webhook-Timestamp"
-H_KEY_ID: Final = "X-Casola-Webhook-Key-Id"
-H_SIGNATURE: Final = "X-Casola-Webhook-Signature"
+H_ID: Final = "webhook-id"
+H_TIMESTAMP: Final = "webhook-timestamp"
+H_SIGNATURE: Final = "webhook-signature"
+SIGNATURE_VERSION: Final = "v1a"  # Standard Webhooks: asymmetric (Ed25519); "v1" is HMAC-SHA256
+PUBLIC_KEY_PREFIX: Final = "whpk_"
 
+# Visible ASCII but ".", the separator of the signed content (the spec warns ids must not hold it).
+_MSG_ID: Final = re.compile(r"[\x21-\x2d\x2f-\x7e]{1,256}")
+_MAX_SIGNATURES: Final = 16  # entries of webhook-signature looked at: rotation needs two or three
 _RETRY_STATUS: Final = frozenset({408, 425, 429})  # plus every 5xx
 _DRAIN_MAX: Final = 64 * 1024  # response bytes read (and dropped) so a small reply keeps its connection
 
 
-def _message(request_id: str, timestamp: int, body: bytes) -> bytes:
-    return f"{request_id}\n{timestamp}\n{hashlib.sha256(body).hexdigest()}".encode()
+def _signed_content(msg_id: str, timestamp: str, body: bytes) -> bytes:
+    return f"{msg_id}.{timestamp}.".encode() + body  # the spec's "{msg_id}.{timestamp}.{payload}"
 
 
-def public_key_id(key: Ed25519PublicKey) -> str:
-    """The key id sent in `X-Casola-Webhook-Key-Id`: 16 hex digits of sha256 of the raw public key."""
+def encode_public_key(key: Ed25519PublicKey) -> str:
+    """The key in Standard Webhooks' format: `whpk_` + base64 of the raw 32-byte public key."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return PUBLIC_KEY_PREFIX + base64.b64encode(raw).decode("ascii")
+
+
+def parse_public_key(text: str) -> Ed25519PublicKey:
+    """Raises ValueError unless `text` is `whpk_` + base64 of a raw 32-byte Ed25519 public key."""
+    text = text.strip()
+    if not text.startswith(PUBLIC_KEY_PREFIX):
+        raise ValueError(f"not a {PUBLIC_KEY_PREFIX} public key: no {PUBLIC_KEY_PREFIX} prefix")
+    b64 = text.removeprefix(PUBLIC_KEY_PREFIX)
+    try:
+        raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)  # padding is optional
+    except binascii.Error as exc:
+        raise ValueError(f"not a {PUBLIC_KEY_PREFIX} public key: {exc}") from None
+    if len(raw) != 32:
+        raise ValueError(f"not a {PUBLIC_KEY_PREFIX} public key: {len(raw)} bytes, not 32")
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def public_key_path(private_path: Path) -> Path:
     """Where `WebhookSigner.load_or_create` writes the public PEM: `<stem>.pub.pem` beside the key."""
     return private_path.with_name(f"{private_path.stem}.pub.pem")
+
+
+def public_whpk_path(private_path: Path) -> Path:
+    """Where `WebhookSigner.load_or_create` writes the `whpk_` public key: `<stem>.pub.whpk`."""
+    return private_path.with_name(f"{private_path.stem}.pub.whpk")
 
 
 def load_public_key(pem: bytes) -> Ed25519PublicKey:
@@ -99,19 +133,28 @@ def load_public_key(pem: bytes) -> Ed25519PublicKey:
     return key
 
 
+def _write_if_changed(path: Path, data: bytes) -> None:
+    try:
+        current: bytes | None = path.read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current != data:
+        write_atomic(path, data, 0o644)
+
+
 class WebhookSigner:
     """Signs webhook deliveries with one Ed25519 private key."""
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         self._key = private_key
         self.public_key: Ed25519PublicKey = private_key.public_key()
-        self.key_id: str = public_key_id(self.public_key)
 
     @classmethod
     def load_or_create(cls, path: Path) -> WebhookSigner:
         """Load the PEM (PKCS#8) private key at `path`, or create one there (mode 0600).
 
-        Also writes the public key to `public_key_path(path)` (mode 0644) when missing or different.
+        Also writes the public key, mode 0644, when missing or different: as PEM to
+        `public_key_path(path)` and as `whpk_...` to `public_whpk_path(path)`.
 
         Raises:
             ValueError: the file is not an unencrypted Ed25519 private key in PEM.
@@ -134,24 +177,29 @@ class WebhookSigner:
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path}: not an Ed25519 private key ({type(key).__name__})")
         signer = cls(key)
-        pub_path, pub = public_key_path(path), signer.public_pem()
-        try:
-            current: bytes | None = pub_path.read_bytes()
-        except FileNotFoundError:
-            current = None
-        if current != pub:
-            write_atomic(pub_path, pub, 0o644)
+        _write_if_changed(public_key_path(path), signer.public_pem())
+        _write_if_changed(public_whpk_path(path), (signer.public_whpk() + "\n").encode())
         return signer
 
     def public_pem(self) -> bytes:
         return self.public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
-    def sign(self, request_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-        """The four signature headers for one delivery attempt of `body`."""
-        if not request_id or "\n" in request_id or "\r" in request_id:
-            raise ValueError(f"bad request id for a webhook: {request_id!r}")
-        sig = self._key.sign(_message(request_id, timestamp, body)).hex()
-        return {H_REQUEST_ID: request_id, H_TIMESTAMP: str(timestamp), H_KEY_ID: self.key_id, H_SIGNATURE: sig}
+    def public_whpk(self) -> str:
+        """The public key as Standard Webhooks gives it to receivers: `whpk_` + base64(raw key)."""
+        return encode_public_key(self.public_key)
+
+    def sign(self, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+        """The three Standard Webhooks headers for one delivery attempt of `body`.
+
+        Raises:
+            ValueError: `msg_id` is empty, longer than 256, or holds anything but visible ASCII
+                other than "." (the separator of the signed content).
+        """
+        if not _MSG_ID.fullmatch(msg_id):
+            raise ValueError(f"bad webhook id: {msg_id[:64]!r}")
+        ts = str(int(timestamp))
+        signature = base64.b64encode(self._key.sign(_signed_content(msg_id, ts, body))).decode("ascii")
+        return {H_ID: msg_id, H_TIMESTAMP: ts, H_SIGNATURE: f"{SIGNATURE_VERSION},{signature}"}
 
 
 class WebhookVerifyError(ValueError):
@@ -161,54 +209,72 @@ class WebhookVerifyError(ValueError):
 def verify_webhook(
     headers: Mapping[str, str],
     body: bytes,
-    public_keys: Mapping[str, Ed25519PublicKey] | Sequence[Ed25519PublicKey],
+    public_keys: Iterable[Ed25519PublicKey | str],
     now: float,
     tolerance_s: float = 300,
 ) -> str:
-    """Verify one received webhook; return its request id.
+    """Verify one received webhook (Standard Webhooks, `v1a`); return its `webhook-id`.
 
     Args:
         headers: the request's headers (names compared case-insensitively).
         body: the raw request body, exactly as received.
-        public_keys: trusted keys, by key id (`public_key_id`) or as a sequence.
+        public_keys: trusted keys, as key objects or `whpk_...` strings; any one may have signed.
         now: the receiver's unix time.
         tolerance_s: how far the signed timestamp may be from `now`, either way.
 
     Raises:
         WebhookVerifyError: a header is missing or malformed, the timestamp is out of tolerance,
-            the key id is unknown, or the signature does not match.
+            or no `v1a` signature in the header verifies with a trusted key.
+        ValueError: a `public_keys` string is not a `whpk_` key.
     """
+    keys = [k if isinstance(k, Ed25519PublicKey) else parse_public_key(k) for k in public_keys]
     lower = {k.lower(): v for k, v in headers.items()}
 
     def get(name: str) -> str:
-        value = lower.get(name.lower(), "").strip()
-        if not value:
+        if not (value := lower.get(name, "").strip()):
             raise WebhookVerifyError(f"missing header {name}")
         return value
 
-    request_id, ts_text, key_id, sig_hex = get(H_REQUEST_ID), get(H_TIMESTAMP), get(H_KEY_ID), get(H_SIGNATURE)
-    if not (ts_text.isascii() and ts_text.isdigit()):
-        raise WebhookVerifyError(f"bad {H_TIMESTAMP}: {ts_text[:32]!r} is not unix seconds")
-    timestamp = int(ts_text)
+    msg_id, ts, signatures = get(H_ID), get(H_TIMESTAMP), get(H_SIGNATURE)
+    if not _MSG_ID.fullmatch(msg_id):
+        raise WebhookVerifyError(f"bad {H_ID}: {msg_id[:64]!r}")
+    _check_timestamp(ts, now, tolerance_s)
+    content = _signed_content(msg_id, ts, body)
+    candidates = [sig for sig in map(_v1a, signatures.split(" ")[:_MAX_SIGNATURES]) if sig is not None]
+    if not candidates:
+        raise WebhookVerifyError(f"no {SIGNATURE_VERSION} signature in {H_SIGNATURE}")
+    for signature in candidates:
+        for key in keys:
+            try:
+                key.verify(signature, content)  # OpenSSL's Ed25519: no secret compared, nothing to time
+            except InvalidSignature:
+                continue
+            return msg_id
+    raise WebhookVerifyError("bad signature: body, id or timestamp altered, or not signed by a trusted key")
+
+
+def _check_timestamp(ts: str, now: float, tolerance_s: float) -> None:
+    if not (ts.isascii() and ts.isdigit() and len(ts) <= 16):
+        raise WebhookVerifyError(f"bad {H_TIMESTAMP}: {ts[:32]!r} is not unix seconds")
+    timestamp = int(ts)
     if timestamp < now - tolerance_s:
         raise WebhookVerifyError(f"timestamp too old: {now - timestamp:.0f} s ago (tolerance {tolerance_s:g} s)")
     if timestamp > now + tolerance_s:
         raise WebhookVerifyError(
             f"timestamp in the future: {timestamp - now:.0f} s ahead (tolerance {tolerance_s:g} s)"
         )
-    keys = public_keys if isinstance(public_keys, Mapping) else {public_key_id(k): k for k in public_keys}
-    key = keys.get(key_id)
-    if key is None:
-        raise WebhookVerifyError(f"unknown key id {key_id[:32]!r}")
+
+
+def _v1a(entry: str) -> bytes | None:
+    """The raw signature of one `v1a,<base64>` entry; None for other versions and malformed ones."""
+    version, _, value = entry.partition(",")
+    if version != SIGNATURE_VERSION:
+        return None
     try:
-        signature = bytes.fromhex(sig_hex)
-    except ValueError:
-        raise WebhookVerifyError(f"bad {H_SIGNATURE}: not hex") from None
-    try:
-        key.verify(signature, _message(request_id, timestamp, body))
-    except InvalidSignature:
-        raise WebhookVerifyError("bad signature: body, request id or timestamp altered, or wrong key") from None
-    return request_id
+        raw = base64.b64decode(value, validate=True)
+    except binascii.Error:
+        return None
+    return raw if len(raw) == 64 else None
 
 
 _raw_decoder: Final = msgspec.json.Decoder(msgspec.Raw)
@@ -270,26 +336,12 @@ OnResult = Callable[[str, bool, int, float | None], Awaitable[None] | None]
 
 @dataclass(eq=False)
 class _Delivery:
-    url: str
+    target: OutboundURL
     request_id: str
+    tenant: str
     body: bytes
     attempts: int
     backoff: Backoff
-
-
-def _check_url(url: str) -> None:
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise ValueError(f"bad webhook URL: {exc}") from exc
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"webhook URL must be http(s)://host/...: {url[:200]!r}")
-
-
-def _where(url: str) -> str:
-    """The URL without user info, path or query, for logs (those may hold secrets)."""
-    u = httpx.URL(url)
-    return f"{u.scheme}://{u.host}" + (f":{u.port}" if u.port else "")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -302,41 +354,60 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class WebhookSender:
-    """Delivers signed webhook POSTs with retries, at most `max_pending` at a time.
+    """Delivers signed webhook POSTs with retries, fairly between tenants.
 
     2xx is delivered; 408, 425, 429, 5xx, network errors and timeouts are retried after exponential
     backoff with full jitter (or the response's Retry-After seconds), both capped at `max_delay`, until
-    `max_attempts` attempts; any other status is a permanent failure (redirects are not followed).
-    After every attempt `on_result(request_id, delivered, attempts, next_at)` is called (and awaited if
-    it returns an awaitable): `next_at` is the unix time of the next attempt, None when finished.
+    `max_attempts` attempts; any other status, and a receiver whose addresses `policy` refuses, is a
+    permanent failure (redirects are not followed). After every attempt `on_result(request_id,
+    delivered, attempts, next_at)` is called (and awaited if it returns an awaitable): `next_at` is the
+    unix time of the next attempt, None when finished.
+
+    Fairness: at most `concurrency` attempts are in flight, at most `per_tenant` of them one tenant's,
+    and ready deliveries are started round-robin across tenants; so one tenant's receivers that accept
+    and never answer hold `per_tenant` workers (for `timeout` each), never all of them. At most
+    `max_pending` deliveries wait, `max_pending_per_tenant` of them one tenant's.
     """
 
     def __init__(
         self,
         signer: WebhookSigner,
         *,
+        policy: OutboundPolicy | None = None,
         max_pending: int = 10000,
+        max_pending_per_tenant: int = 1000,
         max_attempts: int = 8,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
         timeout: float = 10.0,
         concurrency: int = 16,
+        per_tenant: int = 4,
         on_result: OnResult | None = None,
+        resolver: Resolver = system_resolver,
     ) -> None:
-        if max_pending < 1 or max_attempts < 1 or concurrency < 1:
-            raise ValueError("max_pending, max_attempts and concurrency must be at least 1")
+        """`policy` None refuses every non-public address; `resolver` is for tests (fake names).
+
+        Raises:
+            ValueError: a count below 1.
+        """
+        if min(max_pending, max_pending_per_tenant, max_attempts, concurrency, per_tenant) < 1:
+            raise ValueError("max_pending(_per_tenant), max_attempts, concurrency and per_tenant must be at least 1")
         self._signer = signer
-        self.max_pending, self.max_attempts = max_pending, max_attempts
-        self.base_delay, self.max_delay, self.timeout = base_delay, max_delay, timeout
-        self._concurrency = concurrency
-        self._on_result = on_result
+        self.policy = policy if policy is not None else OutboundPolicy()
+        self.max_pending, self.max_pending_per_tenant = max_pending, max_pending_per_tenant
+        self.max_attempts, self.base_delay, self.max_delay, self.timeout = max_attempts, base_delay, max_delay, timeout
+        self.concurrency, self.per_tenant = concurrency, per_tenant
+        self._on_result, self._resolver = on_result, resolver
         self._pending: dict[str, _Delivery] = {}
+        self._tenant_pending: dict[str, int] = {}
         self._heap: list[tuple[float, int, str]] = []  # (monotonic due time, seq, request id)
         self._seq = 0
-        self._ready: asyncio.Queue[str] = asyncio.Queue()
+        self._ready: dict[str, deque[str]] = {}  # tenant -> due request ids; dict order is the round
+        self._busy: dict[str, int] = {}  # tenant -> attempts in flight
+        self._inflight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._client: httpx.AsyncClient | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._client: OutboundClient | None = None
         self._closed = False
 
     @property
@@ -349,111 +420,142 @@ class WebhookSender:
 
     def start(self) -> None:
         """Start delivering (call from within the event loop). Submissions made before are kept."""
-        if self._tasks or self._closed:
+        if self._dispatcher is not None or self._closed:
             return
-        self._client = httpx.AsyncClient(
+        self._client = OutboundClient(
+            self.policy,
             timeout=self.timeout,
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=self._concurrency),
-            headers={"user-agent": f"casola-webhooks/{__version__}"},
+            max_connections=self.concurrency,
+            user_agent=f"casola-webhooks/{__version__}",
+            resolver=self._resolver,
         )
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._dispatch(), name="webhooks dispatch"))
-        self._tasks += [loop.create_task(self._work(), name=f"webhooks {i}") for i in range(self._concurrency)]
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="webhooks dispatch")
 
     async def stop(self) -> None:
         """Stop at once: attempts in flight are abandoned, pending deliveries dropped (without
         `on_result`; the caller's store still holds their last `next_at`)."""
         self._closed = True
-        for task in self._tasks:
+        tasks = [*self._inflight, *([self._dispatcher] if self._dispatcher is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._dispatcher = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
         self._pending.clear()
+        self._tenant_pending.clear()
         self._heap.clear()
+        self._ready.clear()
 
     def submit(
-        self, url: str, request_id: str, body: bytes, attempts_so_far: int = 0, *, not_before: float | None = None
+        self,
+        url: str,
+        request_id: str,
+        body: bytes,
+        attempts_so_far: int = 0,
+        *,
+        tenant: str,
+        not_before: float | None = None,
     ) -> bool:
-        """Queue `body` for delivery to `url`.
+        """Queue `body` for delivery to `url` on behalf of `tenant`.
 
         `attempts_so_far` and `not_before` (unix time of the first attempt; None: now) resume a
         delivery persisted before a restart; at least one attempt is made whatever `attempts_so_far`.
+        A host that is a name is checked when connecting (a refusal then is a permanent failure).
 
         Returns:
-            False when the sender is full or stopped; True when queued or already pending (a
-            request id is never queued twice; the first body wins).
+            False when the sender, or the tenant's share of it, is full, or it is stopped; True when
+            queued or already pending (a request id is never queued twice; the first body wins).
 
         Raises:
-            ValueError: `url` is not an http or https URL.
+            ValueError: `url` is not an http(s) URL, or its host is an address the policy refuses
+                (`OutboundRefused`); the message names the host only.
         """
-        _check_url(url)
+        target = self.policy.check_url(url)
         if request_id in self._pending:
             return True
         if self._closed or len(self._pending) >= self.max_pending:
             return False
+        if self._tenant_pending.get(tenant, 0) >= self.max_pending_per_tenant:
+            return False
         backoff = Backoff(self.base_delay, self.max_delay)
         backoff.attempt = min(max(attempts_so_far, 0), 30)
-        self._pending[request_id] = _Delivery(url, request_id, body, max(attempts_so_far, 0), backoff)
+        self._pending[request_id] = _Delivery(target, request_id, tenant, body, max(attempts_so_far, 0), backoff)
+        self._tenant_pending[tenant] = self._tenant_pending.get(tenant, 0) + 1
         delay = 0.0 if not_before is None else max(0.0, not_before - time.time())
         self._schedule(request_id, delay)
         return True
+
+    def _finish(self, d: _Delivery) -> None:
+        if self._pending.pop(d.request_id, None) is not None:
+            left = self._tenant_pending.pop(d.tenant, 1) - 1
+            if left > 0:
+                self._tenant_pending[d.tenant] = left
 
     def _schedule(self, request_id: str, delay: float) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (time.monotonic() + delay, self._seq, request_id))
         self._wake.set()
 
+    # -- dispatch: due -> ready (per tenant) -> in flight (round-robin, bounded) --------------------
+
     async def _dispatch(self) -> None:
         while True:
+            self._wake.clear()
             now = time.monotonic()
             while self._heap and self._heap[0][0] <= now:
-                self._ready.put_nowait(heapq.heappop(self._heap)[2])
-            self._wake.clear()
+                d = self._pending.get(heapq.heappop(self._heap)[2])
+                if d is not None:
+                    self._ready.setdefault(d.tenant, deque()).append(d.request_id)
+            self._start_ready()
             wait = self._heap[0][0] - now if self._heap else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
-    async def _work(self) -> None:
-        while True:
-            delivery = self._pending.get(await self._ready.get())
-            if delivery is None:
-                continue
-            try:
-                await self._attempt(delivery)
-            except Exception:  # a bug here must not end the worker or leave the delivery stuck
-                log.exception("webhook %s: delivery failed unexpectedly; giving up", delivery.request_id)
-                self._pending.pop(delivery.request_id, None)
+    def _start_ready(self) -> None:
+        while len(self._inflight) < self.concurrency:
+            tenant = next((t for t in self._ready if self._busy.get(t, 0) < self.per_tenant), None)
+            if tenant is None:
+                return
+            queue = self._ready.pop(tenant)
+            d = self._pending.get(queue.popleft())
+            if queue:
+                self._ready[tenant] = queue  # back of the round
+            if d is not None:
+                self._launch(d)
+
+    def _launch(self, d: _Delivery) -> None:
+        self._busy[d.tenant] = self._busy.get(d.tenant, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._run(d), name=f"webhook {d.request_id}")
+        self._inflight.add(task)
+        # A done callback runs even for a task cancelled before it started (a `finally` would not).
+        task.add_done_callback(lambda t: self._landed(t, d.tenant))
+
+    def _landed(self, task: asyncio.Task[None], tenant: str) -> None:
+        self._inflight.discard(task)
+        left = self._busy.pop(tenant, 1) - 1
+        if left > 0:
+            self._busy[tenant] = left
+        self._wake.set()
+
+    async def _run(self, d: _Delivery) -> None:
+        try:
+            await self._attempt(d)
+        except Exception:  # a bug here must not leave the delivery stuck
+            log.exception("webhook %s: delivery failed unexpectedly; giving up", d.request_id)
+            self._finish(d)
+
+    # -- one attempt ---------------------------------------------------------------------------------
 
     async def _attempt(self, d: _Delivery) -> None:
-        assert self._client is not None
         d.attempts += 1
-        headers = {"content-type": "application/json", **self._signer.sign(d.request_id, int(time.time()), d.body)}
-        status: int | None = None
-        retry_after: str | None = None
-        problem = ""
-        try:
-            async with asyncio.timeout(self.timeout):
-                async with self._client.stream("POST", d.url, content=d.body, headers=headers) as resp:
-                    status, retry_after = resp.status_code, resp.headers.get("retry-after")
-                    seen = 0
-                    async for chunk in resp.aiter_raw():
-                        seen += len(chunk)
-                        if seen > _DRAIN_MAX:
-                            break
-        except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            if status is None:
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        status, retry_after, problem, permanent = await self._post(d)
         delivered = status is not None and 200 <= status < 300
-        retryable = status is None or status in _RETRY_STATUS or status >= 500
+        retryable = not permanent and (status is None or status in _RETRY_STATUS or status >= 500)
         next_at: float | None = None
         if delivered:
-            log.debug("webhook %s: delivered to %s (attempt %d)", d.request_id, _where(d.url), d.attempts)
+            log.debug("webhook %s: delivered to %s (attempt %d)", d.request_id, d.target.where, d.attempts)
         else:
             if retryable and d.attempts < self.max_attempts:
                 delay = _retry_after(retry_after) if status is not None else None
@@ -461,16 +563,32 @@ class WebhookSender:
                 next_at, then = time.time() + delay, f"retrying in {delay:.3f} s"
             else:
                 then = "giving up: " + ("no attempts left" if retryable else "not retryable")
-            what = f"{problem or f'HTTP {status}'} from {_where(d.url)}"
+            what = problem or f"HTTP {status} from {d.target.where}"
             log.warning("webhook %s: %s (attempt %d/%d); %s", d.request_id, what, d.attempts, self.max_attempts, then)
         if next_at is None:
-            self._pending.pop(d.request_id, None)
-        if self._on_result is not None:
-            try:
-                outcome = self._on_result(d.request_id, delivered, d.attempts, next_at)
-                if inspect.isawaitable(outcome):
-                    await outcome
-            except Exception:
-                log.exception("webhook %s: on_result failed", d.request_id)
+            self._finish(d)
+        await self._report(d, delivered, next_at)
         if next_at is not None:
             self._schedule(d.request_id, max(0.0, next_at - time.time()))
+
+    async def _post(self, d: _Delivery) -> tuple[int | None, str | None, str, bool]:
+        """(status, Retry-After, problem, permanent) of one POST; problem names the host only."""
+        assert self._client is not None
+        headers = {"content-type": "application/json", **self._signer.sign(d.request_id, int(time.time()), d.body)}
+        try:
+            resp = await self._client.post(d.target, d.body, headers, max_response=_DRAIN_MAX)
+        except OutboundRefused as exc:
+            return None, None, str(exc), True
+        except OutboundCallError as exc:
+            return None, None, str(exc), False
+        return resp.status, resp.headers.get("retry-after"), "", False
+
+    async def _report(self, d: _Delivery, delivered: bool, next_at: float | None) -> None:
+        if self._on_result is None:
+            return
+        try:
+            outcome = self._on_result(d.request_id, delivered, d.attempts, next_at)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception:
+            log.exception("webhook %s: on_result failed", d.request_id)

@@ -19,9 +19,12 @@ from casola.worker import Steps
 from tests.e2e.stack import Stack, run_uvloop
 
 
-def jobs_stack(tmp_path: Path, **jobs: object) -> Stack:
+def jobs_stack(tmp_path: Path, *, outbound_allow: list[str] | None = None, **jobs: object) -> Stack:
     cfg = JobsConfig(store=f"sqlite:///{tmp_path}/jobs.db", sweep_interval=0.1, **jobs)  # type: ignore[arg-type]
-    return Stack(tmp_path, queue={"jobs": cfg, "models": ["echo", "steps"]})
+    queue: dict[str, object] = {"jobs": cfg, "models": ["echo", "steps"]}
+    if outbound_allow is not None:  # webhook receivers on loopback need the operator's allow-list
+        queue["outbound_allow"] = outbound_allow
+    return Stack(tmp_path, queue=queue)
 
 
 async def connect(stack: Stack, key: str | None = None) -> Client:
@@ -200,12 +203,12 @@ def test_unknown_jobs_and_models(tmp_path: Path) -> None:
 
 
 def test_a_completed_job_posts_its_signed_webhook_once_delivered(tmp_path: Path) -> None:
-    from casola.queue.webhooks import WebhookSigner, public_key_path, verify_webhook
+    from casola.queue.webhooks import WebhookSigner, public_key_path, public_whpk_path, verify_webhook
     from tests.queue.test_webhooks import Receiver
 
     async def main() -> None:
         key = tmp_path / "webhook-key.pem"
-        stack = await jobs_stack(tmp_path, webhook_key=str(key)).start()
+        stack = await jobs_stack(tmp_path, outbound_allow=["127.0.0.0/8"], webhook_key=str(key)).start()
         try:
             await stack.add_worker()
             async with Receiver([(503, {}), (200, {})]) as receiver, await connect(stack) as c:
@@ -219,8 +222,11 @@ def test_a_completed_job_posts_its_signed_webhook_once_delivered(tmp_path: Path)
                 assert len(receiver.requests) == 2
                 public = WebhookSigner.load_or_create(key).public_key
                 assert public_key_path(key).exists()
+                whpk = public_whpk_path(key).read_text()  # the Standard Webhooks form receivers are given
                 for req in receiver.requests:
+                    assert req.headers["webhook-id"] == job.request_id
                     assert verify_webhook(req.headers, req.body, [public], time.time()) == job.request_id
+                    assert verify_webhook(req.headers, req.body, [whpk], time.time()) == job.request_id
                     body = msgspec.json.decode(req.body)
                     assert body["request_id"] == job.request_id and body["status"] == "OK"
                     assert body["payload"] == {"answer": 42}
@@ -246,6 +252,25 @@ def test_a_bad_webhook_url_is_refused_at_submit(tmp_path: Path) -> None:
                 with pytest.raises(RequestFailed) as err:
                     await c.submit("echo", b"", webhook_url="file:///etc/passwd")
                 assert err.value.code == ErrorCode.BAD_REQUEST and "webhook" in err.value.message
+        finally:
+            await stack.stop()
+
+    run_uvloop(main)
+
+
+def test_a_loopback_webhook_url_is_refused_without_an_allow_list(tmp_path: Path) -> None:
+    async def main() -> None:
+        stack = await jobs_stack(tmp_path).start()
+        try:
+            async with await connect(stack) as c:
+                for url in ("http://127.0.0.1:9/hook?token=s3cret", "http://2130706433/hook", "http://[::1]/hook"):
+                    with pytest.raises(RequestFailed) as err:
+                        await c.submit("echo", b"", webhook_url=url)
+                    assert err.value.code == ErrorCode.BAD_REQUEST
+                    assert "webhook" in err.value.message and "loopback" in err.value.message
+                    assert "/hook" not in err.value.message and "s3cret" not in err.value.message
+                ok = await c.submit("echo", b"", webhook_url="https://hooks.example.com/hook")  # names: at delivery
+                assert ok.status == "IN_QUEUE"
         finally:
             await stack.stop()
 
