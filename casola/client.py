@@ -22,6 +22,7 @@ from casola.net.errors import ConnectionLost
 from casola.net.handshake import dial_tcp
 from casola.net.link import LinkBase
 from casola.wire import (
+    DEFAULT_LIMITS,
     FLAG_END,
     Buffer,
     CasolaError,
@@ -33,6 +34,7 @@ from casola.wire import (
     Frame,
     FrameType,
     HelloMeta,
+    Limits,
     RequestMeta,
     ResponseMeta,
     StreamReset,
@@ -140,9 +142,11 @@ class Client:
         timeout: float = 5.0,
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> Client:
         """Dial the ingress and authenticate (over TLS with `ssl`, e.g.
-        `ssl.create_default_context(cafile=".casola/certs/ca.pem")`).
+        `ssl.create_default_context(cafile=".casola/certs/ca.pem")`). `limits` are this client's
+        receive limits, advertised in HELLO (the ingress sizes its frames to them).
 
         Raises:
             casola.net.handshake.Refused: the key was refused (UNAUTHENTICATED / FORBIDDEN_ROLE).
@@ -153,9 +157,10 @@ class Client:
         link = await dial_tcp(
             host,
             int(port),
-            HelloMeta("client", credential=api_key),
+            HelloMeta("client", credential=api_key, max_meta=limits.max_meta, max_payload=limits.max_payload),
             lambda lk, evs: box[0]._on_events(evs),
             lambda lk, exc: box[0]._on_lost(exc) if box else None,
+            limits=limits,
             timeout=timeout,
             ssl=ssl,
             server_hostname=server_hostname,

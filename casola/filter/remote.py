@@ -17,8 +17,9 @@ from typing import Any
 import msgspec
 
 from casola.filter.base import Verdict
-from casola.net.link import LinkBase, send_whole
+from casola.net.link import LinkBase
 from casola.wire import (
+    FLAG_END,
     Buffer,
     ConnectionTerminated,
     ErrorMeta,
@@ -77,8 +78,7 @@ class ModelClassifier:
         sid = link.conn.next_stream_id()
         meta = RequestMeta(self.model, self.timeout_ms, content_type, {"for-model": model}, False, "_filter")
         self._pending[sid] = _Pending(fut)
-        send_whole(link, FrameType.REQUEST, sid, meta, data)
-        link.flush()
+        link.send(Frame(FrameType.REQUEST, sid, meta, data, FLAG_END))
         return fut
 
     def _on_events(self, link: LinkBase, events: list[Event]) -> None:

@@ -47,11 +47,12 @@ CLIENT_CREDIT = 256  # streams one raw client may have open at once
 class _Relay:
     """One client stream and its upstream stream."""
 
-    __slots__ = ("client", "csid", "ing", "model", "t_answer", "t_sent", "t_start", "up", "usid")
+    __slots__ = ("client", "csid", "ing", "model", "size", "t_answer", "t_sent", "t_start", "up", "usid")
 
     def __init__(self, ing: Ingress, client: LinkBase, csid: int, up: LinkBase, model: str, t_start: float) -> None:
         self.ing, self.client, self.csid, self.up, self.model = ing, client, csid, up, model
         self.usid = 0
+        self.size = 0  # request bytes relayed: bounded by the ingress's max_body, as over HTTP
         self.t_start = self.t_sent = self.t_answer = t_start
 
     def _ingress_ms(self, now: float) -> float:
@@ -126,8 +127,8 @@ class FrameListener:
                     self._open(link, ev)
                 elif ft is FrameType.DATA or ft is FrameType.END:
                     r = relays.get(ev.stream_id)
-                    if r is not None and r.up.conn.is_open(r.usid):
-                        r.up.send(Frame(ft, r.usid, ev.meta, ev.payload, ev.flags))
+                    if r is not None:
+                        self._relay_body(r, ev)
                 elif ft is FrameType.CANCEL:
                     self._cancel(relays.pop(ev.stream_id, None))
             elif type(ev) is StreamReset:
@@ -148,10 +149,24 @@ class FrameListener:
         meta = msgspec.structs.replace(
             meta, tenant=client.tenant, filter=client.filter, trace=True, deadline_ms=deadline
         )
+        if len(frame.payload) > ing.config.max_body:
+            err = ErrorMeta(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body exceeds {ing.config.max_body} bytes")
+            link.send(Frame(FrameType.ERROR, frame.stream_id, err))
+            return
         relay = _Relay(ing, link, frame.stream_id, up, meta.model, perf_counter())
+        relay.size = len(frame.payload)
         client.relays[frame.stream_id] = relay
         relay.t_sent = perf_counter()
         relay.usid = ing.upstream.open(up, Frame(FrameType.REQUEST, 0, meta, frame.payload, frame.flags), relay)
+
+    def _relay_body(self, r: _Relay, frame: Frame) -> None:
+        r.size += len(frame.payload)
+        if r.size > self.ing.config.max_body:
+            limit = self.ing.config.max_body
+            r.on_reset(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body exceeds {limit} bytes")
+            self._cancel(r)
+        elif r.up.conn.is_open(r.usid):
+            r.up.send(Frame(frame.type, r.usid, frame.meta, frame.payload, frame.flags))
 
     @staticmethod
     def _cancel(relay: _Relay | None) -> None:

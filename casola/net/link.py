@@ -15,9 +15,9 @@ from typing import Any
 
 from casola.net.errors import ConnectionLost
 from casola.net.gate import WriteGate
-from casola.wire import FLAG_END, Buffer, Connection, ConnState, ErrorCode, Event, Frame, FrameType, Meta
+from casola.wire import Connection, ConnState, ErrorCode, Event, Frame
 
-__all__ = ["EventHandler", "LinkBase", "LostHandler", "send_body", "send_whole"]
+__all__ = ["EventHandler", "LinkBase", "LostHandler"]
 
 log = logging.getLogger("casola.net")
 
@@ -182,29 +182,3 @@ class LinkBase:
             self.closed.set_result(None)
         if self.on_lost is not None:
             self.on_lost(self, exc)
-
-
-def send_whole(link: LinkBase, ftype: FrameType, sid: int, meta: Meta, payload: Buffer) -> None:
-    """Open (REQUEST) or answer (RESPONSE) stream `sid` with a whole body: one frame ending the
-    direction when it fits the peer's frame size, else the head alone and the body as DATA pieces.
-    The caller flushes."""
-    conn = link.conn
-    max_frame = conn.peer_max_payload
-    if len(payload) <= max_frame:
-        conn.send(Frame(ftype, sid, meta, payload, FLAG_END))
-        return
-    conn.send(Frame(ftype, sid, meta))
-    send_body(link, sid, payload, max_frame)
-
-
-def send_body(link: LinkBase, sid: int, payload: Buffer, max_frame: int) -> None:
-    """`payload` as DATA frames of at most `max_frame` bytes, the last one ending the direction."""
-    conn = link.conn
-    view = memoryview(payload)
-    n = len(view)
-    if n == 0:
-        conn.send(Frame(FrameType.DATA, sid, None, b"", FLAG_END))
-        return
-    for off in range(0, n, max_frame):
-        piece = view[off : off + max_frame]
-        conn.send(Frame(FrameType.DATA, sid, None, piece, FLAG_END if off + max_frame >= n else 0))

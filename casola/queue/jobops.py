@@ -15,10 +15,9 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from casola.jobview import JOB_VIEW_CT, JobLog, JobView, encode_view
-from casola.net.link import send_whole
 from casola.queue.jobs import Jobs
 from casola.store import Job, JobStatus, NewJob, StoreError
-from casola.wire import Buffer, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta
+from casola.wire import FLAG_END, Buffer, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta
 
 if TYPE_CHECKING:
     from casola.net.link import LinkBase
@@ -189,8 +188,7 @@ class JobOp:
         link, sid = self.link, self.sid
         if not link.is_up or not link.conn.is_open(sid):
             return
-        send_whole(link, FrameType.RESPONSE, sid, ResponseMeta(content_type, headers), payload)
-        link.flush()
+        link.send(Frame(FrameType.RESPONSE, sid, ResponseMeta(content_type, headers), payload, FLAG_END))
 
     def _error(self, code: int, message: str, retry_after_ms: int = 0) -> None:
         self.link.tag.pop(self.sid, None)

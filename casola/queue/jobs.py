@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from casola.net.link import send_body, send_whole
 from casola.net.outbound import OutboundPolicy
 from casola.queue.scheduler import async_free, pick_async
 from casola.queue.webhooks import WebhookSender, WebhookSigner, webhook_body
 from casola.store import Job, JobStatus, JobStore, StoreError
 from casola.wire import (
+    FLAG_END,
     Buffer,
     CheckpointMeta,
     EndMeta,
@@ -264,9 +264,9 @@ class Jobs:
             entry.signals.started("async", max(0.0, time.time() - job.created_at))
         if resume:  # the checkpoint rides in the REQUEST, the input follows
             link.conn.send(Frame(REQUEST, sid, meta, resume))
-            send_body(link, sid, job.payload, link.conn.peer_max_payload)
+            link.conn.send(Frame(DATA, sid, None, job.payload, FLAG_END))
         else:
-            send_whole(link, REQUEST, sid, meta, job.payload)
+            link.conn.send(Frame(REQUEST, sid, meta, job.payload, FLAG_END))
         link.flush()
         self.stats["dispatched"] += 1
 

@@ -36,6 +36,8 @@ _STREAM_CLOSED: Final = StreamState.CLOSED
 _OPENER, _RESPONDER = Sender.OPENER, Sender.RESPONDER
 MIN_ADVERTISED: Final = 1024  # smallest max_meta/max_payload a peer may advertise (SPEC §8)
 _CONTROL: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.CREDIT, FrameType.HEARTBEAT})
+# Frames whose payload is a piece of a body: one over the peer's limit is sent as several (SPEC §8).
+_SPLITTABLE: Final = frozenset({FrameType.REQUEST, FrameType.RESPONSE, FrameType.DATA})
 
 
 def _kind(frame: Frame) -> Kind:
@@ -190,7 +192,9 @@ class Connection:
     # -- sending -----------------------------------------------------------------------------
 
     def send(self, frame: Frame) -> None:
-        """Queue one frame for the peer.
+        """Queue one frame for the peer. A REQUEST, RESPONSE or DATA whose payload is over the peer's
+        advertised `max_payload` leaves as several frames (`_send_split`): a body of any size may
+        be sent in one call, whatever the peer accepts per frame.
 
         Raises:
             LocalProtocolError: the frame is not allowed now (state, credit, ids, limits). Nothing
@@ -198,6 +202,9 @@ class Connection:
         """
         if self._error is not None or self.state is ConnState.CLOSED:
             raise LocalProtocolError(ErrorCode.BAD_STATE, "connection is closed")
+        if len(frame.payload) > self._peer_max_payload and frame.type in _SPLITTABLE:
+            self._send_split(frame)
+            return
         buffers = self._encode(frame)
         mark = len(self._out)
         if FRAME_RULES[frame.type].on_stream:
@@ -205,6 +212,18 @@ class Connection:
         else:
             self._send_connection_frame(frame)
         self._out[mark:mark] = buffers  # before any CREDIT that closing the stream queued
+
+    def _send_split(self, frame: Frame) -> None:
+        """A payload over the peer's frame limit (SPEC §8) goes out as the frame with the first piece,
+        then DATA frames with the rest (views, no copy); only the last one carries FLAG_END. The
+        stream's states move exactly as if the sender had split it (SPEC §5)."""
+        view = memoryview(frame.payload).cast("B")
+        step, n = self._peer_max_payload, len(view)
+        end = frame.flags & FLAG_END
+        self.send(Frame(frame.type, frame.stream_id, frame.meta, view[:step], frame.flags & ~FLAG_END))
+        for off in range(step, n, step):
+            last = off + step >= n
+            self.send(Frame(FrameType.DATA, frame.stream_id, None, view[off : off + step], end if last else 0))
 
     def data_to_send(self) -> list[Buffer | Frame]:
         """Everything queued since the last call, in order: header blocks and payload objects

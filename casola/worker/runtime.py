@@ -51,7 +51,10 @@ class WorkerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class WorkerRuntime:
-    def __init__(self, config: WorkerConfig, models: Sequence[Model], credential: str) -> None:
+    def __init__(
+        self, config: WorkerConfig, models: Sequence[Model], credential: str, limits: Limits | None = None
+    ) -> None:
+        """`limits`: this worker's receive limits (advertised in HELLO); the default pings every second."""
         self.config = config
         self.models: dict[str, Model] = {m.name: m for m in models}
         self.node_id = config.node_id or f"worker-{os.getpid()}"
@@ -69,7 +72,7 @@ class WorkerRuntime:
         self._freed: dict[LinkBase, int] = {}  # slots freed this loop iteration, per link
         self._grant_scheduled = False
         self._heartbeat: asyncio.Task[None] | None = None
-        self._limits = Limits(ping_interval=1.0, ping_timeout=5.0)
+        self._limits = limits or Limits(ping_interval=1.0, ping_timeout=5.0)
         self._slots = asyncio.Semaphore(config.capacity)  # handlers running at once
 
     @property
@@ -100,6 +103,8 @@ class WorkerRuntime:
             credit=cfg.capacity,
             models=list(self.models),
             pool=cfg.pool,  # type: ignore[arg-type]
+            max_meta=self._limits.max_meta,
+            max_payload=self._limits.max_payload,
         )
         link = await dial_tcp(host, port, hello, self._on_events, self._on_lost, limits=self._limits, auto_credit=False)
         log.info("%s registered with %s:%d (models %s)", self.node_id, host, port, list(self.models))

@@ -19,6 +19,7 @@ from casola.auth import SCOPE_RUN, SCOPE_WORKER, KeyStore
 from casola.ingress.server import Ingress, IngressConfig
 from casola.ingress.upstream import Upstream
 from casola.queue.node import QueueConfig, QueueNode
+from casola.wire import Limits
 from casola.worker import Echo, WorkerConfig, WorkerRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,12 +62,14 @@ class Stack:
         return f"127.0.0.1:{self.node.port}"
 
     async def add_worker(
-        self, capacity: int = 8, *, extra: list[Any] | None = None, **kw: Any
+        self, capacity: int = 8, *, extra: list[Any] | None = None, limits: Limits | None = None, **kw: Any
     ) -> tuple[WorkerRuntime, Echo]:
-        """An in-process worker serving echo (and the `extra` models, e.g. Steps())."""
+        """An in-process worker serving echo (and the `extra` models, e.g. Steps()); `limits`: the
+        receive limits it advertises."""
         echo = Echo()
         models = [echo, *(extra or [])]
-        rt = WorkerRuntime(WorkerConfig(queue=[self.queue_addr], capacity=capacity, **kw), models, self.worker_key)
+        config = WorkerConfig(queue=[self.queue_addr], capacity=capacity, **kw)
+        rt = WorkerRuntime(config, models, self.worker_key, limits)
         await rt.start()
         await rt.wait_registered()
         self.workers.append(rt)
