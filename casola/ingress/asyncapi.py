@@ -27,6 +27,7 @@ import msgspec
 
 from casola.ingress.envelope import JSON_CT
 from casola.ingress.exchange import Exchange
+from casola.ingress.fields import value_or
 from casola.ingress.jobs import (
     COMPLETED,
     MAX_IDEMPOTENCY_KEY,
@@ -53,7 +54,7 @@ JOBS_PREFIX: Final = b"/v1/jobs/"
 # Long polls end after at most this long, well inside the 60 s idle timeouts of the proxies and load
 # balancers commonly in front of an API (nginx proxy_read_timeout, AWS ALB idle timeout).
 WAIT_MAX_MS: Final = 30_000
-_OCTET: Final = "application/octet-stream"
+_OCTET_B: Final = b"application/octet-stream"
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -68,7 +69,7 @@ class NativeReply:
 
     def answer(self, ans: JobAnswer) -> int:
         if self.op == "result" and ans.headers.get("job-view") != "1":
-            ct = (ans.content_type or _OCTET).encode("latin-1")
+            ct = value_or(ans.content_type, _OCTET_B)
             self.ex.respond(200, [(b"content-type", ct), (b"x-casola-job-status", b"COMPLETED")], ans.body)
             return 200
         view = decode_view(ans.body)
@@ -86,7 +87,7 @@ class NativeReply:
                 status = 202
                 headers.append((b"retry-after", b"1"))
             else:  # completed, no error, and still no result bytes: an empty result
-                ct = (view.result_content_type or _OCTET).encode("latin-1")
+                ct = value_or(view.result_content_type, _OCTET_B)
                 self.ex.respond(200, [(b"content-type", ct), (b"x-casola-job-status", b"COMPLETED")])
                 return 200
         self.ex.respond(status, headers, job_document(view, self.base))

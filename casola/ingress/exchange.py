@@ -18,6 +18,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
 from casola.ingress.envelope import JSON_CT, error_body
+from casola.ingress.fields import VISIBLE, BadField
 
 if TYPE_CHECKING:
     from casola.ingress.http import HttpProtocol
@@ -284,6 +285,11 @@ class Exchange:
         parts = [_STATUS.get(status) or _status_line(status)]
         add = parts.append
         for name, value in headers:
+            if value.translate(None, VISIBLE) or name.translate(None, VISIBLE):
+                # The last guard against response splitting: callers check outside values with
+                # casola.ingress.fields first; one that did not is a bug, and nothing is written.
+                self.started = False
+                raise BadField(f"header {bytes(name)[:40]!r}: a value with CR, LF or other control bytes")
             add(name)
             add(b": ")
             add(value)
@@ -329,7 +335,8 @@ class Exchange:
 
         Raises:
             RuntimeError: the response has already started.
-            ValueError: status < 200.
+            ValueError: status < 200; BadField (a ValueError): a header with control bytes (nothing
+                was written).
         """
         head = self._prepare(status, headers, content_length, trailers)
         if head is not None:
@@ -386,7 +393,7 @@ class Exchange:
 
         Raises:
             RuntimeError: the response has already started.
-            ValueError: status < 200.
+            ValueError: status < 200; BadField: a header with control bytes (nothing was written).
         """
         head = self._prepare(status, headers, len(body), ())
         if head is None:

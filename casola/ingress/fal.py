@@ -59,6 +59,7 @@ import msgspec
 
 from casola.ingress.envelope import JSON_CT
 from casola.ingress.exchange import Exchange
+from casola.ingress.fields import value_or
 from casola.ingress.jobs import (
     COMPLETED,
     IN_QUEUE,
@@ -85,7 +86,7 @@ __all__ = ["RESERVED", "FalReply", "route", "status_document"]
 # First path segments that belong to casola's own APIs, never to a fal owner.
 RESERVED: Final = frozenset({b"v1", b"openai", b".well-known", b"healthz", b"metrics"})
 _REQUESTS: Final = b"requests"
-_OCTET: Final = "application/octet-stream"
+_OCTET_B: Final = b"application/octet-stream"
 _LOGS_ON: Final = ("1", "true", "True", "yes", "on")
 _RETRIED: Final = (408, 409, 429)  # statuses fal-client retries: a completed job's error is final
 _encoder: Final = msgspec.json.Encoder()
@@ -116,7 +117,7 @@ class FalReply:
 
     def answer(self, ans: JobAnswer) -> int:
         if self.op == "result" and ans.headers.get("job-view") != "1":
-            ct = (ans.content_type or _OCTET).encode("latin-1")
+            ct = value_or(ans.content_type, _OCTET_B)
             self.ex.respond(200, [(b"content-type", ct), (b"x-fal-request-id", self.rid.encode())], ans.body)
             return 200
         view = decode_view(ans.body)
@@ -142,7 +143,7 @@ class FalReply:
         if view.status != COMPLETED:
             return self._send(400, {"detail": "Request is still in progress"})
         if not view.error_type:  # completed, no error, no result bytes: an empty result
-            ct = (view.result_content_type or _OCTET).encode("latin-1")
+            ct = value_or(view.result_content_type, _OCTET_B)
             self.ex.respond(200, [(b"content-type", ct), (b"x-fal-request-id", self.rid.encode())])
             return 200
         status = error_status(view.error_type)
@@ -150,7 +151,7 @@ class FalReply:
             status = 400
         message = view.error or f"the request failed ({view.error_type})"
         doc = {"detail": message, "error": message, "error_type": view.error_type}
-        return self._send(status, doc, [(b"x-fal-error-type", view.error_type.encode("latin-1"))])
+        return self._send(status, doc, [(b"x-fal-error-type", value_or(view.error_type, b"error"))])
 
     def wire_error(self, code: int, message: str, retry_after_ms: int) -> int:
         info = error_info(code)

@@ -10,6 +10,7 @@ from the client's metadata.
 from __future__ import annotations
 
 import asyncio
+import logging
 from ssl import SSLContext
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from casola.auth import SCOPE_RUN, AuthError
+from casola.ingress.fields import BadField, field_value
 from casola.ingress.jobs import key_filter
 from casola.ingress.upstream import Upstream
 from casola.net.handshake import Refused, serve_tcp
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     from casola.ingress.server import Ingress
 
 __all__ = ["FrameListener"]
+
+log = logging.getLogger("casola.ingress")
 
 CLIENT_CREDIT = 256  # streams one raw client may have open at once
 
@@ -65,14 +69,20 @@ class _Relay:
             assert isinstance(meta, ResponseMeta | EndMeta | ErrorMeta)
             timing = {"ingress": self._ingress_ms(perf_counter()), **meta.timing}
             meta = msgspec.structs.replace(meta, timing=timing)
-        if self.client.conn.is_open(self.csid):
-            self.client.send(Frame(ft, self.csid, meta, frame.payload, frame.flags))
+        self.client.send_if_open(Frame(ft, self.csid, meta, frame.payload, frame.flags))
         if frame.end or ft is FrameType.ERROR:
             self._done()
 
     def on_reset(self, code: int, message: str) -> None:
+        self.client.send_if_open(Frame(FrameType.ERROR, self.csid, ErrorMeta(code, message)))
+        self._done()
+
+    def fail(self, exc: BaseException) -> None:
+        """Relaying this answer raised (e.g. its metadata is over the client's advertised max_meta):
+        this stream ends with an error, the client's other streams go on."""
         if self.client.conn.is_open(self.csid):
-            self.client.send(Frame(FrameType.ERROR, self.csid, ErrorMeta(code, message)))
+            self.client.conn.reset(self.csid, ErrorCode.INTERNAL, f"the answer could not be relayed: {exc}"[:200])
+            self.client.flush()
         self._done()
 
     def _done(self) -> None:
@@ -121,43 +131,67 @@ class FrameListener:
     def _on_events(self, link: LinkBase, events: list[Event]) -> None:
         relays = link.tag.relays
         for ev in events:
-            if type(ev) is Frame:
-                ft = ev.type
-                if ft is FrameType.REQUEST:
-                    self._open(link, ev)
-                elif ft is FrameType.DATA or ft is FrameType.END:
-                    r = relays.get(ev.stream_id)
-                    if r is not None:
-                        self._relay_body(r, ev)
-                elif ft is FrameType.CANCEL:
+            try:
+                if type(ev) is Frame:
+                    ft = ev.type
+                    if ft is FrameType.REQUEST:
+                        self._open(link, ev)
+                    elif ft is FrameType.DATA or ft is FrameType.END:
+                        r = relays.get(ev.stream_id)
+                        if r is not None:
+                            self._relay_body(r, ev)
+                    elif ft is FrameType.CANCEL:
+                        self._cancel(relays.pop(ev.stream_id, None))
+                elif type(ev) is StreamReset:
                     self._cancel(relays.pop(ev.stream_id, None))
-            elif type(ev) is StreamReset:
-                self._cancel(relays.pop(ev.stream_id, None))
+            except Exception as exc:  # one stream's failure is that stream's; the client's others go on
+                self._stream_failed(link, ev, exc)
+
+    def _stream_failed(self, link: LinkBase, ev: Event, exc: Exception) -> None:
+        sid = getattr(ev, "stream_id", 0)
+        log.error("client stream %d failed in the ingress; ending that stream only", sid, exc_info=exc)
+        relay = link.tag.relays.pop(sid, None)
+        self._cancel(relay)
+        if sid and link.conn.is_open(sid):
+            link.conn.reset(sid, ErrorCode.INTERNAL, "internal error")
+            link.flush()
 
     def _open(self, link: LinkBase, frame: Frame) -> None:
         meta = frame.meta
         assert isinstance(meta, RequestMeta)
         ing = self.ing
         client: _Client = link.tag
+        refusal = self._refusal(meta, frame)
+        if refusal is not None:
+            link.send_if_open(Frame(FrameType.ERROR, frame.stream_id, refusal))
+            return
         up = ing.upstream.pick(client.region)
         if up is None:
             err = ErrorMeta(ErrorCode.NO_CAPACITY, "no queue node is reachable or has room", 1000)
-            link.send(Frame(FrameType.ERROR, frame.stream_id, err))
+            link.send_if_open(Frame(FrameType.ERROR, frame.stream_id, err))
             return
         deadline = meta.deadline_ms or ing.config.default_deadline_ms
         # The key's tenant and filter policy overwrite whatever the client sent (it may not pick its own).
         meta = msgspec.structs.replace(
             meta, tenant=client.tenant, filter=client.filter, trace=True, deadline_ms=deadline
         )
-        if len(frame.payload) > ing.config.max_body:
-            err = ErrorMeta(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body exceeds {ing.config.max_body} bytes")
-            link.send(Frame(FrameType.ERROR, frame.stream_id, err))
-            return
         relay = _Relay(ing, link, frame.stream_id, up, meta.model, perf_counter())
         relay.size = len(frame.payload)
         client.relays[frame.stream_id] = relay
         relay.t_sent = perf_counter()
         relay.usid = ing.upstream.open(up, Frame(FrameType.REQUEST, 0, meta, frame.payload, frame.flags), relay)
+
+    def _refusal(self, meta: RequestMeta, frame: Frame) -> ErrorMeta | None:
+        """Why this REQUEST is refused before it goes upstream, or None."""
+        limit = self.ing.config.max_body
+        if len(frame.payload) > limit:
+            return ErrorMeta(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body exceeds {limit} bytes")
+        if meta.content_type:
+            try:
+                field_value(meta.content_type, "content_type")  # it may come back in an HTTP header
+            except BadField as exc:
+                return ErrorMeta(ErrorCode.BAD_REQUEST, str(exc), param="content_type")
+        return None
 
     def _relay_body(self, r: _Relay, frame: Frame) -> None:
         r.size += len(frame.payload)

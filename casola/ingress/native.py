@@ -24,6 +24,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from casola.ingress.envelope import error_body
+from casola.ingress.fields import BadField, field_name, field_value
 from casola.ingress.http import Exchange
 from casola.ingress.timing import server_timing
 from casola.ingress.upstream import Upstream
@@ -182,12 +183,11 @@ class RunExchange:
             self.rmeta = frame.meta  # type: ignore[assignment]
             if frame.flags & FLAG_END:
                 self._respond_whole(frame.payload, self.rmeta.timing)  # type: ignore[union-attr]
-            elif len(frame.payload):
-                self._commit()
+            elif len(frame.payload) and self._commit():
                 self._write(frame.payload)
         elif ft is _DATA:
-            if not self.committed:
-                self._commit()
+            if not self.committed and not self._commit():
+                return
             if self.sse:
                 self._write(frame.payload)
             else:
@@ -232,14 +232,14 @@ class RunExchange:
         return (meta.content_type if meta is not None else "") or self.meta.content_type or _OCTET
 
     def _headers(self, timing: dict[str, float] | None, now: float) -> list[tuple[bytes, bytes]]:
+        """The answer's head. Raises BadField: the worker's content type or one of its headers
+        cannot be written (control characters, a name that is not a token)."""
         meta = self.rmeta
-        headers = [(b"content-type", self._content_type().encode("latin-1"))]
+        headers = [(b"content-type", field_value(self._content_type(), "the answer's content type"))]
         if meta is not None and meta.headers:
-            headers += [
-                (k.lower().encode(), v.encode("latin-1"))
-                for k, v in meta.headers.items()
-                if k.lower() not in _HOP_BY_HOP
-            ]
+            for k, v in meta.headers.items():
+                if k.lower() not in _HOP_BY_HOP:
+                    headers.append((field_name(k), field_value(v, f"the answer's header {k!r}")))
         if self.trace:
             headers.append((b"server-timing", server_timing(self._ingress_ms(now), timing or {})))
         if self.ing.timing_allow_origin:
@@ -248,16 +248,41 @@ class RunExchange:
 
     def _respond_whole(self, payload: bytes | bytearray | memoryview, timing: dict[str, float]) -> None:
         now = perf_counter()
+        try:
+            headers = self._headers(timing, now)
+        except BadField as exc:
+            return self._unsendable(exc)
+        self.ex.respond(200, headers, payload)
         self.committed = self.done = True
-        self.ex.respond(200, self._headers(timing, now), payload)
         self.ing.finished(self.model, 200, timing, self._ingress_ms(now), self.t0)
 
-    def _commit(self) -> None:
-        self.committed = True
+    def _commit(self) -> bool:
+        """Send the head of a streamed answer; False when it could not be (the client got 502)."""
         self.sse = self._content_type().partition(";")[0].strip().lower() == _SSE
         timing = self.rmeta.timing if self.rmeta is not None else None
         trailers = (b"server-timing",) if self.trace else ()
-        self.ex.start(200, self._headers(timing, perf_counter()), trailers=trailers)
+        try:
+            headers = self._headers(timing, perf_counter())
+        except BadField as exc:
+            self._unsendable(exc)
+            return False
+        self.ex.start(200, headers, trailers=trailers)
+        self.committed = True
+        return True
+
+    def _unsendable(self, exc: BadField) -> None:
+        """The worker's answer cannot become an HTTP response: this request fails (502), nothing else."""
+        log.warning("%s: %s; answering 502", self.model, exc)
+        Upstream.cancel(self.link, self.sid, "the answer cannot be sent over HTTP")
+        self._error(ErrorCode.WORKER_FAILED, f"the worker's answer cannot be sent over HTTP: {exc}", 0)
+
+    def fail(self, exc: BaseException) -> None:
+        """Handling this stream's answer raised (a bug, contained to this request: the upstream
+        routes it here): the client gets an error answer, or a cut one if its answer had started."""
+        if not self.done:
+            self._error(ErrorCode.INTERNAL, "internal error while relaying the answer", 0)
+        elif not self.ex.finished:
+            self.ex.abort()
 
     def _write(self, payload: Buffer) -> None:
         """A body write after the commit that also keeps the SSE tail."""

@@ -23,6 +23,7 @@ from casola.auth import SCOPE_RUN, SCOPE_SIGNALS, Claims, Verifier
 from casola.certs import server_context
 from casola.ingress import asyncapi, fal, openai
 from casola.ingress.envelope import JSON_CT
+from casola.ingress.fields import field_value
 from casola.ingress.frames import FrameListener
 from casola.ingress.http import Exchange, HttpLimits, serve_http
 from casola.ingress.jobs import Caller, authorize
@@ -201,7 +202,12 @@ class Ingress:
         content_type: str | None = None,
     ) -> tuple[RequestMeta, bool]:
         """The request head from the headers, in one pass; True when it asks to run async.
-        `content_type`, when given (the OpenAI surface: a file part's type), wins over the header."""
+        `content_type`, when given (the OpenAI surface: a file part's type), wins over the header.
+
+        Raises:
+            ValueError: a header value is not acceptable (BadField: a content type with control
+                or non-ASCII characters).
+        """
         params: dict[str, Any] = {}
         deadline = self.config.default_deadline_ms
         trace = self.config.trace
@@ -223,6 +229,8 @@ class Ingress:
             elif name == b"prefer":
                 run_async = run_async or b"respond-async" in value.lower()
         ctype = content_type if content_type is not None else header_ctype
+        if ctype:
+            field_value(ctype, "Content-Type")  # it may come back as the answer's: no control characters
         return RequestMeta(model, deadline, ctype, params, trace, tenant, filter=filter), run_async
 
     def finished(

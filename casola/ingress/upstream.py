@@ -46,11 +46,14 @@ class QueueNodeSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Sink(Protocol):
-    """Receives the answer of one stream. `t` is the loop time the frame arrived."""
+    """Receives the answer of one stream. `t` is the loop time the frame arrived. `fail` is told
+    when `on_frame` raised: the sink answers its client with an error; the link is not affected."""
 
     def on_frame(self, frame: Frame, t: float) -> None: ...
 
     def on_reset(self, code: int, message: str) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
 
 
 class _Node:
@@ -173,13 +176,24 @@ class Upstream:
                 ft = ev.type
                 if ev.end or ft is FrameType.ERROR:
                     del sinks[ev.stream_id]
-                sink.on_frame(ev, t)
+                try:
+                    sink.on_frame(ev, t)
+                except Exception as exc:  # one stream's failure is that stream's (DESIGN "Auth and tenancy")
+                    self._sink_failed(link, ev.stream_id, sink, exc)
             elif type(ev) is StreamReset:
                 sink = sinks.pop(ev.stream_id, None)
                 if sink is not None:
                     sink.on_reset(ev.code, ev.message or "stream reset")
             elif type(ev) is ConnectionTerminated:
                 self._fail_all(link, f"queue node connection ended: {ev.message}")
+
+    def _sink_failed(self, link: LinkBase, sid: int, sink: Sink, exc: Exception) -> None:
+        log.error("answer of stream %d failed in the ingress; that request only is failed", sid, exc_info=exc)
+        self.cancel(link, sid, "the ingress failed to relay the answer")
+        try:
+            sink.fail(exc)
+        except Exception:
+            log.exception("failing stream %d's client failed too", sid)
 
     def _on_lost(self, link: LinkBase, exc: BaseException | None) -> None:
         self._fail_all(link, f"queue node connection lost: {exc or 'closed'}")

@@ -80,6 +80,15 @@ class LinkBase:
         self.conn.send(frame)
         self.flush()
 
+    def send_if_open(self, frame: Frame) -> bool:
+        """Send a frame on a stream that may have ended meanwhile, e.g. by the peer's CANCEL later
+        in the batch being handled (the core has already closed it): then nothing is sent. Returns
+        whether it was sent. Raises LocalProtocolError for anything but a closed stream."""
+        if not self.conn.is_open(frame.stream_id):
+            return False
+        self.send(frame)
+        return True
+
     def flush(self) -> None:
         """Write whatever the core queued (after calls that queue frames directly on `conn`)."""
         if _batch_depth:

@@ -18,6 +18,7 @@ from casola.jobview import JOB_VIEW_CT, JobLog, JobView, encode_view
 from casola.queue.jobs import Jobs
 from casola.store import Job, JobStatus, NewJob, StoreError
 from casola.wire import FLAG_END, Buffer, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta
+from casola.wire.meta import is_field_value
 
 if TYPE_CHECKING:
     from casola.net.link import LinkBase
@@ -86,6 +87,8 @@ class JobOp:
         entry = node.registry.models.get(meta.model)
         if entry is None:
             return self._error(ErrorCode.UNKNOWN_MODEL, f"model {meta.model!r} is not served here")
+        if meta.content_type and not is_field_value(meta.content_type):  # SPEC §4.3: it may become a header
+            raise ValueError(f"content_type has a character not allowed in a header: {meta.content_type[:80]!r}")
         if meta.webhook_url:
             try:
                 jobs.outbound.check_url(meta.webhook_url)  # address literals now; names when delivering

@@ -204,20 +204,23 @@ class QueueNode:
         now = perf_counter()
         calls: dict[int, Call] = link.tag
         for ev in events:
-            if type(ev) is Frame:
-                t = ev.type
-                if t is REQUEST:
-                    self._on_request(link, ev, now)
-                elif t is DATA or t is END:
-                    call = calls.get(ev.stream_id)
-                    if type(call) is Call:
-                        self._on_request_data(call, ev)
-                    elif call is not None:
-                        call.feed(ev)  # type: ignore[attr-defined]  # a JobOp
-                elif t is CANCEL:
-                    self._cancel(calls.pop(ev.stream_id, None), "cancelled by the client")
-            elif type(ev) is StreamReset:
-                self._cancel(calls.pop(ev.stream_id, None), ev.message)
+            try:
+                if type(ev) is Frame:
+                    t = ev.type
+                    if t is REQUEST:
+                        self._on_request(link, ev, now)
+                    elif t is DATA or t is END:
+                        call = calls.get(ev.stream_id)
+                        if type(call) is Call:
+                            self._on_request_data(call, ev)
+                        elif call is not None:
+                            call.feed(ev)  # type: ignore[attr-defined]  # a JobOp
+                    elif t is CANCEL:
+                        self._cancel(calls.pop(ev.stream_id, None), "cancelled by the client")
+                elif type(ev) is StreamReset:
+                    self._cancel(calls.pop(ev.stream_id, None), ev.message)
+            except Exception as exc:  # one stream's failure is that stream's; the link serves on
+                self._ingress_stream_failed(link, ev, exc)
 
     def _on_request(self, link: LinkBase, frame: Frame, now: float) -> None:
         meta = frame.meta
@@ -272,6 +275,20 @@ class QueueNode:
             return
         if call.filter is not None and not call.filter.started:
             self.filtering.feed(call.filter, frame.payload, frame.end)
+
+    def _ingress_stream_failed(self, link: LinkBase, ev: Event, exc: Exception) -> None:
+        sid = getattr(ev, "stream_id", 0)
+        log.error("ingress stream %d failed in the queue node; ending that stream only", sid, exc_info=exc)
+        item = link.tag.pop(sid, None)
+        try:
+            if type(item) is Call:
+                self.abort_call(item, ErrorCode.INTERNAL, "internal error in the queue node")
+            elif item is not None:
+                item.cancel()
+        finally:
+            if sid and link.conn.is_open(sid):
+                link.conn.reset(sid, ErrorCode.INTERNAL, "internal error in the queue node")
+                link.flush()
 
     def _ingress_lost(self, link: LinkBase, exc: BaseException | None) -> None:
         self._links.discard(link)
@@ -379,28 +396,26 @@ class QueueNode:
         t_answer = perf_counter()
         credit = False
         for ev in events:
-            if type(ev) is Frame:
-                t = ev.type
-                call = worker.calls.get(ev.stream_id)
-                if call is not None and (t is RESPONSE or t is DATA or t is END or t is ERROR):
-                    self._FROM_WORKER[t](self, call, ev, t_answer)
-                elif t is FrameType.CREDIT:
-                    credit = True
-                elif t is FrameType.HEARTBEAT:
-                    hb = ev.meta
-                    assert isinstance(hb, HeartbeatMeta)
-                    worker.healthy, worker.load = hb.healthy, hb.load
-                    credit = credit or hb.healthy
-                    if self.jobs is not None and worker.jobs:
-                        self.jobs.on_heartbeat(worker)
-                elif call is None and (job := worker.jobs.get(ev.stream_id)) is not None:
-                    self.jobs.on_worker_frame(worker, job, ev)  # type: ignore[union-attr]
-            elif type(ev) is StreamReset:
-                call = worker.calls.pop(ev.stream_id, None)
-                if call is not None:
-                    self._worker_stream_failed(call, worker, ev.code, ev.message)
-                elif (job := worker.jobs.get(ev.stream_id)) is not None:
-                    self.jobs.on_worker_reset(job, ev.message)  # type: ignore[union-attr]
+            try:
+                if type(ev) is Frame:
+                    t = ev.type
+                    call = worker.calls.get(ev.stream_id)
+                    if call is not None and (t is RESPONSE or t is DATA or t is END or t is ERROR):
+                        self._FROM_WORKER[t](self, call, ev, t_answer)
+                    elif t is FrameType.CREDIT:
+                        credit = True
+                    elif t is FrameType.HEARTBEAT:
+                        credit = self._on_heartbeat(worker, ev) or credit
+                    elif call is None and (job := worker.jobs.get(ev.stream_id)) is not None:
+                        self.jobs.on_worker_frame(worker, job, ev)  # type: ignore[union-attr]
+                elif type(ev) is StreamReset:
+                    call = worker.calls.pop(ev.stream_id, None)
+                    if call is not None:
+                        self._worker_stream_failed(call, worker, ev.code, ev.message)
+                    elif (job := worker.jobs.get(ev.stream_id)) is not None:
+                        self.jobs.on_worker_reset(job, ev.message)  # type: ignore[union-attr]
+            except Exception as exc:  # one stream's failure is that stream's; the worker serves on
+                self._worker_event_failed(worker, ev, exc)
         if credit:
             self.serve_pending(worker)
             if self.jobs is not None and worker.free > 0:
@@ -408,6 +423,30 @@ class QueueNode:
                     if m in self.jobs.maybe_queued:
                         self.jobs.wake()
                         break
+
+    def _on_heartbeat(self, worker: WorkerEntry, frame: Frame) -> bool:
+        """A worker's health and load; True when it says it can serve (its slots may be used)."""
+        hb = frame.meta
+        assert isinstance(hb, HeartbeatMeta)
+        worker.healthy, worker.load = hb.healthy, hb.load
+        if self.jobs is not None and worker.jobs:
+            self.jobs.on_heartbeat(worker)
+        return hb.healthy
+
+    def _worker_event_failed(self, worker: WorkerEntry, ev: Event, exc: Exception) -> None:
+        sid = getattr(ev, "stream_id", 0)
+        log.error("worker %s stream %d failed in the queue node; ending it only", worker.node_id, sid, exc_info=exc)
+        call = worker.calls.pop(sid, None)
+        job = worker.jobs.get(sid)
+        try:
+            if call is not None:
+                self._fail(call, ErrorCode.INTERNAL, "internal error in the queue node")
+            elif job is not None and self.jobs is not None:
+                self.jobs.on_worker_reset(job, "internal error in the queue node")
+        finally:
+            if sid and worker.link.conn.is_open(sid):
+                worker.link.conn.reset(sid, ErrorCode.INTERNAL, "internal error in the queue node")
+                worker.link.flush()
 
     def _on_response(self, call: Call, frame: Frame, t_answer: float) -> None:
         call.head_seen = True
@@ -525,7 +564,7 @@ class QueueNode:
 
     def _refuse(self, link: LinkBase, sid: int, code: int, message: str, retry_after_ms: int = 0) -> None:
         self.stats["refused"] += 1
-        link.send(Frame(ERROR, sid, ErrorMeta(code, message, retry_after_ms)))
+        link.send_if_open(Frame(ERROR, sid, ErrorMeta(code, message, retry_after_ms)))
 
     def _done(self, call: Call) -> None:
         call.finished = True
@@ -559,13 +598,10 @@ class QueueNode:
         self._schedule(call, now)
 
     def _to_ingress(self, call: Call, frame: Frame) -> None:
-        link = call.ing
-        if link.conn.is_open(call.ing_sid):
-            link.send(frame)
+        call.ing.send_if_open(frame)
 
     def _send_worker(self, worker: WorkerEntry, frame: Frame) -> None:
-        if worker.link.conn.is_open(frame.stream_id):
-            worker.link.send(frame)
+        worker.link.send_if_open(frame)
 
     # -- what operators and the ingress read ---------------------------------------------------------
 

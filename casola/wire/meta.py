@@ -9,6 +9,7 @@ fields all have defaults. Decoders are built once and reused.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -36,6 +37,7 @@ __all__ = [
     "RequestMeta",
     "ResponseMeta",
     "Role",
+    "is_field_value",
 ]
 
 U8 = Annotated[int, msgspec.Meta(ge=0, le=0xFF)]
@@ -48,6 +50,16 @@ Pool = Literal["", "sync", "async", "shared"]
 JobOp = Literal["", "submit", "status", "result", "cancel"]
 FilterPolicy = Literal["", "off", "race", "block"]  # "": the caller's key sets none
 Param = str | int | float | bool | None
+
+
+_FIELD_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")
+
+
+def is_field_value(text: str) -> bool:
+    """Whether `text` may be a content type or header value (SPEC §4.3): visible ASCII, space and
+    tab only, so that it can become an HTTP header field unchanged (RFC 9110 §5.5) and never
+    carries a CR or LF into one."""
+    return _FIELD_VALUE.fullmatch(text) is not None
 
 
 class Meta(msgspec.Struct, array_like=True, frozen=True, gc=False):

@@ -115,18 +115,29 @@ class WorkerRuntime:
     def _on_events(self, link: LinkBase, events: list[Event]) -> None:
         tasks = self._tasks
         for ev in events:
-            if type(ev) is Frame:
-                t = ev.type
-                if t is FrameType.REQUEST:
-                    self._begin(link, ev)
-                elif t is FrameType.DATA or t is FrameType.END:
-                    entry = tasks.get((link, ev.stream_id))
-                    if entry is not None:
-                        entry[1].feed(ev.payload, ev.end)
-                elif t is FrameType.CANCEL:
+            try:
+                if type(ev) is Frame:
+                    t = ev.type
+                    if t is FrameType.REQUEST:
+                        self._begin(link, ev)
+                    elif t is FrameType.DATA or t is FrameType.END:
+                        entry = tasks.get((link, ev.stream_id))
+                        if entry is not None:
+                            entry[1].feed(ev.payload, ev.end)
+                    elif t is FrameType.CANCEL:
+                        self._cancel(link, ev.stream_id)
+                elif type(ev) is StreamReset:
                     self._cancel(link, ev.stream_id)
-            elif type(ev) is StreamReset:
-                self._cancel(link, ev.stream_id)
+            except Exception as exc:  # one stream's failure is that stream's; the link serves on
+                self._stream_failed(link, ev, exc)
+
+    def _stream_failed(self, link: LinkBase, ev: Event, exc: Exception) -> None:
+        sid = getattr(ev, "stream_id", 0)
+        log.error("%s: stream %d failed; ending that stream only", self.node_id, sid, exc_info=exc)
+        self._cancel(link, sid)
+        if sid and link.conn.is_open(sid):
+            link.conn.reset(sid, ErrorCode.INTERNAL, "internal error in the worker")
+            link.flush()
 
     def _begin(self, link: LinkBase, frame: Frame) -> None:
         call = WorkCall(link, frame.stream_id, frame)

@@ -562,6 +562,32 @@ def test_handler_exception_answers_500_and_keeps_the_connection(kind: str, caplo
 
 
 @pytest.mark.parametrize("kind", LOOPS)
+@pytest.mark.parametrize("value", [b"a\r\nx-injected: 1", b"a\nb", b"a\rb", b"a\x00b", b"a\x7fb"])
+def test_a_header_with_control_bytes_is_never_written(kind: str, value: bytes) -> None:
+    """The last guard against response splitting: respond()/start() refuse the head, write nothing,
+    and the exchange can still answer (here the handler's own error path: a 500)."""
+    refused: list[BaseException] = []
+
+    def app(ex: Exchange) -> None:
+        try:
+            ex.respond(200, [(b"x-a", value)], b"body")
+        except ValueError as exc:
+            refused.append(exc)
+            raise
+
+    async def main() -> None:
+        async with serving(app) as srv:
+            c = await Client.open(srv.port)
+            await c.send(req(b"GET", b"/"))
+            resp = await c.response()
+            assert resp.status == 500 and resp.header(b"x-injected") is None and resp.header(b"x-a") is None
+            await c.close()
+
+    run(kind, main)
+    assert len(refused) == 1
+
+
+@pytest.mark.parametrize("kind", LOOPS)
 def test_exception_after_start_aborts_the_response(kind: str, caplog: pytest.LogCaptureFixture) -> None:
     def app(ex: Exchange) -> None:
         ex.start(200, [])
