@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ __all__ = ["BUILTIN_MODELS", "run"]
 log = logging.getLogger("casola")
 
 BUILTIN_MODELS: dict[str, type] = {"echo": Echo, "steps": Steps}
+PARENT_ENV = "CASOLA_PARENT_PID"  # set for the workers of `casola up`: they end when it does
 
 
 def run(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
@@ -176,7 +178,7 @@ class _LocalWorkers:
     async def _keep(self, spec: WorkerSpec, n: int) -> None:
         from casola.cli import MALLOC_ENV
 
-        env = {**os.environ, **MALLOC_ENV, "CASOLA_WORKER_KEY": self._credential}
+        env = {**os.environ, **MALLOC_ENV, "CASOLA_WORKER_KEY": self._credential, PARENT_ENV: str(os.getpid())}
         while not self._stopping:
             proc = await asyncio.create_subprocess_exec(*self._argv(spec, n), env=env)
             self.procs[n] = proc
@@ -242,7 +244,20 @@ async def _queue(args: argparse.Namespace, config: Config, state_dir: Path) -> i
     return 0
 
 
+def _die_with_parent() -> None:
+    """A worker `casola up` started ends with it, however it ends (SIGKILL included): else it would
+    redial a queue node that is gone, forever. Linux: PR_SET_PDEATHSIG; elsewhere nothing."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent thread exits
+    if os.getppid() != int(parent):  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def _worker(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
+    _die_with_parent()
     spec = config.workers[0] if config.workers else WorkerSpec()
     names = args.models.split(",") if args.models else spec.models
     try:

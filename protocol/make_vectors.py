@@ -368,6 +368,7 @@ def connection_cases() -> list[dict[str, Any]]:
         **exp,
     }
     rq = fields("REQUEST", model="echo")
+    rq_meta = mp(list(rq.values()))
     reset_1 = [{"event": "STREAM_RESET", "stream_id": 1, "code": "STREAM_STATE"}]  # stream 1 reset, connection lives
     return [
         c(
@@ -388,6 +389,35 @@ def connection_cases() -> list[dict[str, Any]]:
             sends=[{"type": "GOAWAY", "code": "BAD_STATE"}],
         ),
         c("PING before HELLO", "§6.1", "acceptor", [], raw(0x03, payload=bytes(8)), error="BAD_STATE"),
+        c(
+            "REQUEST announcing a 16 MiB payload before HELLO: refused at its header, no payload waited for",
+            "§2.3",
+            "acceptor",
+            [],
+            (HEAD.pack(1, 0x10, 0, 1, len(rq_meta), 16 * 1024 * 1024) + rq_meta).hex(),
+            error="BAD_STATE",
+            sends=[{"type": "GOAWAY", "code": "BAD_STATE"}],
+        ),
+        c(
+            "HELLO and a REQUEST in one read (pipelined before HELLO_ACK)",
+            "§6.1",
+            "acceptor",
+            [],
+            hello + req(1),
+            events=[frame("HELLO", 0, meta=fields("HELLO", role="ingress", credit=8))],
+            error="BAD_STATE",
+        ),
+        c(
+            "HELLO_ACK and the acceptor's first REQUEST in one read",
+            "§6.1",
+            "dialer",
+            [{"send": hello}],
+            ack + req(2, 1),
+            events=[
+                frame("HELLO_ACK", 0, meta=fields("HELLO_ACK", version=1, credit=2)),
+                frame("REQUEST", 2, 1, meta=rq),
+            ],
+        ),
         c(
             "HELLO with no common version",
             "§6.2",

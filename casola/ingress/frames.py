@@ -20,6 +20,7 @@ import msgspec
 from casola.auth import SCOPE_RUN, AuthError
 from casola.ingress.fields import BadField, field_value
 from casola.ingress.jobs import key_filter
+from casola.ingress.native import SLOW_CLIENT_MAX
 from casola.ingress.upstream import Upstream
 from casola.net.handshake import Refused, serve_tcp
 from casola.net.link import LinkBase
@@ -69,9 +70,14 @@ class _Relay:
             assert isinstance(meta, ResponseMeta | EndMeta | ErrorMeta)
             timing = {"ingress": self._ingress_ms(perf_counter()), **meta.timing}
             meta = msgspec.structs.replace(meta, timing=timing)
-        self.client.send_if_open(Frame(ft, self.csid, meta, frame.payload, frame.flags))
+        client = self.client
+        client.send_if_open(Frame(ft, self.csid, meta, frame.payload, frame.flags))
         if frame.end or ft is FrameType.ERROR:
             self._done()
+        elif client.gate.paused and client.write_buffered > SLOW_CLIENT_MAX:
+            unread = client.write_buffered
+            log.warning("frame client %s not reading (%d bytes unread): aborted", client.peername, unread)
+            client.abort()  # its streams are cancelled upstream as the link goes (_on_lost)
 
     def on_reset(self, code: int, message: str) -> None:
         self.client.send_if_open(Frame(FrameType.ERROR, self.csid, ErrorMeta(code, message)))

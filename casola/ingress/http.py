@@ -496,7 +496,8 @@ class HttpProtocol(asyncio.Protocol):
         ex._lose(err)
 
     def _close(self, *, linger: bool) -> None:
-        """Close the connection; with `linger`, shut the write side and drain the read side first."""
+        """Close the connection; with `linger`, shut the write side and drain the read side first;
+        without, abort it: bytes the client has not read yet are dropped, not kept until it reads."""
         if self._closing:
             return
         self._closing = self._broken = True
@@ -509,8 +510,10 @@ class HttpProtocol(asyncio.Protocol):
             t.write_eof()
             self._linger_t0 = now = _clock()
             self._arm_at(now + LINGER)
+        elif linger:
+            t.close()  # TLS: no half-close; what is buffered still goes out
         else:
-            t.close()
+            t.abort()  # a truncated answer: drop what the client has not taken (it may never read it)
 
     # -- the one timer ---------------------------------------------------------------------------
 

@@ -9,11 +9,12 @@ sends GOAWAY with the code and closes). SPEC §6.1.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from ssl import SSLContext
 from typing import Any
 
-from casola.net.errors import ConnectionLost
+from casola.net.errors import ConnectionLost, RateLimitedLog
 from casola.net.link import EventHandler, LinkBase, LostHandler
 from casola.net.memlink import memory_pair
 from casola.net.protocol import FrameProtocol
@@ -21,6 +22,7 @@ from casola.wire import (
     DEFAULT_LIMITS,
     Connection,
     ConnectionTerminated,
+    ConnState,
     Event,
     Frame,
     FrameType,
@@ -32,6 +34,8 @@ from casola.wire import (
 )
 
 __all__ = ["HelloHandler", "MemoryDialer", "Refused", "accept_memory", "dial_tcp", "serve_tcp"]
+
+log = logging.getLogger("casola.net")
 
 HelloHandler = Callable[[LinkBase, Frame], None]
 
@@ -45,18 +49,24 @@ class Refused(ConnectionLost):
         self.message = message
 
 
-def _acceptor_router(on_hello: HelloHandler) -> EventHandler:
+def _acceptor_router(on_hello: HelloHandler, refusals: RateLimitedLog) -> EventHandler:
     """Events of a fresh acceptor link: the first is HELLO (the core enforces it); the rest go to
-    whatever handler the role installed while answering it."""
+    whatever handler the role installed while answering it. Each refused connection is one line
+    of `refusals` (rate-limited), never a traceback."""
 
     def route(link: LinkBase, events: list[Event]) -> None:
         first = events[0]
-        if not (isinstance(first, Frame) and first.type is FrameType.HELLO):
-            link.close()  # ConnectionTerminated before any HELLO: nothing to tell the role
+        if not (isinstance(first, Frame) and first.type is FrameType.HELLO) or (
+            link.conn.state is not ConnState.AWAIT_ACCEPT
+        ):
+            # No HELLO, or the connection failed right after it (junk, a pipelined REQUEST): the
+            # core has said why (GOAWAY, and one log line); nothing for the role to answer.
+            link.close()
             return
         try:
             on_hello(link, first)
         except Refused as exc:
+            refusals.warning("refused connection from %s: %s: %s", link.peername, error_name(exc.code), exc.message)
             link.conn.goaway(exc.code, exc.message[:200])
             link.close()
             return
@@ -148,10 +158,13 @@ async def serve_tcp(
     """Listen for links; each new one's HELLO goes to `on_hello` (see module doc). With `ssl`, TLS
     is negotiated first (within the handshake timeout of `limits`)."""
     loop = asyncio.get_running_loop()
-    route = _acceptor_router(on_hello)
+    refusals = RateLimitedLog(log)
+    route = _acceptor_router(on_hello, refusals)
 
     def factory() -> FrameProtocol:
-        return FrameProtocol(Connection(Side.ACCEPTOR, loop.time(), limits, auto_credit=auto_credit), route)
+        proto = FrameProtocol(Connection(Side.ACCEPTOR, loop.time(), limits, auto_credit=auto_credit), route)
+        proto.error_log = refusals
+        return proto
 
     tls: dict[str, Any] = {} if ssl is None else {"ssl": ssl, "ssl_handshake_timeout": limits.handshake_timeout}
     return await loop.create_server(factory, host, port, reuse_address=True, **tls)
@@ -163,7 +176,8 @@ MemoryDialer = Callable[..., Awaitable[LinkBase]]
 def accept_memory(on_hello: HelloHandler, *, limits: Limits = DEFAULT_LIMITS, auto_credit: bool = True) -> MemoryDialer:
     """An in-process acceptor: returns a `connect(hello, on_events, on_lost, ...)` coroutine function
     that behaves like `dial_tcp` against `serve_tcp(on_hello)`."""
-    route = _acceptor_router(on_hello)
+    refusals = RateLimitedLog(log)
+    route = _acceptor_router(on_hello, refusals)
 
     async def connect(
         hello: HelloMeta,
@@ -180,7 +194,7 @@ def accept_memory(on_hello: HelloHandler, *, limits: Limits = DEFAULT_LIMITS, au
             Connection(Side.DIALER, now, dial_limits, auto_credit=dial_auto_credit, in_memory=True),
             Connection(Side.ACCEPTOR, now, limits, auto_credit=auto_credit, in_memory=True),
         )
-        b.on_events = route
+        b.on_events, b.error_log = route, refusals
         waiter = _DialWaiter(on_events, on_lost)
         await _handshake(a, waiter, hello, timeout)
         return a

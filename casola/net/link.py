@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from casola.net.errors import ConnectionLost
+from casola.net.errors import ConnectionLost, RateLimitedLog
 from casola.net.gate import WriteGate
 from casola.wire import Connection, ConnState, ErrorCode, Event, Frame
 
@@ -57,6 +57,8 @@ class LinkBase:
         self.on_events: EventHandler = on_events or _ignore_events
         self.on_lost: LostHandler | None = on_lost
         self.tag: Any = None
+        self.peername: Any = None  # (host, port), for logs
+        self.error_log: RateLimitedLog | None = None  # accepted links: the listener's log of bad peers
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
@@ -127,6 +129,16 @@ class LinkBase:
         self._flush()
         self._shut()
 
+    def abort(self) -> None:
+        """Drop the connection now, with whatever is buffered for the peer (a peer that stopped
+        reading: a graceful close would keep its unread bytes in memory until it reads them)."""
+        self._abandon()
+
+    @property
+    def write_buffered(self) -> int:
+        """Bytes written to the peer that it has not taken yet (the transport's write buffer)."""
+        return self._buffered()
+
     # -- for subclasses --------------------------------------------------------------------------
 
     def _write(self, out: list[Any]) -> None:
@@ -139,6 +151,12 @@ class LinkBase:
     def _set_reading(self, on: bool) -> None:
         raise NotImplementedError
 
+    def _abandon(self) -> None:
+        raise NotImplementedError
+
+    def _buffered(self) -> int:
+        raise NotImplementedError
+
     def _deliver(self, events: list[Event]) -> None:
         global _batch_depth
         if events:
@@ -146,7 +164,7 @@ class LinkBase:
             try:
                 self.on_events(self, events)
             except Exception:  # a role's bug must not become a fatal transport error (STYLE §5)
-                log.exception("event handler failed; closing the link to %s", getattr(self, "peername", "?"))
+                log.exception("event handler failed; closing the link to %s", self.peername)
                 if self.conn.state is ConnState.OPEN:
                     self.conn.goaway(ErrorCode.INTERNAL_ERROR, "internal error")
                 self._shut_after_error = True
@@ -158,6 +176,13 @@ class LinkBase:
             self.close()  # flushes the GOAWAY the core may have queued
         else:
             self._flush()
+
+    def _report(self, exc: BaseException) -> None:
+        """The peer broke the protocol and the link ends: one line, never a traceback."""
+        if self.error_log is not None:
+            self.error_log.warning("connection from %s ended: %s", self.peername, str(exc))
+        else:
+            log.warning("connection to %s ended: %s", self.peername, str(exc))
 
     def _flush(self) -> None:
         out = self.conn.data_to_send()

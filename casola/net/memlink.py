@@ -53,6 +53,7 @@ class MemoryEnd(LinkBase):
         try:
             events: list[Event] = peer.conn.receive_frames(out, self._loop.time())
         except RemoteProtocolError as exc:
+            peer._report(exc)
             peer._deliver(exc.events)
             peer.close()
             return
@@ -66,6 +67,13 @@ class MemoryEnd(LinkBase):
         if not self.peer._lost:
             self._loop.call_soon(self.peer._lose_by_peer)
         self._lose(None)
+
+    def _abandon(self) -> None:
+        self._backlog, self._backlog_bytes = [], 0
+        self._shut()
+
+    def _buffered(self) -> int:
+        return self._backlog_bytes
 
     def _lose_by_peer(self) -> None:
         if not self._lost:

@@ -31,7 +31,6 @@ class FrameProtocol(LinkBase, asyncio.BufferedProtocol):
     def __init__(self, conn: Connection, on_events: EventHandler | None = None, on_lost: LostHandler | None = None):
         LinkBase.__init__(self, conn, on_events, on_lost)
         self._transport: asyncio.Transport | None = None
-        self.peername: tuple[str, int] | None = None
 
     # -- asyncio callbacks ---------------------------------------------------------------------
 
@@ -52,6 +51,7 @@ class FrameProtocol(LinkBase, asyncio.BufferedProtocol):
         try:
             events = self.conn.commit(nbytes, self._loop.time())
         except RemoteProtocolError as exc:
+            self._report(exc)
             self._deliver(exc.events)
             self.close()  # flushes the GOAWAY the core queued
             return
@@ -84,6 +84,14 @@ class FrameProtocol(LinkBase, asyncio.BufferedProtocol):
     def _shut(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def _abandon(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _buffered(self) -> int:
+        t = self._transport
+        return 0 if t is None or t.is_closing() else t.get_write_buffer_size()
 
     def _set_reading(self, on: bool) -> None:
         if self._transport is not None and not self._transport.is_closing():

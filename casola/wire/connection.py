@@ -40,6 +40,12 @@ _CONTROL: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.CREDIT, F
 _SPLITTABLE: Final = frozenset({FrameType.REQUEST, FrameType.RESPONSE, FrameType.DATA})
 
 
+_FIRST: Final = {
+    Side.ACCEPTOR: (frozenset({FrameType.HELLO, FrameType.GOAWAY}), None),
+    Side.DIALER: (frozenset({FrameType.HELLO_ACK, FrameType.GOAWAY}), FrameType.HELLO_ACK),
+}
+
+
 def _kind(frame: Frame) -> Kind:
     """The life-cycle input of a connection frame (new streams are classified by the caller)."""
     t = frame.type
@@ -86,7 +92,10 @@ class Connection:
         self.peer_hello: Frame | None = None  # the HELLO or HELLO_ACK the peer sent
         self.rtt: float | None = None  # seconds, from the last answered PING
         self.send_credit = 0  # streams we may still open
-        self._decoder = FrameDecoder(limits)
+        # SPEC §6.1: until the handshake, an acceptor takes only HELLO or GOAWAY, a dialer only
+        # HELLO_ACK or GOAWAY; the decoder refuses anything else at its header (§2.3 check 7).
+        first, opens_on = _FIRST[side]
+        self._decoder = FrameDecoder(limits, expect=first, opens_on=opens_on)
         self._rx_credit = CreditWindow(auto=auto_credit)
         self._out: list[Buffer | Frame] = []
         self._in_memory = in_memory
@@ -123,14 +132,14 @@ class Connection:
                 CLOSED. `.events` holds the events completed before the violation.
         """
         if self._error is not None:
-            raise self._error
+            raise _again(self._error)
         self._now = now
-        err: RemoteProtocolError | None = None
+        failed: tuple[ErrorCode, str] | None = None
         try:
             frames: list[Frame] = self._decoder.commit(n)
-        except RemoteProtocolError as exc:
-            frames, err = exc.events, exc
-        return self._receive(frames, err)
+        except RemoteProtocolError as exc:  # kept as data: a local holding the exception is a cycle
+            frames, failed = exc.events, (exc.code, exc.message)
+        return self._receive(frames, failed)
 
     def receive_frames(self, frames: list[Frame], now: float) -> list[Event]:
         """In-memory link: frames from the peer's `data_to_send()`, already objects.
@@ -139,22 +148,33 @@ class Connection:
             RemoteProtocolError: as `commit()`.
         """
         if self._error is not None:
-            raise self._error
+            raise _again(self._error)
         self._now = now
         return self._receive(frames, None)
 
-    def _receive(self, frames: list[Frame], err: RemoteProtocolError | None) -> list[Event]:
+    def _receive(self, frames: list[Frame], failed: tuple[ErrorCode, str] | None) -> list[Event]:
+        """Handle decoded frames; `failed`: the decoder's error after them. Raises the first error."""
         events: list[Event] = []
         try:
             for frame in frames:
                 self._RECEIVERS[frame.type](self, frame, events)
         except RemoteProtocolError as exc:
-            err = exc
-        if err is not None:
-            err.events = events
-            self._terminate(err)
-            raise err
+            failed = (exc.code, exc.message)
+        if failed is not None:
+            self._fail_receive(*failed, events)
         return events
+
+    def _fail_receive(self, code: ErrorCode, message: str, events: list[Event]) -> None:
+        """Terminate and raise. The exception lives in no frame's locals: a frame holding the
+        exception it raised is a cycle (frame -> exception -> traceback -> frame) that would keep
+        this connection and its buffers alive until the next full collection."""
+        err = RemoteProtocolError(code, message)
+        err.events = events
+        self._terminate(err)
+        try:
+            raise err
+        finally:
+            del err
 
     def receive_data(self, data: Buffer, now: float) -> list[Event]:
         """Copy `data` in through `writable()`/`commit()`; `b""` is EOF.
@@ -175,7 +195,7 @@ class Connection:
             RemoteProtocolError: TRUNCATED when the stream ended inside a frame.
         """
         if self._error is not None:
-            raise self._error
+            raise _again(self._error)
         self._now = now
         try:
             self._decoder.eof()
@@ -519,6 +539,7 @@ class Connection:
 
     def _handshake_done(self) -> None:
         self._handshake_deadline = None
+        self._decoder.handshake_done()
         if self.limits.ping_interval > 0:
             self._next_ping = self._now + self.limits.ping_interval
 
@@ -542,7 +563,7 @@ class Connection:
         self.state = ConnState.CLOSED
         self._streams.clear()
         self._peer_open = 0
-        self._error = exc
+        self._error = _again(exc)  # a copy without the traceback: no cycle through this connection
 
     def _time_out(self, message: str) -> list[Event]:
         self._terminate(RemoteProtocolError(ErrorCode.TIMEOUT, message))
@@ -570,3 +591,9 @@ Connection._RECEIVERS = {
     FrameType.HEARTBEAT: Connection._on_control,
     **{t: Connection._on_stream for t, rule in FRAME_RULES.items() if rule.on_stream},
 }
+
+
+def _again(err: ProtocolError) -> ProtocolError:
+    """A fresh copy of `err` to raise or keep: a raised exception holds its traceback, and through
+    its frames the connection, a cycle that keeps closed connections alive until a full collection."""
+    return type(err)(err.code, err.message, err.stream_id)

@@ -10,7 +10,14 @@ Receive model (STYLE §3): one preallocated receive buffer per connection. The I
   so the rest lands in its final place. The frame carries `memoryview(buffer)`.
 - The unparsed tail moves to the front of the shared buffer at most once per `commit()`.
 
-After a `RemoteProtocolError` the decoder is dead: every later call raises the same error.
+Before the handshake (SPEC §6.1) only the frames a side may then receive are accepted, checked at
+the header like its lengths: anything else is `BAD_STATE` before a byte of its body is waited for,
+so a peer that has not authenticated gets nothing allocated for it but a small first receive
+buffer (`FIRST_RX`); the full one comes with the handshake.
+
+After a `RemoteProtocolError` the decoder is dead: every later call raises the same error (a fresh
+exception each time: a stored one would hold its traceback, and through it the decoder, in a
+cycle that keeps a closed connection's buffers alive until the next full collection).
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ from casola.wire.frames import ANY, FRAME_RULES, HEAD, HEAD_SIZE, PROTOCOL_VERSI
 from casola.wire.limits import DEFAULT_LIMITS, Limits
 from casola.wire.meta import META_DECODERS, META_DEFAULTS
 
-__all__ = ["FrameDecoder", "copy_in"]
+__all__ = ["FIRST_RX", "FrameDecoder", "copy_in"]
 
 T = TypeVar("T")
 
 _unpack_head: Final = HEAD.unpack_from
 _EMPTY: Final = b""
 _NO_META: Final = object()  # per-type marker: metadata not allowed / zero length not valid
+# The receive buffer until the handshake: a HELLO with a credential and a model list is a few
+# hundred bytes; a larger one (up to max_meta) grows it once to the full rx_buffer.
+FIRST_RX: Final = 4096
 
 # Per type byte (0..255): (FrameType, rule, meta decoder or None, default meta or _NO_META).
 # A list indexed by the raw byte is the cheapest lookup on the hot path.
@@ -55,22 +65,43 @@ class FrameDecoder:
         "_body_view",
         "_end",
         "_error",
+        "_expect",
         "_inline_max",
         "_max_meta",
         "_max_payload",
+        "_opens_on",
         "_pos",
         "_rx",
+        "_rx_size",
         "_view",
         "version",
     )
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS, version: int = PROTOCOL_VERSION) -> None:
-        self.version = version  # the connection raises it after version negotiation
+    def __init__(
+        self,
+        limits: Limits = DEFAULT_LIMITS,
+        version: int = PROTOCOL_VERSION,
+        *,
+        expect: frozenset[FrameType] | None = None,
+        opens_on: FrameType | None = None,
+    ) -> None:
+        """Args:
+        limits: the receive limits.
+        version: the header version expected (the connection raises it after negotiation).
+        expect: before the handshake, the only frame types accepted (None: any, no handshake
+            phase); `handshake_done()` ends the phase.
+        opens_on: decoding a frame of this type ends the phase too (a dialer's HELLO_ACK, which
+            may share a read with the first stream frames).
+        """
+        self.version = version
         self._max_meta = limits.max_meta
         self._max_payload = limits.max_payload
         self._inline_max = limits.inline_max
-        self._rx = bytearray(limits.rx_buffer)
-        self._view = memoryview(self._rx)  # never resized, so this export is safe to keep
+        self._rx_size = limits.rx_buffer
+        self._expect = expect
+        self._opens_on = opens_on
+        self._rx = bytearray(self._rx_size if expect is None else min(FIRST_RX, self._rx_size))
+        self._view = memoryview(self._rx)  # replaced, never resized, so this export is safe to keep
         self._pos = 0  # first unparsed byte
         self._end = 0  # one past the last received byte
         self._body: bytearray | None = None  # large payload being received in place
@@ -97,7 +128,7 @@ class FrameDecoder:
                 `events` holds the frames this call completed before the offending bytes.
         """
         if self._error is not None:
-            raise self._error
+            raise _again(self._error)
         out: list[Frame] = []
         if self._body is not None:
             self._body_filled += n
@@ -110,7 +141,7 @@ class FrameDecoder:
             self._parse(out)
         except RemoteProtocolError as exc:
             exc.events = out  # frames completed before the bad bytes, so no feed loses any
-            self._error = exc
+            self._error = _again(exc)  # kept without the traceback (see the module docstring)
             raise
         return out
 
@@ -132,10 +163,23 @@ class FrameDecoder:
             RemoteProtocolError: TRUNCATED if a frame was only partly received.
         """
         if self._error is not None:
-            raise self._error
+            raise _again(self._error)
         if self._body is not None or self._end > self._pos:
             self._error = RemoteProtocolError(ErrorCode.TRUNCATED, "connection ended inside a frame")
-            raise self._error
+            raise _again(self._error)
+
+    def handshake_done(self) -> None:
+        """The handshake is complete: every frame type may arrive, into the full receive buffer."""
+        self._expect = None
+        if len(self._rx) < self._rx_size:
+            self._grow()
+
+    def _grow(self) -> None:
+        """Move what is buffered into a receive buffer of the full size (once per connection)."""
+        tail = self._end - self._pos
+        rx = bytearray(self._rx_size)
+        rx[:tail] = self._view[self._pos : self._end]
+        self._rx, self._view, self._pos, self._end = rx, memoryview(rx), 0, tail
 
     @property
     def buffered(self) -> int:
@@ -146,9 +190,14 @@ class FrameDecoder:
 
     def _parse(self, out: list[Frame]) -> None:
         rx, view, pos, end = self._rx, self._view, self._pos, self._end
+        handshake = self._expect is not None  # the phase of the small first buffer
         while end - pos >= HEAD_SIZE:
             version, tbyte, flags, sid, mlen, blen = _unpack_head(rx, pos)
             ftype, meta_decoder, default = self._check_head(version, tbyte, flags, sid, mlen, blen)
+            if handshake and HEAD_SIZE + mlen > len(rx) < self._rx_size:
+                self._pos = pos  # a large HELLO: the first buffer grows, once, to the full size
+                self._grow()
+                rx, view, pos, end = self._rx, self._view, self._pos, self._end
             mstart = pos + HEAD_SIZE
             bstart = mstart + mlen
             if bstart > end:
@@ -171,6 +220,10 @@ class FrameDecoder:
             payload = bytes(view[bstart : bstart + blen]) if blen else _EMPTY
             out.append(Frame(ftype, sid, meta, payload, flags))
             pos = bstart + blen
+            if handshake and ftype is self._opens_on:  # the handshake is over: streams may follow
+                self._pos, handshake = pos, False
+                self.handshake_done()
+                rx, view, pos, end = self._rx, self._view, self._pos, self._end
         self._compact(pos, end)
 
     def _check_head(
@@ -192,6 +245,8 @@ class FrameDecoder:
             raise RemoteProtocolError(ErrorCode.FRAME_SIZE, f"{ftype.name} metadata length {mlen}")
         if blen > self._max_payload or (payload_rule != ANY and blen != payload_rule):
             raise RemoteProtocolError(ErrorCode.FRAME_SIZE, f"{ftype.name} payload length {blen}")
+        if self._expect is not None and ftype not in self._expect:  # SPEC §2.3 check 7
+            raise RemoteProtocolError(ErrorCode.BAD_STATE, f"{ftype.name} before the handshake completed")
         return ftype, meta_decoder, default
 
     def _compact(self, pos: int, end: int) -> None:
@@ -243,6 +298,11 @@ def copy_in(data: Buffer, writable: Callable[[], memoryview], commit: Callable[[
             exc.events = out + exc.events
             raise
     return out
+
+
+def _again(err: RemoteProtocolError) -> RemoteProtocolError:
+    """A fresh copy of `err` to raise: never the stored one, which then stays free of a traceback."""
+    return RemoteProtocolError(err.code, err.message, err.stream_id)
 
 
 def _decode_meta(ftype: FrameType, decoder: Any, default: Any, raw: memoryview) -> Any:

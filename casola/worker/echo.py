@@ -6,7 +6,9 @@ Parameters (HTTP headers `X-Casola-Param-<name>` or REQUEST params):
 - `chunk-delay-ms`: pause between chunks (to show streaming);
 - `head-first`: send the response head before the delay (the queue node then never retries);
 - `fail`: answer with a BAD_REQUEST error carrying this message;
-- `blocking-ms`: simulated blocking work, run in the thread pool (a CPU/GPU-bound handler).
+- `blocking-ms`: simulated blocking work, run in the thread pool (a CPU/GPU-bound handler);
+- `repeat`: answer the input this many times over, one DATA frame each (a large answer from a small
+  request, as a generating model gives; tests of slow readers use it).
 `started`, `finished` and `cancelled` count calls, so tests can see a CANCEL reach the handler.
 """
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+from casola.wire import Buffer
 from casola.worker.call import HandlerError, WorkCall
 from casola.worker.model import param_bool, param_float, param_int
 
 __all__ = ["Echo"]
 
 MAX_CHUNKS = 4096
+MAX_REPEAT = 65536
 
 
 class Echo:
@@ -58,6 +62,8 @@ class Echo:
             await asyncio.get_running_loop().run_in_executor(None, time.sleep, blocking)
         if delay > 0:
             await asyncio.sleep(delay)
+        if (repeat := param_int(p, "repeat", 1)) != 1:
+            return await self._repeat(call, body, content_type, repeat)
         if chunks == 1 and not head_first:
             call.respond(body, content_type)
             return
@@ -71,4 +77,13 @@ class Echo:
             piece = view[i * step : (i + 1) * step] if step else b""
             if len(piece) or n == 0:
                 await call.write(piece)
+        call.end()
+
+    @staticmethod
+    async def _repeat(call: WorkCall, body: Buffer, content_type: str, n: int) -> None:
+        if not 1 <= n <= MAX_REPEAT:
+            raise HandlerError(f"repeat must be 1..{MAX_REPEAT}", param="repeat")
+        call.start(content_type)
+        for _ in range(n):
+            await call.write(body)  # waits while the link is backed up: the answer is produced as taken
         call.end()

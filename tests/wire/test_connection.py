@@ -137,7 +137,7 @@ def test_connection_error_queues_goaway_and_every_later_call_raises() -> None:
     assert goaway.meta.code == ErrorCode.UNKNOWN_FRAME_TYPE
     with pytest.raises(RemoteProtocolError) as again:
         pair.acceptor.receive_data(b"", 0.0)
-    assert again.value is first.value
+    assert (again.value.code, again.value.message) == (first.value.code, first.value.message)  # raised afresh
     with pytest.raises(LocalProtocolError):
         pair.acceptor.goaway()
 
