@@ -121,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     from casola import roles  # late: keeps `casola keys` light
 
-    return roles.run(args, config, state_dir)
+    try:
+        return roles.run(args, config, state_dir)
+    except ConfigError as exc:  # what a role checks before it starts (`casola up`: the workers' models)
+        print(f"casola {args.command}: {args.config + ': ' if args.config else ''}{exc}", file=sys.stderr)
+        return 2
 
 
 def _run_certs(out: Path, args: argparse.Namespace) -> int:

@@ -68,7 +68,7 @@ max_input = 16777216             # bytes; larger inputs are not classified (bloc
 audit_clean = false              # also store audit records of clean verdicts (violations always)
 
 [[workers]]                      # local worker processes started by `casola up`
-models = ["echo"]                # built in (echo, steps) or directories in models_dir
+models = ["echo"]                # built in (echo, steps), directories in models_dir or [models.*] (`casola up` checks)
 count = 1                        # processes
 capacity = 64                    # requests each runs at once
 pool = "shared"                  # sync | async | shared (shared: both, sync first)
@@ -88,15 +88,18 @@ threads = 4                      # thread pool for blocking handlers
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from casola.ingress.server import IngressConfig
 from casola.queue.node import QueueConfig
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "WorkerSpec", "load_config"]
+__all__ = ["WORKER_POOLS", "Config", "ConfigError", "ModelConfig", "WorkerSpec", "check_worker_models", "load_config"]
+
+WORKER_POOLS: Final = ("sync", "async", "shared")  # what `[[workers]] pool` may be (docs/scheduling.md)
 
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -140,7 +143,8 @@ def load_config(path: str | Path | None) -> Config:
     """The configuration in `path`, or every default when `path` is None.
 
     Raises:
-        ConfigError: unreadable file, invalid TOML, unknown key or wrong type (the message says where).
+        ConfigError: unreadable file, invalid TOML, unknown key, wrong type or a value out of range
+            (the message says where).
     """
     if path is None:
         return Config()
@@ -151,6 +155,64 @@ def load_config(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     try:
-        return msgspec.convert(data, Config)
+        config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    for i, spec in enumerate(config.workers, 1):
+        if problem := _worker_problem(spec):
+            raise ConfigError(f"{path}: [[workers]] #{i}: {problem}")
+    return config
+
+
+def _worker_problem(spec: WorkerSpec) -> str:
+    """What is wrong with one `[[workers]]` entry, or "" (checked at load: `casola up` would
+    otherwise restart a worker that cannot start)."""
+    if spec.pool not in WORKER_POOLS:
+        return f"pool {spec.pool!r} is not one of {', '.join(WORKER_POOLS)}"
+    for key in ("count", "capacity", "threads"):
+        if (value := getattr(spec, key)) < 1:
+            return f"{key} must be at least 1, not {value}"
+    if not spec.models:
+        return "models must name at least one model"
+    return ""
+
+
+def check_worker_models(config: Config, builtin: Collection[str]) -> None:
+    """Check that every model a `[[workers]]` entry names can be found, without loading any: built
+    in, a model directory `<models_dir>/<name>/` with a valid casola.json, or `[models.<name>]`.
+
+    Called by the roles that start workers, not at load: the models directory may be prepared after
+    the config is written, and commands such as `casola keys` do not serve models.
+
+    Raises:
+        ConfigError: naming the entry, the model and the models that are available.
+    """
+    for i, spec in enumerate(config.workers, 1):
+        for name in spec.models:
+            if name not in builtin and (problem := _model_problem(name, config)):
+                known = ", ".join(_available(config, builtin)) or "none"
+                raise ConfigError(f"[[workers]] #{i}: model {name!r} {problem}; available: {known}")
+
+
+def _model_problem(name: str, config: Config) -> str:
+    """Why `casola worker` could not resolve model `name`, or "" (reads one small manifest at most)."""
+    from workers.loader import resolve  # late: only the roles that start workers need it
+    from workers.spec import MANIFEST, SpecError
+
+    manifest = Path(config.models_dir) / name / MANIFEST
+    if name not in config.models and not manifest.is_file():
+        return f"is not built in, has no {manifest} and no [models.{name}] table"
+    try:
+        resolve(name, config.models_dir, config.models)
+    except SpecError as exc:
+        return f"cannot be resolved: {exc}"
+    return ""
+
+
+def _available(config: Config, builtin: Collection[str]) -> list[str]:
+    """Model names a worker could serve: built in, model directories, `[models.*]` tables."""
+    from workers.spec import MANIFEST
+
+    root = Path(config.models_dir)
+    found = sorted(d.name for d in root.iterdir() if (d / MANIFEST).is_file()) if root.is_dir() else []
+    return list(dict.fromkeys([*builtin, *found, *config.models]))

@@ -1,4 +1,5 @@
-"""Durable, atomic small-file writes for state-directory files (keys, certificates, lists).
+"""Durable, atomic small-file writes for state-directory files (keys, certificates, lists), and
+private creation of the files others write (the job store's database).
 
 Written to a fresh temporary file beside the target, fsynced, then renamed over it (or linked, when
 the target must not exist yet): a reader sees the old file or the new one, never half of one, and
@@ -12,7 +13,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["create_private", "write_atomic"]
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, exclusive: bool = False) -> bool:
@@ -43,3 +44,23 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, exclusive: bool 
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def create_private(path: Path, mode: int = 0o600) -> bool:
+    """Create `path` empty with `mode`, unless it exists (then it is left as it is).
+
+    Returns:
+        True if this call created it.
+
+    Raises:
+        OSError: the file cannot be created (e.g. its directory is missing).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, mode)  # O_CREAT's mode is narrowed by the umask
+    finally:
+        os.close(fd)
+    return True

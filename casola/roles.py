@@ -15,13 +15,16 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 import msgspec
 
 from casola.auth import SCOPE_INGRESS, SCOPE_RUN, SCOPE_WORKER, KeyStore
 from casola.certs import DEFAULT_HOSTS, make_dev_certs
-from casola.config import Config, WorkerSpec
+from casola.config import Config, WorkerSpec, check_worker_models
+from casola.files import write_atomic
 from casola.net.loop import loop_name
 from casola.net.loop import run as run_loop
 from casola.queue.node import QueueConfig, QueueNode
@@ -82,6 +85,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     from casola.ingress.server import Ingress
     from casola.ingress.upstream import Upstream
 
+    check_worker_models(config, BUILTIN_MODELS)  # ConfigError before anything starts (cli: exit 2)
     ca: Path | None = None
     if getattr(args, "tls", False):
         config, ca = _with_dev_certs(config, state_dir)
@@ -108,7 +112,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
         "queue": queue_addr,
         "loop": loop_name(),
     }
-    (state_dir / "endpoints.json").write_text(json.dumps(endpoints))
+    write_atomic(state_dir / "endpoints.json", json.dumps(endpoints).encode())  # 0600, like every state file
     _banner(endpoints, state_dir, dev_key, ca)
     try:
         await _until_signalled()
@@ -144,17 +148,52 @@ def _banner(endpoints: dict[str, str], state_dir: Path, dev_key: str, ca: Path |
     )
 
 
+# `casola worker` exits with this status when its configuration is wrong (an unknown model, a bad
+# file, bad flags: argparse's status too); restarting it cannot help.
+EXIT_CONFIG: Final = 2
+# Restart delays of a worker that keeps crashing: doubled from the first up to the cap (systemd's
+# RestartSteps/RestartMaxDelaySec and Kubernetes' CrashLoopBackOff back off the same way; 30 s
+# keeps a worker whose GPU or queue node comes back in service soon enough).
+RESTART_FIRST_S: Final = 1.0
+RESTART_MAX_S: Final = 30.0
+# A worker that ran this long was serving, not crash-looping: its next restart waits the first delay.
+HEALTHY_RUN_S: Final = 10.0
+
+
+def _restart_delay(previous: float | None, ran_s: float, first: float = RESTART_FIRST_S) -> float:
+    """How long to wait before restarting a worker that ran `ran_s` seconds, the wait before its
+    last restart having been `previous` (None: never restarted)."""
+    if previous is None or ran_s >= HEALTHY_RUN_S:
+        return first
+    return min(previous * 2, RESTART_MAX_S)
+
+
 class _LocalWorkers:
-    """Worker processes of `casola up`; one that dies unexpectedly is restarted after a pause."""
+    """Worker processes of `casola up`; one that dies unexpectedly is restarted after a pause that
+    grows while it keeps crashing, and one that exits with EXIT_CONFIG is not restarted.
+
+    `command` runs instead of `python -m casola` (tests); `first_delay`: the first restart's wait."""
 
     def __init__(
-        self, specs: list[WorkerSpec], queue: str, state_dir: Path, credential: str, models_dir: str, config_file: str
+        self,
+        specs: list[WorkerSpec],
+        queue: str,
+        state_dir: Path,
+        credential: str,
+        models_dir: str,
+        config_file: str,
+        *,
+        command: Sequence[str] = (),
+        first_delay: float = RESTART_FIRST_S,
     ) -> None:
         self._specs, self._queue, self._state_dir = specs, queue, state_dir
         self._config_file = str(Path(config_file).resolve()) if config_file else ""  # its [models.*] overrides
         self._models_dir = str(Path(models_dir).resolve())
         self._credential = credential
+        self._command = list(command) or [sys.executable, "-m", "casola"]
+        self._first_delay = first_delay
         self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.starts: dict[int, int] = {}  # processes started per worker number, restarts included
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -168,7 +207,7 @@ class _LocalWorkers:
 
     def _argv(self, spec: WorkerSpec, n: int) -> list[str]:
         return [
-            sys.executable, "-m", "casola", "--state-dir", str(self._state_dir), "worker",
+            *self._command, "--state-dir", str(self._state_dir), "worker",
             "--queue", self._queue, "--models", ",".join(spec.models), "--capacity", str(spec.capacity),
             "--pool", spec.pool, "--node-id", f"worker-{n}", "--threads", str(spec.threads),
             *(["--config", self._config_file] if self._config_file else []),
@@ -179,13 +218,22 @@ class _LocalWorkers:
         from casola.cli import MALLOC_ENV
 
         env = {**os.environ, **MALLOC_ENV, "CASOLA_WORKER_KEY": self._credential, PARENT_ENV: str(os.getpid())}
+        loop = asyncio.get_running_loop()
+        delay: float | None = None
         while not self._stopping:
+            started = loop.time()
             proc = await asyncio.create_subprocess_exec(*self._argv(spec, n), env=env)
             self.procs[n] = proc
+            self.starts[n] = self.starts.get(n, 0) + 1
             rc = await proc.wait()
-            if not self._stopping:
-                log.warning("worker-%d exited with %s; restarting in 1 s", n, rc)
-                await asyncio.sleep(1.0)
+            if self._stopping:
+                return
+            if rc == EXIT_CONFIG:
+                log.error("worker-%d exited with status %d (a configuration error, see above): not restarted", n, rc)
+                return
+            delay = _restart_delay(delay, loop.time() - started, self._first_delay)
+            log.warning("worker-%d exited with %s; restarting in %g s", n, rc, delay)
+            await asyncio.sleep(delay)
 
     async def stop(self, timeout: float = 15.0) -> None:
         self._stopping = True

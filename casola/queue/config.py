@@ -29,5 +29,7 @@ class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     filter: FilterConfig = msgspec.field(default_factory=FilterConfig)  # content filtering ([queue.filter])
 
     def __post_init__(self) -> None:
-        # A bad CIDR fails at load, naming it (msgspec reports the ValueError as a ValidationError).
+        # A bad value fails at load, naming its key (msgspec reports a ValueError as a ValidationError).
         OutboundPolicy(self.outbound_allow)
+        if not 0 < (t := self.worker_ping_timeout) < float("inf"):  # NaN too: no worker would ever be dropped
+            raise ValueError(f"worker_ping_timeout must be a positive number of seconds, not {t}")

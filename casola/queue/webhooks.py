@@ -134,12 +134,16 @@ def load_public_key(pem: bytes) -> Ed25519PublicKey:
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write `data` to `path`, mode 0600, unless it already holds it with that mode or a narrower one
+    (a file an older version wrote 0644 is tightened: every state file is private, and an operator
+    copies a public key out of the state directory to share it)."""
     try:
         current: bytes | None = path.read_bytes()
+        loose = path.stat().st_mode & 0o077
     except FileNotFoundError:
-        current = None
-    if current != data:
-        write_atomic(path, data, 0o644)
+        current, loose = None, 0
+    if current != data or loose:
+        write_atomic(path, data, 0o600)
 
 
 class WebhookSigner:
@@ -153,7 +157,7 @@ class WebhookSigner:
     def load_or_create(cls, path: Path) -> WebhookSigner:
         """Load the PEM (PKCS#8) private key at `path`, or create one there (mode 0600).
 
-        Also writes the public key, mode 0644, when missing or different: as PEM to
+        Also writes the public key, mode 0600, when missing, different or wider: as PEM to
         `public_key_path(path)` and as `whpk_...` to `public_whpk_path(path)`.
 
         Raises:

@@ -24,10 +24,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar, cast
 
 import msgspec
 
+from casola.files import create_private
 from casola.store import migrations
 from casola.store import sqlite_sql as sql
 from casola.store.base import (
@@ -333,10 +335,16 @@ def _connect(path: str) -> sqlite3.Connection:
     """Open, configure and migrate the database.
 
     Raises:
-        StoreError: SQLite failed, or the file's schema is newer than this code.
+        StoreError: the file cannot be created, SQLite failed, or the file's schema is newer than this code.
     """
     try:
+        if path != ":memory:":
+            # SQLite creates the file (and its -wal and -shm files, with the file's mode) as the umask
+            # allows, 0644 commonly: job inputs and results are the tenants', so it is 0600 like the keys.
+            create_private(Path(path))
         conn = sqlite3.connect(path, isolation_level=None)  # autocommit: transactions are explicit
+    except OSError as exc:
+        raise StoreError(f"sqlite cannot create {path!r}: {exc.strerror or exc}") from exc
     except sqlite3.Error as exc:
         raise StoreError(f"sqlite cannot open {path!r}: {exc}") from exc
     try:

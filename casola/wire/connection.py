@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar, Final, cast
 
+import msgspec
+
 from casola.wire.credit import CreditWindow
 from casola.wire.decoder import FrameDecoder, copy_in
 from casola.wire.encoder import encode_frame
@@ -299,6 +301,17 @@ class Connection:
             self.send(Frame(FrameType.CANCEL, stream_id, CancelMeta(code, message)))
         else:
             self.send(Frame(FrameType.ERROR, stream_id, ErrorMeta(code, message)))
+
+    def set_ping_timeout(self, seconds: float) -> None:
+        """Change `limits.ping_timeout` (SPEC §6.4) for this connection: a role that learns who the
+        peer is in its HELLO applies its own (a queue node: `worker_ping_timeout` for workers).
+
+        Raises:
+            ValueError: `seconds` is not positive.
+        """
+        if not seconds > 0:
+            raise ValueError(f"ping timeout must be positive, got {seconds}")
+        self.limits = msgspec.structs.replace(self.limits, ping_timeout=seconds)
 
     def ping(self, now: float) -> None:
         """Send a PING now (unless one is outstanding); its PONG yields `PingAcked` and sets `rtt`."""

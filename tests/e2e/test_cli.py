@@ -1,12 +1,16 @@
 """`casola up` as a new user runs it: a real process with a worker process, the dev key, the banner,
-one request, and a clean stop on SIGTERM. Plus the TOML configuration's errors."""
+one request, private state files, and a clean stop on SIGTERM. Plus the TOML configuration's errors,
+and how `casola up` restarts (or does not restart) its local workers."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -16,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from casola.config import ConfigError, load_config
+from casola.config import ConfigError, WorkerSpec, load_config
+from casola.roles import _LocalWorkers
 from tests.e2e.stack import ROOT
 
 
@@ -76,12 +81,78 @@ def test_casola_up_serves_echo_with_the_dev_key(tmp_path: Path) -> None:
             text = r.read().decode()
         assert 'casola_stage_seconds_bucket{le="0.0005",stage="queue-overhead"}' in text
         assert 'casola_model_workers{model="echo"} 1.0' in text
+        _assert_state_files_are_private(state)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()[-2000:]
     banner = err.decode()
     assert "dev-api-key" in banner and f"http://127.0.0.1:{http}/v1/run/echo" in banner
+
+
+def _assert_state_files_are_private(state: Path) -> None:
+    """Every file `casola up` wrote into its state directory is readable by its owner only."""
+    modes = {p.relative_to(state).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in state.rglob("*") if p.is_file()}
+    expected = {"jobs.db", "jobs.db-wal", "jobs.db-shm", "endpoints.json", "dev-api-key"}
+    expected |= {"webhook-key.pem", "webhook-key.pub.pem", "webhook-key.pub.whpk"}
+    assert expected <= set(modes), sorted(modes)
+    assert {name: oct(mode) for name, mode in modes.items() if mode & 0o077} == {}
+
+
+def test_casola_up_refuses_a_worker_model_it_cannot_find_before_starting_anything(tmp_path: Path) -> None:
+    state, models = tmp_path / "state", tmp_path / "models"
+    config = tmp_path / "casola.toml"
+    config.write_text(f'models_dir = "{models}"\n[[workers]]\nmodels = ["echo"]\n[[workers]]\nmodels = ["whisperr"]\n')
+    argv = [sys.executable, "-m", "casola", "--state-dir", str(state), "up", "--config", str(config)]
+    argv += ["--http", f"127.0.0.1:{_free_port()}", "--frames", "", "--queue", f"127.0.0.1:{_free_port()}"]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=30)
+    lines = out.stderr.decode().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr.decode()[-2000:]
+    assert lines[0].startswith(f"casola up: {config}: [[workers]] #2: model 'whisperr' is not built in")
+    assert lines[0].endswith("available: echo, steps")
+    assert not state.exists(), "casola up started something before checking its workers' models"
+
+
+def test_a_worker_with_a_configuration_error_is_not_restarted(tmp_path: Path) -> None:
+    """`casola worker` exits 2 for a model it cannot find (e.g. its directory removed after `casola
+    up` checked it); restarting it every second would change nothing, forever."""
+
+    async def main() -> None:
+        spec = WorkerSpec(models=["gone"])
+        workers = _LocalWorkers([spec], "127.0.0.1:1", tmp_path / "state", "key", str(tmp_path / "models"), "")
+        workers.start()
+        try:
+            while not workers.procs or workers.procs[1].returncode is None:
+                await asyncio.sleep(0.05)
+            assert workers.procs[1].returncode == 2
+            await asyncio.sleep(1.5)  # the old fixed pause was 1 s
+            assert workers.starts == {1: 1}
+        finally:
+            await workers.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_worker_that_keeps_crashing_is_restarted_with_growing_pauses(tmp_path: Path) -> None:
+    log = tmp_path / "runs"
+    script = f"import time; open({str(log)!r}, 'a').write(f'{{time.monotonic()}} '); raise SystemExit(1)"
+    first, window = 0.1, 1.6  # pauses 0.1, 0.2, 0.4, 0.8: at most 5 runs in the window
+
+    async def main() -> None:
+        workers = _LocalWorkers(
+            [WorkerSpec()], "127.0.0.1:1", tmp_path, "key", str(tmp_path), "",
+            command=[sys.executable, "-c", script], first_delay=first,
+        )  # fmt: skip
+        workers.start()
+        await asyncio.sleep(window)
+        await workers.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    runs = [float(line) for line in log.read_text().split()]
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
+    assert 3 <= len(runs) <= 5, (len(runs), gaps)
+    for i, gap in enumerate(gaps):  # each pause at least twice the one before
+        assert gap >= first * 2**i, (i, gaps)
 
 
 def test_config_file_is_strict_and_clear(tmp_path: Path) -> None:

@@ -166,6 +166,9 @@ def test_a_hung_worker_loses_its_lease(tmp_path: Path) -> None:
         try:
             await stack.wait_workers(1, "steps")
             entry = next(w for w in stack.node.registry.workers if w.node_id == "w-hung")
+            # The configured timeout reaches the node's link to the worker: 30 s, far beyond the
+            # lease, so that what frees the job below is the lease's expiry, never a dropped link.
+            assert entry.link.conn.limits.ping_timeout == 30.0
             late: list[str] = []  # what the hung worker sent after SIGCONT
             resumed = [False]
             inner = entry.link.on_events
@@ -185,11 +188,20 @@ def test_a_hung_worker_loses_its_lease(tmp_path: Path) -> None:
 
                 await _poll(checkpoints, 15, "the first worker made no two checkpoints")
                 hung.send_signal(signal.SIGSTOP)
-                stopped = True
+                stopped, stopped_at = True, time.monotonic()
                 at_stop = await jobs.store.get(view.request_id, None)
                 assert at_stop is not None and at_stop.fence == 1
                 stack.spawn_worker("w-second", 1, models="steps")
+
+                async def redispatched() -> bool:
+                    job = await jobs.store.get(view.request_id, None)
+                    return job is not None and job.fence == 2
+
+                await _poll(redispatched, 30, "the job was not dispatched again", every=0.02)
+                hung_link_at_redispatch = entry.link.is_up and entry in stack.node.registry.workers
+                redispatch_s = time.monotonic() - stopped_at
                 out = await wait_outcome(c, view.request_id, time.monotonic() + 30)
+                hung_link_at_outcome = entry.link.is_up and entry in stack.node.registry.workers
                 answer = _steps_answer(out)
                 before = await jobs.store.get(view.request_id, None)
                 assert before is not None
@@ -211,6 +223,9 @@ def test_a_hung_worker_loses_its_lease(tmp_path: Path) -> None:
                 "hung-worker",
                 checkpoint_at_stop=at_stop.checkpoint_seq,
                 resumed_at=answer["resumed_at"],
+                redispatch_s=round(redispatch_s, 2),
+                hung_link_up_at_redispatch=hung_link_at_redispatch,
+                hung_link_up_at_outcome=hung_link_at_outcome,
                 ran=len(answer["ran"]),
                 answer_attempt=answer["attempt"],
                 job_attempt=before.attempt,
@@ -224,6 +239,9 @@ def test_a_hung_worker_loses_its_lease(tmp_path: Path) -> None:
                 lost=0 if isinstance(out, Result) else 1,
                 duplicated=jobs.stats["completed"] - 1,
             )
+            # The lease (1.5 s) took the job back while the hung worker's link was still up, and it
+            # stayed up until the outcome: no dropped connection freed it.
+            assert hung_link_at_redispatch and hung_link_at_outcome
             assert answer["resumed_at"] >= 2 and answer["attempt"] == 1
             assert answer["ran"] == list(range(answer["resumed_at"] + 1, 21))
             assert before.status is JobStatus.COMPLETED and not before.error_type
@@ -238,6 +256,35 @@ def test_a_hung_worker_loses_its_lease(tmp_path: Path) -> None:
             await stack.stop()
 
     run_uvloop(main, timeout=80)
+
+
+def test_a_hung_worker_is_dropped_after_the_configured_ping_timeout(tmp_path: Path) -> None:
+    """`[queue] worker_ping_timeout = 0.5`: the node pings each worker every second, so a SIGSTOPped
+    worker is gone within about 1.5 s (10 s and more while the setting did not reach the links)."""
+    timeout = 0.5
+
+    async def main() -> None:
+        stack = await Stack(tmp_path, queue={"worker_ping_timeout": timeout}).start()
+        try:
+            hung = stack.spawn_worker("w-hung", 1)
+            await stack.wait_workers(1)
+            entry = next(w for w in stack.node.registry.workers if w.node_id == "w-hung")
+            hung.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+
+            def dropped() -> bool:
+                return not entry.link.is_up and entry not in stack.node.registry.workers
+
+            await _poll(dropped, 20, "the hung worker was not dropped", every=0.01)
+            dropped_s = time.monotonic() - t0
+            _report("ping-timeout", worker_ping_timeout=timeout, dropped_s=round(dropped_s, 2))
+            # At most one ping interval (1 s) before a ping is outstanding, then the timeout; slack
+            # for a loaded machine, far below the 10 s that was in force before.
+            assert dropped_s < 1.0 + timeout + 1.0, dropped_s
+        finally:
+            await stack.stop()
+
+    run_uvloop(main, timeout=60)
 
 
 # -- 3. the queue node SIGKILLed and restarted (SQLite) ------------------------------------------------

@@ -624,7 +624,7 @@ def test_load_or_create_writes_key_and_public_pem_and_whpk(tmp_path: Path) -> No
     assert pub_path.read_bytes() == first.public_pem()
     raw = first.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert whpk_path.read_text() == "whpk_" + base64.b64encode(raw).decode() + "\n"  # the spec's format
-    assert whpk_path.stat().st_mode & 0o777 == 0o644
+    assert whpk_path.stat().st_mode & 0o777 == 0o600
     pub_path.unlink()
     whpk_path.unlink()
     again = WebhookSigner.load_or_create(path)

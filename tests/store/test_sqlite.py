@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +160,28 @@ async def test_open_fails_with_store_error(tmp_path: Path) -> None:
         await store.open()
     with pytest.raises(StoreError):
         await store.get("x", None)
+
+
+@pytest.mark.asyncio
+async def test_the_database_and_its_journal_files_are_created_private(tmp_path: Path) -> None:
+    """Job inputs and results are the tenants': jobs.db, -wal and -shm are 0600 whatever the umask
+    would have let SQLite give them; a file that already exists keeps its mode."""
+    path = tmp_path / "jobs.db"
+    old = os.umask(0o022)  # the common default, under which SQLite alone creates 0644 files
+    try:
+        store = SqliteJobStore(str(path))
+        await store.open()
+        try:
+            await store.submit(new(), 1.0)
+            names = ("jobs.db", "jobs.db-wal", "jobs.db-shm")
+            assert {n: stat.S_IMODE((tmp_path / n).stat().st_mode) for n in names} == dict.fromkeys(names, 0o600)
+        finally:
+            await store.close()
+        shared = tmp_path / "shared.db"
+        shared.touch(0o640)  # the operator's choice
+        other = SqliteJobStore(str(shared))
+        await other.open()
+        await other.close()
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
