@@ -176,13 +176,16 @@ class Client:
         params: Mapping[str, Param] | None = None,
         content_type: str = "",
         deadline_ms: int = 0,
+        priority: int = 0,
     ) -> Stream:
-        """Send a request; its answer arrives through the returned `Stream`.
+        """Send a request; its answer arrives through the returned `Stream`. `priority` (higher
+        first) may go up to what the API key allows (`casola keys create --max-priority`).
 
         Raises:
             ConnectionLost: the connection is gone. RequestFailed: no stream credit (OVERLOADED).
         """
-        return self._open(RequestMeta(model, deadline_ms, content_type, dict(params or {}), True), payload)
+        meta = RequestMeta(model, deadline_ms, content_type, dict(params or {}), True, priority=priority)
+        return self._open(meta, payload)
 
     def _open(self, meta: RequestMeta, payload: Buffer) -> Stream:
         link = self._link

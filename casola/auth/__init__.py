@@ -20,6 +20,7 @@ from casola.auth.tokens import (
     Verifier,
     sign_token,
 )
+from casola.auth.watch import CredentialWatch
 
 __all__ = [
     "ALL_SCOPES",
@@ -30,6 +31,7 @@ __all__ = [
     "SCOPE_WORKER",
     "AuthError",
     "Claims",
+    "CredentialWatch",
     "KeyStore",
     "RevocationList",
     "UnknownKeyError",

@@ -19,7 +19,7 @@ from casola.auth.tokens import ALL_SCOPES, FILTER_POLICIES, SCOPE_RUN
 
 __all__ = ["add_keys_parser", "run_keys"]
 
-_COLUMNS = ("kid", "name", "tenant", "scopes", "region", "filter", "expires", "revoked")
+_COLUMNS = ("kid", "name", "tenant", "scopes", "region", "filter", "max_priority", "max_inflight", "expires", "revoked")
 
 
 def add_keys_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,6 +48,20 @@ def add_keys_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         choices=[p for p in FILTER_POLICIES if p],
         help="content-filter policy for the key's requests (default: none, each model's policy applies; "
         "a model set to block is blocked whatever the key says)",
+    )
+    create.add_argument(
+        "--max-priority",
+        type=int,
+        default=0,
+        metavar="N",
+        help="highest request priority the key may ask for, -128..127; lower is always allowed (default: 0)",
+    )
+    create.add_argument(
+        "--max-inflight",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="requests the key may have in progress at once (default: 0, the tenant's limit applies)",
     )
     _add_state_dir(create)
 
@@ -85,11 +99,20 @@ def run_keys(args: argparse.Namespace) -> int:
 def _create(store: KeyStore, args: argparse.Namespace) -> int:
     scopes: Sequence[str] = args.scopes or [SCOPE_RUN]
     claims, token = store.create(
-        args.tenant, scopes, region=args.region, ttl_s=args.ttl, name=args.name, filter=args.filter
+        args.tenant,
+        scopes,
+        region=args.region,
+        ttl_s=args.ttl,
+        name=args.name,
+        filter=args.filter,
+        max_priority=args.max_priority,
+        max_inflight=args.max_inflight,
     )
     print(token)
     pin = f", region {claims.region}" if claims.region else ""
     pin += f", filter {claims.filter}" if claims.filter else ""
+    pin += f", max priority {claims.max_priority}" if claims.max_priority else ""
+    pin += f", max in flight {claims.max_inflight}" if claims.max_inflight else ""
     print(
         f"created key {claims.kid} for tenant {claims.tenant} (scopes: {', '.join(claims.scopes)}{pin}; "
         f"expires: {_when(claims.exp)}). The token is shown once; store it now.",
@@ -133,6 +156,8 @@ def _row(record: dict[str, object]) -> tuple[str, ...]:
         ",".join(str(s) for s in scopes) if isinstance(scopes, list) else "",
         str(record.get("region") or "-"),
         str(record.get("filter") or "-"),  # absent in records written before keys had one
+        str(record.get("max_priority", 0)),
+        str(record.get("max_inflight") or "-"),
         _when(exp if isinstance(exp, int) else 0),
         "yes" if record.get("revoked") else "no",
     )

@@ -4,7 +4,7 @@ Layout of `<state_dir>` (created 0700):
 
     signing-key.pem   Ed25519 private key, PKCS8 PEM, mode 0600; created on first use
     keys.json         metadata of every key issued: kid, name, tenant, scopes, region, exp, iat, filter,
-                      revoked.
+                      max_priority, max_inflight, revoked.
                       Tokens are never stored here: a token is shown once, when it is created.
     revoked.txt       one revoked kid per line, read by every running `Verifier` (see revocation.py)
     <name>            tokens this deployment issues to itself ("dev-api-key", "worker-key",
@@ -109,6 +109,8 @@ class KeyStore:
         ttl_s: int = 0,
         name: str = "",
         filter: str = "",
+        max_priority: int = 0,
+        max_inflight: int = 0,
     ) -> tuple[Claims, str]:
         """Issue a new key and record its metadata (never the token) in keys.json.
 
@@ -120,17 +122,29 @@ class KeyStore:
             name: a label for humans.
             filter: content-filter policy for the key's requests: "off", "race" or "block"; "" for
                 none (each model's policy applies; a model set to "block" is blocked whatever the key says).
+            max_priority: the highest request priority the key may ask for (-128..127; lower ones
+                are always allowed).
+            max_inflight: requests in progress at once for this key; 0: the tenant's limit.
 
         Returns:
             The claims and the token. The token is shown to the caller once and not kept.
 
         Raises:
-            ValueError: empty tenant or scopes, a negative ttl, or an unknown filter policy; also a
-                corrupt keys.json.
+            ValueError: empty tenant or scopes, a negative ttl or max_inflight, max_priority
+                outside -128..127, or an unknown filter policy; also a corrupt keys.json.
             OSError: the state directory cannot be written.
         """
         with self._locked():
-            return self._create_unlocked(tenant, scopes, region=region, ttl_s=ttl_s, name=name, filter=filter)
+            return self._create_unlocked(
+                tenant,
+                scopes,
+                region=region,
+                ttl_s=ttl_s,
+                name=name,
+                filter=filter,
+                max_priority=max_priority,
+                max_inflight=max_inflight,
+            )
 
     def revoke(self, kid: str) -> None:
         """Revoke `kid`: add it to revoked.txt (running verifiers notice within a second) and mark it
@@ -191,6 +205,8 @@ class KeyStore:
         ttl_s: int = 0,
         name: str = "",
         filter: str = "",
+        max_priority: int = 0,
+        max_inflight: int = 0,
     ) -> tuple[Claims, str]:
         if not tenant:
             raise ValueError("tenant must not be empty")
@@ -200,6 +216,10 @@ class KeyStore:
             raise ValueError(f"ttl_s must be >= 0, got {ttl_s}")
         if filter not in FILTER_POLICIES:
             raise ValueError(f"filter must be one of off, race, block (or empty for none), got {filter!r}")
+        if not -128 <= max_priority <= 127:
+            raise ValueError(f"max_priority must be -128..127, got {max_priority}")
+        if max_inflight < 0:
+            raise ValueError(f"max_inflight must be >= 0, got {max_inflight}")
         iat = int(time.time())
         claims = Claims(
             kid="k_" + secrets.token_hex(6),
@@ -209,6 +229,8 @@ class KeyStore:
             exp=iat + ttl_s if ttl_s else 0,
             iat=iat,
             filter=filter,
+            max_priority=max_priority,
+            max_inflight=max_inflight,
         )
         token = sign_token(self.signing_key(), claims)
         records = self._read_records()
@@ -222,6 +244,8 @@ class KeyStore:
                 "exp": claims.exp,
                 "iat": claims.iat,
                 "filter": claims.filter,
+                "max_priority": claims.max_priority,
+                "max_inflight": claims.max_inflight,
                 "revoked": False,
             }
         )

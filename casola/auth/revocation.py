@@ -84,6 +84,27 @@ class RevocationList:
         self._kids = kids
         return changed
 
+    def refresh(self) -> bool:
+        """Stat the file now and reload it if it changed. Returns True if the set changed.
+
+        Raises:
+            Nothing: a file that cannot be read keeps the last list.
+        """
+        if self._path is None:
+            return False
+        try:
+            signature = _signature_of(os.stat(self._path))
+        except FileNotFoundError:
+            signature = _ABSENT
+        except OSError:
+            return False
+        if signature == self._signature:
+            return False
+        try:
+            return self.reload()
+        except (OSError, UnicodeDecodeError):
+            return False
+
     def maybe_reload(self, now: float) -> bool:
         """Stat the file at most once per `RELOAD_INTERVAL_S` of `now`; reload it if it changed.
 
@@ -102,18 +123,7 @@ class RevocationList:
         if last <= now < last + RELOAD_INTERVAL_S or self._path is None:
             return False
         self._last_check = now
-        try:
-            signature = _signature_of(os.stat(self._path))
-        except FileNotFoundError:
-            signature = _ABSENT
-        except OSError:
-            return False
-        if signature == self._signature:
-            return False
-        try:
-            return self.reload()
-        except (OSError, UnicodeDecodeError):
-            return False
+        return self.refresh()
 
 
 def _signature_of(st: os.stat_result) -> _Signature:

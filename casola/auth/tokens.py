@@ -4,7 +4,8 @@ Wire format::
 
     csk_<b64(payload)>.<b64(signature)>
 
-    payload   = msgpack(Claims), a 7-element array: [kid, tenant, scopes, region, exp, iat, filter]
+    payload   = msgpack(Claims), an array: [kid, tenant, scopes, region, exp, iat, filter, max_priority,
+                max_inflight]
     signature = Ed25519(private_key, b"casola-key-v1\\x00" + payload)   (64 bytes)
     b64       = base64url, no "=" padding (RFC 4648 section 5)
 
@@ -83,6 +84,11 @@ class Claims(msgspec.Struct, frozen=True, array_like=True):
     # Content-filter policy, one of FILTER_POLICIES ("" = none). A plain str, not a Literal: a value
     # from a newer issuer must not make the whole token unreadable; the ingress maps unknown ones to "".
     filter: str = ""
+    # The highest priority the key's requests may ask for (RequestMeta.priority, SPEC §4.3); anything
+    # lower is always allowed. A caller cannot raise its own: the key says how far it may go.
+    max_priority: int = 0
+    # Requests the key may have in progress at once, at the ingress; 0: the tenant's limit applies.
+    max_inflight: int = 0
 
 
 class AuthError(CasolaError):
@@ -145,6 +151,28 @@ class Verifier:
         self._cache_size = cache_size
         self._cache: dict[str, Claims] = {}
 
+    def check(self, claims: Claims, now: float) -> None:
+        """Whether a key verified earlier is still good at `now`: not expired, not revoked. For
+        credentials held by open connections (DESIGN: revocation applies to them within a second);
+        no signature work.
+
+        Raises:
+            AuthError: 401 `expired_api_key` or `revoked_api_key`.
+        """
+        if claims.exp and now >= claims.exp:
+            raise AuthError(401, "expired_api_key", f"API key {claims.kid} has expired")
+        revoked = self._revoked
+        if revoked is not None:
+            revoked.maybe_reload(now)
+            if claims.kid in revoked:
+                raise AuthError(401, "revoked_api_key", f"API key {claims.kid} has been revoked")
+
+    def refresh(self) -> None:
+        """Re-read the revocation list now if its file changed (a watcher calls this more often than
+        the once a second `verify` and `check` do)."""
+        if self._revoked is not None:
+            self._revoked.refresh()
+
     def verify(self, token: str | bytes | None, now: float, scope: str) -> Claims:
         """Check `token` at time `now` (unix seconds) for `scope`.
 
@@ -165,13 +193,7 @@ class Verifier:
         claims = self._cache.get(token)
         if claims is None:
             claims = self._verify_signature(token)
-        if claims.exp and now >= claims.exp:
-            raise AuthError(401, "expired_api_key", f"API key {claims.kid} has expired")
-        revoked = self._revoked
-        if revoked is not None:
-            revoked.maybe_reload(now)
-            if claims.kid in revoked:
-                raise AuthError(401, "revoked_api_key", f"API key {claims.kid} has been revoked")
+        self.check(claims, now)
         if scope not in claims.scopes:
             raise AuthError(
                 403,

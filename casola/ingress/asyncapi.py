@@ -139,6 +139,7 @@ def submit(ing: Ingress, ex: Exchange, meta: RequestMeta, caller: Caller) -> Run
         model=meta.model,
         params=meta.params,
         content_type=meta.content_type,
+        priority=meta.priority,
         idempotency_key=key,
         webhook_url=(ex.header(b"x-casola-webhook") or b"").decode("latin-1"),
     )

@@ -3,14 +3,17 @@
 A client dials, sends HELLO (role `client`, its API key as credential) and opens streams as on any
 casola link. Each stream is relayed to a queue node; the answer comes back with the ingress's own
 stage added to the same timing fields the HTTP surface puts in Server-Timing (RESPONSE meta at the
-first byte, END meta totals). The tenant and the content-filter policy come from the key, never
-from the client's metadata.
+first byte, END meta totals). The tenant, the content-filter policy and the highest priority come
+from the key, never from the client's metadata; every stream is admitted per tenant and key like an
+HTTP request (casola.ingress.admission); a key revoked or expired while the connection is open ends
+it (GOAWAY UNAUTHENTICATED) within a second, and no stream opens on it meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from ssl import SSLContext
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -18,13 +21,15 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from casola.auth import SCOPE_RUN, AuthError
+from casola.ingress.admission import Refusal, Ticket
 from casola.ingress.fields import BadField, field_value
-from casola.ingress.jobs import key_filter
+from casola.ingress.jobs import ANONYMOUS, Caller, caller_of
 from casola.ingress.native import SLOW_CLIENT_MAX
 from casola.ingress.upstream import Upstream
 from casola.net.handshake import Refused, serve_tcp
 from casola.net.link import LinkBase
 from casola.wire import (
+    ConnState,
     EndMeta,
     ErrorCode,
     ErrorMeta,
@@ -37,7 +42,6 @@ from casola.wire import (
     ResponseMeta,
     StreamReset,
 )
-from casola.wire.meta import FilterPolicy
 
 if TYPE_CHECKING:
     from casola.ingress.server import Ingress
@@ -52,13 +56,14 @@ CLIENT_CREDIT = 256  # streams one raw client may have open at once
 class _Relay:
     """One client stream and its upstream stream."""
 
-    __slots__ = ("client", "csid", "ing", "model", "size", "t_answer", "t_sent", "t_start", "up", "usid")
+    __slots__ = ("client", "csid", "ing", "model", "size", "t_answer", "t_sent", "t_start", "ticket", "up", "usid")
 
-    def __init__(self, ing: Ingress, client: LinkBase, csid: int, up: LinkBase, model: str, t_start: float) -> None:
+    def __init__(self, ing: Ingress, client: LinkBase, csid: int, up: LinkBase, model: str, ticket: Ticket) -> None:
         self.ing, self.client, self.csid, self.up, self.model = ing, client, csid, up, model
+        self.ticket: Ticket | None = ticket  # its place at the ingress; given back by end()
         self.usid = 0
         self.size = 0  # request bytes relayed: bounded by the ingress's max_body, as over HTTP
-        self.t_start = self.t_sent = self.t_answer = t_start
+        self.t_start = self.t_sent = self.t_answer = perf_counter()
 
     def _ingress_ms(self, now: float) -> float:
         return ((now - self.t_start) - (self.t_answer - self.t_sent)) * 1000
@@ -73,7 +78,7 @@ class _Relay:
         client = self.client
         client.send_if_open(Frame(ft, self.csid, meta, frame.payload, frame.flags))
         if frame.end or ft is FrameType.ERROR:
-            self._done()
+            self.end()
         elif client.gate.paused and client.write_buffered > SLOW_CLIENT_MAX:
             unread = client.write_buffered
             log.warning("frame client %s not reading (%d bytes unread): aborted", client.peername, unread)
@@ -81,7 +86,7 @@ class _Relay:
 
     def on_reset(self, code: int, message: str) -> None:
         self.client.send_if_open(Frame(FrameType.ERROR, self.csid, ErrorMeta(code, message)))
-        self._done()
+        self.end()
 
     def fail(self, exc: BaseException) -> None:
         """Relaying this answer raised (e.g. its metadata is over the client's advertised max_meta):
@@ -89,20 +94,31 @@ class _Relay:
         if self.client.conn.is_open(self.csid):
             self.client.conn.reset(self.csid, ErrorCode.INTERNAL, f"the answer could not be relayed: {exc}"[:200])
             self.client.flush()
-        self._done()
+        self.end()
 
-    def _done(self) -> None:
+    def cancel(self, message: str) -> None:
+        """The client gave up (or went): cancel upstream, end here."""
+        if self.usid:
+            Upstream.cancel(self.up, self.usid, message)
+        self.end()
+
+    def end(self) -> None:
+        """Forget the stream and give its place back, once, however it ended."""
         self.client.tag.relays.pop(self.csid, None)
+        if self.ticket is not None:
+            self.ing.release(self.ticket)
+            self.ticket = None
 
 
 class _Client:
-    """One raw client connection: its key's tenant, region pin and filter policy, and its open streams."""
+    """One raw client connection: who its key stands for, its open streams, its credential watch."""
 
-    __slots__ = ("filter", "region", "relays", "tenant")
+    __slots__ = ("caller", "relays", "watch")
 
-    def __init__(self, tenant: str, region: str, filter: FilterPolicy) -> None:
-        self.tenant, self.region, self.filter = tenant, region, filter
+    def __init__(self, caller: Caller) -> None:
+        self.caller = caller
         self.relays: dict[int, _Relay] = {}
+        self.watch = 0  # CredentialWatch handle (0: none)
 
 
 class FrameListener:
@@ -127,12 +143,21 @@ class FrameListener:
         except AuthError as exc:
             code = ErrorCode.FORBIDDEN_ROLE if exc.status == 403 else ErrorCode.UNAUTHENTICATED
             raise Refused(code, exc.message) from exc
-        tenant = claims.tenant if claims is not None else ""
-        link.tag = _Client(tenant, claims.region if claims is not None else "", key_filter(claims))
+        client = link.tag = _Client(caller_of(claims, "") if claims is not None else Caller(ANONYMOUS, ""))
+        if claims is not None and self.ing.watch is not None:
+            client.watch = self.ing.watch.add(claims, lambda err: self._unauthenticated(link, err))
         link.on_events, link.on_lost = self._on_events, self._on_lost
         self._links.add(link)
         ack = HelloAckMeta(link.conn.version, self.ing.config.node_id, "", CLIENT_CREDIT)
         link.send(Frame(FrameType.HELLO_ACK, meta=ack))
+
+    @staticmethod
+    def _unauthenticated(link: LinkBase, err: AuthError) -> None:
+        """The key went bad while the connection was open (revoked, expired): end it now."""
+        log.warning("frame client %s: %s; closing its connection", link.peername, err.message)
+        if link.is_up or link.conn.state is ConnState.DRAINING:
+            link.conn.goaway(ErrorCode.UNAUTHENTICATED, err.message[:200])
+        link.close()
 
     def _on_events(self, link: LinkBase, events: list[Event]) -> None:
         relays = link.tag.relays
@@ -146,18 +171,18 @@ class FrameListener:
                         r = relays.get(ev.stream_id)
                         if r is not None:
                             self._relay_body(r, ev)
-                    elif ft is FrameType.CANCEL:
-                        self._cancel(relays.pop(ev.stream_id, None))
-                elif type(ev) is StreamReset:
-                    self._cancel(relays.pop(ev.stream_id, None))
+                    elif ft is FrameType.CANCEL and (r := relays.get(ev.stream_id)) is not None:
+                        r.cancel("the client cancelled")
+                elif type(ev) is StreamReset and (r := relays.get(ev.stream_id)) is not None:
+                    r.cancel("the client's stream was reset")
             except Exception as exc:  # one stream's failure is that stream's; the client's others go on
                 self._stream_failed(link, ev, exc)
 
     def _stream_failed(self, link: LinkBase, ev: Event, exc: Exception) -> None:
         sid = getattr(ev, "stream_id", 0)
         log.error("client stream %d failed in the ingress; ending that stream only", sid, exc_info=exc)
-        relay = link.tag.relays.pop(sid, None)
-        self._cancel(relay)
+        if (relay := link.tag.relays.get(sid)) is not None:
+            relay.cancel("internal error in the ingress")
         if sid and link.conn.is_open(sid):
             link.conn.reset(sid, ErrorCode.INTERNAL, "internal error")
             link.flush()
@@ -167,31 +192,41 @@ class FrameListener:
         assert isinstance(meta, RequestMeta)
         ing = self.ing
         client: _Client = link.tag
-        refusal = self._refusal(meta, frame)
+        caller = client.caller
+        up = ing.upstream.pick(caller.region)
+        refusal = self._refusal(caller, meta, frame)
+        if refusal is None and up is None:
+            refusal = ErrorMeta(ErrorCode.NO_CAPACITY, "no queue node is reachable", 1000)
+        if refusal is None:
+            ticket = ing.admit(caller)
+            if isinstance(ticket, Refusal):
+                refusal = ErrorMeta(ErrorCode.OVERLOADED, ticket.message, ticket.retry_after_ms)
         if refusal is not None:
             link.send_if_open(Frame(FrameType.ERROR, frame.stream_id, refusal))
             return
-        up = ing.upstream.pick(client.region)
-        if up is None:
-            err = ErrorMeta(ErrorCode.NO_CAPACITY, "no queue node is reachable or has room", 1000)
-            link.send_if_open(Frame(FrameType.ERROR, frame.stream_id, err))
-            return
-        deadline = meta.deadline_ms or ing.config.default_deadline_ms
+        assert up is not None and isinstance(ticket, Ticket)
         # The key's tenant and filter policy overwrite whatever the client sent (it may not pick its own).
+        deadline = meta.deadline_ms or ing.config.default_deadline_ms
         meta = msgspec.structs.replace(
-            meta, tenant=client.tenant, filter=client.filter, trace=True, deadline_ms=deadline
+            meta, tenant=caller.tenant, filter=caller.filter, trace=True, deadline_ms=deadline
         )
-        relay = _Relay(ing, link, frame.stream_id, up, meta.model, perf_counter())
+        relay = client.relays[frame.stream_id] = _Relay(ing, link, frame.stream_id, up, meta.model, ticket)
         relay.size = len(frame.payload)
-        client.relays[frame.stream_id] = relay
         relay.t_sent = perf_counter()
         relay.usid = ing.upstream.open(up, Frame(FrameType.REQUEST, 0, meta, frame.payload, frame.flags), relay)
 
-    def _refusal(self, meta: RequestMeta, frame: Frame) -> ErrorMeta | None:
+    def _refusal(self, caller: Caller, meta: RequestMeta, frame: Frame) -> ErrorMeta | None:
         """Why this REQUEST is refused before it goes upstream, or None."""
         limit = self.ing.config.max_body
         if len(frame.payload) > limit:
             return ErrorMeta(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body exceeds {limit} bytes")
+        if (why := caller.priority_refusal(meta.priority)) is not None:
+            return ErrorMeta(ErrorCode.PERMISSION_DENIED, why, param="priority")
+        if caller.claims is not None and self.ing.verifier is not None:
+            try:  # revoked or expired since HELLO: no new stream, before the watch ends the connection
+                self.ing.verifier.check(caller.claims, time.time())
+            except AuthError as exc:
+                return ErrorMeta(ErrorCode.UNAUTHENTICATED, exc.message)
         if meta.content_type:
             try:
                 field_value(meta.content_type, "content_type")  # it may come back in an HTTP header
@@ -203,19 +238,21 @@ class FrameListener:
         r.size += len(frame.payload)
         if r.size > self.ing.config.max_body:
             limit = self.ing.config.max_body
-            r.on_reset(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body exceeds {limit} bytes")
-            self._cancel(r)
+            r.client.send_if_open(
+                Frame(
+                    FrameType.ERROR,
+                    r.csid,
+                    ErrorMeta(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body exceeds {limit} bytes"),
+                )
+            )
+            r.cancel("the request body is too large")
         elif r.up.conn.is_open(r.usid):
             r.up.send(Frame(frame.type, r.usid, frame.meta, frame.payload, frame.flags))
 
-    @staticmethod
-    def _cancel(relay: _Relay | None) -> None:
-        if relay is not None and relay.usid:
-            Upstream.cancel(relay.up, relay.usid, "the client cancelled")
-
     def _on_lost(self, link: LinkBase, exc: BaseException | None) -> None:
         self._links.discard(link)
-        relays = link.tag.relays
-        for relay in list(relays.values()):
-            self._cancel(relay)
-        relays.clear()
+        client: _Client = link.tag
+        if client.watch and self.ing.watch is not None:
+            self.ing.watch.remove(client.watch)
+        for relay in list(client.relays.values()):
+            relay.cancel("the client went away")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, get_args
 from urllib.parse import parse_qsl
 
 from casola.auth import SCOPE_RUN, AuthError, Claims
+from casola.ingress.admission import Refusal, Ticket
 from casola.ingress.exchange import Exchange
 from casola.ingress.native import RunExchange
 from casola.ingress.upstream import Upstream
@@ -156,9 +157,35 @@ def header_params(ex: Exchange) -> dict[str, Param]:
 
 
 class Caller(NamedTuple):
+    """Who a request is for, from its key: what every surface admits and labels it by."""
+
     tenant: str
     region: str  # "" = any
     filter: FilterPolicy = ""  # the key's content-filter policy (RequestMeta.filter); "" = none, or auth off
+    kid: str = ""  # the key's id ("" with auth off)
+    max_priority: int = 127  # the highest priority the key may ask for (auth off: any)
+    max_inflight: int = 0  # the key's own in-flight limit; 0: the tenant's applies
+    claims: Claims | None = None
+
+    def priority_refusal(self, priority: int) -> str | None:
+        """Why `priority` is not this caller's to ask for, or None (DESIGN: priority comes from the
+        key, not the caller)."""
+        if priority > self.max_priority:
+            return f"priority {priority} is above this key's maximum ({self.max_priority})"
+        return None
+
+
+def caller_of(claims: Claims, region: str) -> Caller:
+    """The caller a verified key stands for (`region`: the request's pin, when the key has none)."""
+    return Caller(
+        claims.tenant,
+        region or claims.region,
+        key_filter(claims),
+        claims.kid,
+        claims.max_priority,
+        claims.max_inflight,
+        claims,
+    )
 
 
 def key_filter(claims: Claims | None) -> FilterPolicy:
@@ -197,7 +224,7 @@ def authorize(
     if claims.region and region and region != claims.region:
         refuse(403, f"this key is pinned to region {claims.region!r}", "permission_error", "region_pinned")
         return None
-    return Caller(claims.tenant, region or claims.region, key_filter(claims))
+    return caller_of(claims, region)
 
 
 def start(
@@ -224,13 +251,17 @@ def start(
     Raises:
         Nothing: refusals are answered through `reply`.
     """
-    if ing.in_flight >= ing.config.max_inflight:
-        reply.wire_error(ErrorCode.OVERLOADED, "too many requests in progress", 1000)
+    if (why := caller.priority_refusal(priority)) is not None:
+        reply.wire_error(ErrorCode.PERMISSION_DENIED, why, 0)
         return None
     link = ing.upstream.pick(caller.region)
     if link is None:
         where = f" in region {caller.region!r}" if caller.region else ""
-        reply.wire_error(ErrorCode.NO_CAPACITY, f"no queue node{where} is reachable or has room", 1000)
+        reply.wire_error(ErrorCode.NO_CAPACITY, f"no queue node{where} is reachable", 1000)
+        return None
+    ticket = ing.admit(caller)
+    if isinstance(ticket, Refusal):
+        reply.wire_error(ErrorCode.OVERLOADED, ticket.message, ticket.retry_after_ms)
         return None
     meta = RequestMeta(
         model,
@@ -244,8 +275,7 @@ def start(
         webhook_url=webhook_url,
         filter=caller.filter,  # a job's input is filtered under its key's policy, as a sync request's
     )
-    ing.metrics.in_flight += 1
-    return JobExchange(ing, ex, link, meta, reply)
+    return JobExchange(ing, ex, link, meta, reply, ticket)
 
 
 def _discard(chunk: bytes) -> None:
@@ -258,8 +288,10 @@ class JobExchange(RunExchange):
 
     __slots__ = ("limit", "parts", "reply", "size")
 
-    def __init__(self, ing: Ingress, ex: Exchange, link: LinkBase, meta: RequestMeta, reply: Reply) -> None:
-        super().__init__(ing, ex, link, meta, False)
+    def __init__(
+        self, ing: Ingress, ex: Exchange, link: LinkBase, meta: RequestMeta, reply: Reply, ticket: Ticket
+    ) -> None:
+        super().__init__(ing, ex, link, meta, False, ticket)
         self.reply = reply
         self.parts: list[Buffer] = []
         self.size = 0
@@ -302,11 +334,11 @@ class JobExchange(RunExchange):
             status = self.reply.answer(JobAnswer(rmeta.content_type, rmeta.headers, body))
         except ValueError as exc:  # msgspec.DecodeError included: the queue node broke SPEC §3.8.1
             status = self.reply.wire_error(ErrorCode.PROTOCOL_ERROR, f"bad job answer from the queue node: {exc}", 0)
-        self.ing.finished(self.model, status, None, self._ingress_ms(perf_counter()), self.t0)
+        self.ing.finished(self, status, None, self._ingress_ms(perf_counter()))
 
     def _error(
         self, code: int, message: str, retry_after_ms: int, param: str = "", timing: dict[str, float] | None = None
     ) -> None:
         self.done = True
         status = self.reply.wire_error(code, message, retry_after_ms)
-        self.ing.finished(self.model, status, timing, self._ingress_ms(perf_counter()), self.t0)
+        self.ing.finished(self, status, timing, self._ingress_ms(perf_counter()))

@@ -44,6 +44,7 @@ from casola.wire import (
 )
 
 if TYPE_CHECKING:
+    from casola.ingress.admission import Ticket
     from casola.ingress.server import Ingress
 
 __all__ = ["OPEN_AT", "SLOW_CLIENT_MAX", "RunExchange", "error_headers", "send_wire_error"]
@@ -103,11 +104,15 @@ class RunExchange:
         "t_answer",
         "t_sent",
         "tail",
+        "ticket",
         "trace",
     )
 
-    def __init__(self, ing: Ingress, ex: Exchange, link: LinkBase, meta: RequestMeta, trace: bool) -> None:
+    def __init__(
+        self, ing: Ingress, ex: Exchange, link: LinkBase, meta: RequestMeta, trace: bool, ticket: Ticket
+    ) -> None:
         self.ing, self.ex, self.link, self.meta, self.trace = ing, ex, link, meta, trace
+        self.ticket = ticket  # its place at the ingress (casola.ingress.admission), given back once
         self.model = meta.model
         self.t0 = perf_counter()  # the loop's clock (uvloop: cached, 1 ms steps) is too coarse here
         self.buf: list[bytes] = []
@@ -170,7 +175,7 @@ class RunExchange:
             self.done = True
             if self.sid:
                 Upstream.cancel(self.link, self.sid)
-            self.ing.finished(self.model, 499, None, 0.0, self.t0)
+            self.ing.finished(self, 499, None, 0.0)
 
     # -- upstream answer -> HTTP ----------------------------------------------------------------------
 
@@ -217,7 +222,7 @@ class RunExchange:
         self.done = True
         Upstream.cancel(self.link, self.sid, "the client stopped reading")
         self.ex.abort()
-        self.ing.finished(self.model, 499, None, 0.0, self.t0)
+        self.ing.finished(self, 499, None, 0.0)
 
     def on_reset(self, code: int, message: str) -> None:
         if not self.done:
@@ -254,7 +259,7 @@ class RunExchange:
             return self._unsendable(exc)
         self.ex.respond(200, headers, payload)
         self.committed = self.done = True
-        self.ing.finished(self.model, 200, timing, self._ingress_ms(now), self.t0)
+        self.ing.finished(self, 200, timing, self._ingress_ms(now))
 
     def _commit(self) -> bool:
         """Send the head of a streamed answer; False when it could not be (the client got 502)."""
@@ -297,7 +302,7 @@ class RunExchange:
         ingress_ms = self._ingress_ms(now)
         trailers = [(b"server-timing", server_timing(ingress_ms, timing or {}))] if self.trace else []
         self.ex.end(trailers)
-        self.ing.finished(self.model, 200, timing, ingress_ms, self.t0)
+        self.ing.finished(self, 200, timing, ingress_ms)
 
     def _error(
         self, code: int, message: str, retry_after_ms: int, param: str = "", timing: dict[str, float] | None = None
@@ -313,7 +318,7 @@ class RunExchange:
         else:
             extra = [(b"server-timing", server_timing(self._ingress_ms(now), timing or {}))] if self.trace else []
             status = send_wire_error(self.ex, code, message, retry_after_ms, param, extra)
-        self.ing.finished(self.model, status, timing, self._ingress_ms(now), self.t0)
+        self.ing.finished(self, status, timing, self._ingress_ms(now))
 
     def _sse_error(self, code: int, message: str, param: str, timing: dict[str, float] | None, now: float) -> None:
         """End an SSE answer with `event: error` (the envelope an HTTP error would carry) and a complete

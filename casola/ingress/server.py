@@ -19,9 +19,10 @@ from typing import Any
 
 import msgspec
 
-from casola.auth import SCOPE_RUN, SCOPE_SIGNALS, Claims, Verifier
+from casola.auth import SCOPE_RUN, SCOPE_SIGNALS, Claims, CredentialWatch, Verifier
 from casola.certs import server_context
 from casola.ingress import asyncapi, fal, openai
+from casola.ingress.admission import Admission, Refusal, Ticket
 from casola.ingress.envelope import JSON_CT
 from casola.ingress.fields import field_value
 from casola.ingress.frames import FrameListener
@@ -49,7 +50,8 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     node_id: str = "ingress-1"
     trace: bool = False  # Server-Timing on every response (else only with X-Casola-Trace: 1)
     timing_allow_origin: str = ""  # e.g. "*": lets browsers read Server-Timing
-    max_inflight: int = 4096  # requests in progress; beyond: 429 at once
+    max_inflight: int = 4096  # requests in progress; beyond: 429 at once (fairly: casola/ingress/admission.py)
+    max_inflight_per_tenant: int = 1024  # of those, one tenant's; a key may carry a lower limit of its own
     default_deadline_ms: int = 0  # applied when a request names none; 0 = none
     queue_nodes: list[QueueNodeSpec] = []  # `casola ingress`; `casola up` adds its own queue node
     max_body: int = 64 * 1024 * 1024
@@ -78,6 +80,9 @@ class Ingress:
         self.queue_snapshot: Any = None
         self.queue_signals: Any = None  # the in-process queue node's signals (`casola up`)
         self._servers: list[asyncio.Server] = []
+        self.admission = Admission(config.max_inflight, config.max_inflight_per_tenant)
+        # Open raw-frame connections' keys, re-checked several times a second (revocation, expiry).
+        self.watch = CredentialWatch(verifier) if verifier is not None else None
         self.frames = FrameListener(self)
         self._limits = HttpLimits(
             max_body=config.max_body,
@@ -91,7 +96,7 @@ class Ingress:
     @property
     def in_flight(self) -> int:
         """Requests in progress (the count `max_inflight` bounds, exported as casola_in_flight)."""
-        return self.metrics.in_flight
+        return self.admission.total
 
     @property
     def tls(self) -> bool:
@@ -116,6 +121,8 @@ class Ingress:
         if self.config.frames:
             host, _, port = self.config.frames.rpartition(":")
             self._servers.append(await self.frames.start(host, int(port), ssl=ctx))
+        if self.watch is not None:
+            self.watch.start()
 
     @property
     def ports(self) -> list[int]:
@@ -125,6 +132,8 @@ class Ingress:
         for s in self._servers:
             s.close()
         self.frames.close_all()
+        if self.watch is not None:
+            await self.watch.stop()
         for s in self._servers:
             await s.wait_closed()
 
@@ -181,17 +190,31 @@ class Ingress:
         the request body (already set as the exchange's body callbacks). None: refused and answered."""
         if run_async:
             return asyncapi.submit(self, ex, meta, caller)
-        if self.in_flight >= self.config.max_inflight:
-            send_wire_error(ex, ErrorCode.OVERLOADED, "too many requests in progress", 1000)
+        if (why := caller.priority_refusal(meta.priority)) is not None:
+            send_wire_error(ex, ErrorCode.PERMISSION_DENIED, why, param="priority")
             return None
         region = caller.region
         link = self.upstream.pick(region)
         if link is None:
             where = f" in region {region!r}" if region else ""
-            send_wire_error(ex, ErrorCode.NO_CAPACITY, f"no queue node{where} is reachable or has room", 1000)
+            send_wire_error(ex, ErrorCode.NO_CAPACITY, f"no queue node{where} is reachable", 1000)
             return None
-        self.metrics.in_flight += 1
-        return RunExchange(self, ex, link, meta, meta.trace)
+        ticket = self.admit(caller)
+        if isinstance(ticket, Refusal):
+            send_wire_error(ex, ErrorCode.OVERLOADED, ticket.message, ticket.retry_after_ms)
+            return None
+        return RunExchange(self, ex, link, meta, meta.trace, ticket)
+
+    def admit(self, caller: Caller) -> Ticket | Refusal:
+        """Count a request in, per tenant and key (casola.ingress.admission), or say why not."""
+        ticket = self.admission.admit(caller.tenant, caller.kid, caller.max_inflight, perf_counter())
+        self.metrics.in_flight = self.admission.total
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        """An admitted request ended (any outcome); once per ticket."""
+        self.admission.release(ticket, perf_counter())
+        self.metrics.in_flight = self.admission.total
 
     def request_meta(
         self,
@@ -212,6 +235,7 @@ class Ingress:
         deadline = self.config.default_deadline_ms
         trace = self.config.trace
         run_async = False
+        priority = 0
         header_ctype = ""
         for name, value in ex.headers:
             if name.startswith(_PARAM):
@@ -220,6 +244,8 @@ class Ingress:
                 if not value.isdigit() or int(value) > 0xFFFF_FFFF:
                     raise ValueError("X-Casola-Deadline-Ms must be a whole number of milliseconds")
                 deadline = int(value)
+            elif name == b"x-casola-priority":
+                priority = _priority(value)
             elif name == b"x-casola-trace":
                 trace = trace or value in (b"1", b"true", b"on")
             elif name == b"content-type":
@@ -231,14 +257,12 @@ class Ingress:
         ctype = content_type if content_type is not None else header_ctype
         if ctype:
             field_value(ctype, "Content-Type")  # it may come back as the answer's: no control characters
-        return RequestMeta(model, deadline, ctype, params, trace, tenant, filter=filter), run_async
+        return RequestMeta(model, deadline, ctype, params, trace, tenant, priority, filter=filter), run_async
 
-    def finished(
-        self, model: str, status: int, timing: dict[str, float] | None, ingress_ms: float, t_start: float
-    ) -> None:
-        """One request is over (any outcome): count it and free its place."""
-        self.metrics.in_flight -= 1
-        self.metrics.observe(model, status, perf_counter() - t_start, timing, ingress_ms)
+    def finished(self, rx: RunExchange, status: int, timing: dict[str, float] | None, ingress_ms: float) -> None:
+        """One request is over (any outcome): free its place and count it. Once per exchange."""
+        self.release(rx.ticket)
+        self.metrics.observe(rx.model, status, perf_counter() - rx.t0, timing, ingress_ms)
 
     def _signals(self, ex: Exchange) -> None:
         """What an autoscaler reads: the queue node's per (model, pool) signals (docs/scheduling.md).
@@ -254,3 +278,17 @@ class Ingress:
         if self.queue_snapshot is not None:
             body["models"] = self.queue_snapshot()
         ex.respond(200 if body["status"] == "ok" else 503, [(b"content-type", JSON_CT)], msgspec.json.encode(body))
+
+
+def _priority(value: bytes) -> int:
+    """`X-Casola-Priority`: a whole number, -128..127 (higher first; how high the key says).
+
+    Raises:
+        ValueError: anything else.
+    """
+    text = value.strip()
+    if text[:1] == b"-":
+        text = text[1:]
+    if not text.isdigit() or len(text) > 3 or not -128 <= (n := int(value)) <= 127:
+        raise ValueError("X-Casola-Priority must be a whole number from -128 to 127")
+    return n

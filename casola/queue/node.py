@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from casola.auth import SCOPE_INGRESS, SCOPE_WORKER, AuthError, Verifier
+from casola.auth import SCOPE_INGRESS, SCOPE_WORKER, AuthError, Claims, CredentialWatch, Verifier
 from casola.filter import Policy
 from casola.net.handshake import MemoryDialer, Refused, accept_memory, serve_tcp
 from casola.net.link import LinkBase
@@ -35,6 +35,7 @@ from casola.queue.jobops import JobOp
 from casola.queue.jobs import Jobs
 from casola.queue.registry import ModelEntry, Registry, WorkerEntry
 from casola.wire import (
+    ConnState,
     EndMeta,
     ErrorCode,
     ErrorMeta,
@@ -44,7 +45,6 @@ from casola.wire import (
     HeartbeatMeta,
     HelloAckMeta,
     HelloMeta,
-    Limits,
     RequestMeta,
     ResponseMeta,
     StreamReset,
@@ -84,13 +84,15 @@ class QueueNode:
         self._server: asyncio.Server | None = None
         self._links: set[LinkBase] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._worker_limits = Limits(ping_timeout=config.worker_ping_timeout)
         self.memory_dialer: MemoryDialer = accept_memory(self.on_hello)
         self.jobs: Jobs | None = None  # async jobs, when a store is configured
         self.filtering = Filtering(self, config.filter, [], None, self._spawn)  # off until start()
         self._internal_secret = secrets.token_urlsafe(32)  # the node's own in-process links (classifier)
         self._internal: set[LinkBase] = set()
         self._tasks: set[asyncio.Task[object]] = set()
+        # Keys of connected ingresses and workers, re-checked several times a second (revocation).
+        self._watch = CredentialWatch(verifier) if verifier is not None else None
+        self._watched: dict[LinkBase, int] = {}
 
     async def start(self) -> None:
         """Open the job store (if configured), then listen.
@@ -114,6 +116,8 @@ class QueueNode:
         await self.filtering.start()
         host, _, port = self.config.listen.rpartition(":")
         self._server = await serve_tcp(host, int(port), self.on_hello)
+        if self._watch is not None:
+            self._watch.start()
 
     async def _connect_internal(self, on_events: Any, on_lost: Any) -> LinkBase:
         """An in-process ingress link of the node's own (the model classifier's requests travel on it)."""
@@ -142,6 +146,8 @@ class QueueNode:
             link.close()
         if self._server is not None:
             await self._server.wait_closed()
+        if self._watch is not None:
+            await self._watch.stop()
         await self.filtering.stop()
         for t in list(self._tasks):
             t.cancel()
@@ -157,28 +163,46 @@ class QueueNode:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         if hello.role == "worker":
-            self._authenticate(hello, SCOPE_WORKER)
+            claims = self._authenticate(hello, SCOPE_WORKER)
             self._register_worker(link, hello)
         elif hello.role == "ingress":
             if hello.credential == self._internal_secret and isinstance(link, MemoryEnd):
                 self._internal.add(link)  # the node's own: not authenticated, not filtered
+                claims = None
             else:
-                self._authenticate(hello, SCOPE_INGRESS)
+                claims = self._authenticate(hello, SCOPE_INGRESS)
             link.tag = {}  # ingress-side stream id -> Call
             link.on_events, link.on_lost = self._ingress_events, self._ingress_lost
             self._ack(link, credit=link.conn.limits.max_streams)
         else:
             raise Refused(ErrorCode.FORBIDDEN_ROLE, f"role {hello.role!r} may not connect to a queue node")
         self._links.add(link)
+        if claims is not None and self._watch is not None:
+            self._watched[link] = self._watch.add(claims, lambda err: self._unauthenticated(link, err))
 
-    def _authenticate(self, hello: HelloMeta, scope: str) -> None:
+    def _authenticate(self, hello: HelloMeta, scope: str) -> Claims | None:
         if self._verifier is None:
-            return
+            return None
         try:
-            self._verifier.verify(hello.credential, time.time(), scope)  # expiry is wall-clock
+            return self._verifier.verify(hello.credential, time.time(), scope)  # expiry is wall-clock
         except AuthError as exc:
             code = ErrorCode.FORBIDDEN_ROLE if exc.status == 403 else ErrorCode.UNAUTHENTICATED
             raise Refused(code, exc.message) from exc
+
+    def _unauthenticated(self, link: LinkBase, err: AuthError) -> None:
+        """A connected ingress's or worker's key was revoked or expired: end the link now (a worker
+        is deregistered as it goes, its requests retried or failed like any lost worker's)."""
+        log.warning("%s %s: %s; closing its link", "worker" if type(link.tag) is WorkerEntry else "ingress",
+                    getattr(link.tag, "node_id", link.peername), err.message)  # fmt: skip
+        if link.is_up or link.conn.state is ConnState.DRAINING:
+            link.conn.goaway(ErrorCode.UNAUTHENTICATED, err.message[:200])
+        link.close()
+
+    def _forget_link(self, link: LinkBase) -> None:
+        self._links.discard(link)
+        handle = self._watched.pop(link, 0)
+        if handle and self._watch is not None:
+            self._watch.remove(handle)
 
     def _ack(self, link: LinkBase, credit: int) -> None:
         cfg = self.config
@@ -188,6 +212,7 @@ class QueueNode:
         if not hello.models:
             raise Refused(ErrorCode.BAD_META, "a worker must serve at least one model")
         worker = WorkerEntry(link, hello.node_id, list(hello.models), hello.credit, hello.pool, hello.region)
+        link.conn.set_ping_timeout(self.config.worker_ping_timeout)  # a hung worker is gone after this
         link.tag = worker
         link.on_events, link.on_lost = self._worker_events, self._worker_lost
         self._ack(link, credit=0)  # the queue node opens streams to the worker, never the reverse
@@ -291,7 +316,7 @@ class QueueNode:
                 link.flush()
 
     def _ingress_lost(self, link: LinkBase, exc: BaseException | None) -> None:
-        self._links.discard(link)
+        self._forget_link(link)
         self._internal.discard(link)
         calls: dict[int, Call | JobOp] = link.tag
         for call in list(calls.values()):
@@ -503,7 +528,7 @@ class QueueNode:
     }
 
     def _worker_lost(self, link: LinkBase, exc: BaseException | None) -> None:
-        self._links.discard(link)
+        self._forget_link(link)
         worker: WorkerEntry = link.tag
         self.registry.remove(worker)
         log.warning("worker %s lost (%s); %d requests in flight", worker.node_id, exc or "closed", len(worker.calls))

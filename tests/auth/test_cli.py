@@ -58,8 +58,9 @@ def test_create_list_revoke_flow(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
     assert casola([*state, "keys", "list"]) == 0
     header, row = capsys.readouterr().out.splitlines()
-    assert header.split() == ["kid", "name", "tenant", "scopes", "region", "filter", "expires", "revoked"]
-    assert row.split() == [kid, "laptop", "acme", "run", "-", "-", "never", "no"]
+    columns = ["kid", "name", "tenant", "scopes", "region", "filter", "max_priority", "max_inflight", "expires"]
+    assert header.split() == [*columns, "revoked"]
+    assert row.split() == [kid, "laptop", "acme", "run", "-", "-", "0", "-", "never", "no"]
     assert token not in header + row
 
     assert casola(["keys", "revoke", kid, *state]) == 0

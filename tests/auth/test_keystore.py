@@ -72,6 +72,8 @@ def test_create_records_metadata_but_never_the_token(state_dir: Path) -> None:
             "exp": claims.iat + 3600,
             "iat": claims.iat,
             "filter": "",
+            "max_priority": 0,
+            "max_inflight": 0,
             "revoked": False,
         }
     ]
