@@ -13,7 +13,8 @@ http = "127.0.0.1:8000"          # HTTP/1.1 listener
 frames = "127.0.0.1:7700"        # raw-frame listener ("" = off)
 trace = false                    # Server-Timing on every response (else per request: X-Casola-Trace: 1)
 timing_allow_origin = ""         # e.g. "*" so browsers may read Server-Timing
-max_inflight = 4096              # requests in progress; beyond, 429 at once
+max_inflight = 4096              # requests in progress; beyond, 429 at once (to tenants over their fair share)
+max_inflight_per_tenant = 1024   # of those, one tenant's; a key may carry a lower limit (keys create --max-inflight)
 default_deadline_ms = 0          # 0 = none
 max_body = 67108864              # bytes; larger bodies get 413
 max_head = 16384                 # request line + headers; larger -> 431
@@ -37,6 +38,7 @@ max_pending = 1024               # sync requests waiting for a slot, per model; 
 max_pending_per_tenant = 256     # of those, one tenant's (one tenant's flood cannot fill the line)
 retry_after_ms = 1000            # Retry-After until a service time is measured (then: from the drain rate)
 deadlines = {}                   # per model, e.g. { tts = 800 }: deadline (ms) of sync requests naming none
+sync_wait_ms = 10000             # longest wait for a slot, deadline or not (429 at once if longer); 0 = none
 lend_idle_sync = false           # async jobs may use free slots of sync-pool workers...
 lend_reserve = 1                 # ...all but this many per worker, kept free for sync arrivals
 models = []                      # models known before a worker registers (others: 404 until one does)

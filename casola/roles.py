@@ -100,6 +100,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     ingress = Ingress(config.ingress, verifier, upstream)
     ingress.queue_snapshot = ingress.metrics.queue_snapshot = node.registry.snapshot
     ingress.queue_signals = ingress.metrics.queue_signals = node.signals
+    ingress.required_models = sorted({*config.queue.models, *(m for spec in config.workers for m in spec.models)})
     await upstream.start(wait=5.0)
     await ingress.start()
     queue_addr = f"{config.queue.listen.rpartition(':')[0]}:{node.port}"
@@ -118,6 +119,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
         await _until_signalled()
     finally:
         log.info("casola up: stopping")
+        ingress.draining = True  # /readyz: 503 while the workers drain
         await workers.stop()
         await ingress.stop()
         await upstream.stop()
@@ -274,6 +276,7 @@ async def _ingress(args: argparse.Namespace, config: Config, state_dir: Path) ->
     try:
         await _until_signalled()
     finally:
+        ingress.draining = True
         await ingress.stop()
         await upstream.stop()
     return 0

@@ -65,6 +65,10 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     openai_aliases: dict[str, str] = {}  # /openai/v1 model names to served ones, e.g. {"whisper-1": "asr"}
 
     def __post_init__(self) -> None:
+        # Both bounds at least 1; and twice max_inflight (the fair overshoot) must stay below half a
+        # queue node's stream window (65,536), so its credit never runs out (SPEC §7.2).
+        if not 1 <= self.max_inflight <= 16384 or self.max_inflight_per_tenant < 1:
+            raise ValueError("ingress max_inflight must be 1..16384 and max_inflight_per_tenant at least 1")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("ingress tls_cert and tls_key must be set together (or both left empty)")
 
@@ -79,6 +83,8 @@ class Ingress:
         self.loop: asyncio.AbstractEventLoop  # set in start()
         self.queue_snapshot: Any = None
         self.queue_signals: Any = None  # the in-process queue node's signals (`casola up`)
+        self.required_models: list[str] = []  # /readyz: models that must have a worker (`casola up`)
+        self.draining = False  # set when the process is stopping: /readyz answers 503
         self._servers: list[asyncio.Server] = []
         self.admission = Admission(config.max_inflight, config.max_inflight_per_tenant)
         # Open raw-frame connections' keys, re-checked several times a second (revocation, expiry).
@@ -151,6 +157,8 @@ class Ingress:
             return asyncapi.jobs_route(self, ex)
         if path == b"/healthz" and ex.method in (b"GET", b"HEAD"):
             return self._healthz(ex)
+        if path == b"/readyz" and ex.method in (b"GET", b"HEAD"):
+            return self._readyz(ex)
         if path == b"/metrics" and ex.method in (b"GET", b"HEAD"):
             return ex.respond(200, [(b"content-type", METRICS_CT)], self.metrics.render())
         if path == b"/v1/signals" and ex.method == b"GET":
@@ -271,6 +279,21 @@ class Ingress:
             return None
         nodes = [self.queue_signals()] if self.queue_signals is not None else []
         ex.respond(200, [(b"content-type", JSON_CT)], msgspec.json.encode({"nodes": nodes}))
+
+    def _readyz(self, ex: Exchange) -> None:
+        """For load balancers: 200 while this ingress can serve, 503 while it is draining, while no
+        queue node is connected, or while a model it is configured to serve has no serving worker
+        (what the in-process queue node of `casola up` says). `/healthz` is liveness alone."""
+        reasons = ["draining"] if self.draining else []
+        if not any(n["up"] for n in self.upstream.snapshot()):
+            reasons.append("no queue node is connected")
+        if self.required_models and self.queue_snapshot is not None:
+            models = self.queue_snapshot()
+            for name in self.required_models:
+                if not models.get(name, {}).get("workers"):
+                    reasons.append(f"model {name!r} has no serving worker")
+        body = {"status": "not_ready" if reasons else "ready", "reasons": reasons}
+        ex.respond(503 if reasons else 200, [(b"content-type", JSON_CT)], msgspec.json.encode(body))
 
     def _healthz(self, ex: Exchange) -> None:
         nodes = self.upstream.snapshot()

@@ -41,6 +41,7 @@ class Call:
         "model",
         "req_done",
         "retained",
+        "start_by",
         "t_dispatch",
         "t_queued",
         "t_recv",
@@ -51,8 +52,17 @@ class Call:
     )
 
     def __init__(
-        self, ing: LinkBase, ing_sid: int, meta: RequestMeta, model: ModelEntry, now: float, deadline_ms: int = 0
+        self,
+        ing: LinkBase,
+        ing_sid: int,
+        meta: RequestMeta,
+        model: ModelEntry,
+        now: float,
+        deadline_ms: int = 0,
+        wait_ms: int = 0,
     ) -> None:
+        """`deadline_ms`: the model's default deadline (the request's own wins); `wait_ms`: how long
+        it may wait for a slot at most (the node's `sync_wait_ms`), deadline or not."""
         self.ing = ing
         self.ing_sid = ing_sid
         self.meta = meta
@@ -63,6 +73,7 @@ class Call:
         self.wait = 0.0
         deadline_ms = meta.deadline_ms or deadline_ms  # the request's own, else the model's default
         self.deadline = now + deadline_ms / 1000 if deadline_ms else 0.0
+        self.start_by = now + wait_ms / 1000 if wait_ms else 0.0
         self.filter: FilterCheck | None = None
         self.held = False  # waiting for the filter's verdict before dispatch (policy block)
         self.held_s = 0.0  # how long it waited for it: the filter's stage, not the node's overhead
@@ -85,6 +96,12 @@ class Call:
             return False
         self.frames.append(frame)
         return True
+
+    @property
+    def start_limit(self) -> float:
+        """When it must have started: the earlier of its deadline and its wait bound; 0.0: never."""
+        d, w = self.deadline, self.start_by
+        return min(d, w) if d and w else d or w
 
     @property
     def retryable(self) -> bool:

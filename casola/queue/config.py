@@ -19,6 +19,9 @@ class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_pending_per_tenant: int = 256  # of those, one tenant's (one flood cannot fill the line)
     retry_after_ms: int = 1000  # advertised with NO_CAPACITY, and with OVERLOADED before any measurement
     deadlines: dict[str, int] = {}  # per model: deadline (ms) of sync requests that name none
+    # The longest a sync request waits for a slot (ms), deadline or not: refused at once (429) when the
+    # drain rate says it would wait longer, and 429 if it still waits then. 0: no bound.
+    sync_wait_ms: int = 10_000
     lend_idle_sync: bool = False  # async jobs may take a sync worker's free slots (beyond lend_reserve)
     lend_reserve: int = 1  # slots per sync worker kept free for sync arrivals while lending
     models: list[str] = []  # models known before any worker registers (else: unknown -> 404)

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import secrets
-import time
 from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
@@ -23,19 +20,19 @@ from typing import Any
 
 import msgspec
 
-from casola.auth import SCOPE_INGRESS, SCOPE_WORKER, AuthError, Claims, CredentialWatch, Verifier
+from casola.auth import Verifier
 from casola.filter import Policy
-from casola.net.handshake import MemoryDialer, Refused, accept_memory, serve_tcp
+from casola.net.handshake import MemoryDialer, accept_memory, serve_tcp
 from casola.net.link import LinkBase
-from casola.net.memlink import MemoryEnd
+from casola.queue.admission import full, refusal, retry_after
 from casola.queue.call import RETAIN_MAX, Call
 from casola.queue.config import QueueConfig
 from casola.queue.filtering import Filtering, make_classifiers
+from casola.queue.gate import Gate
 from casola.queue.jobops import JobOp
 from casola.queue.jobs import Jobs
 from casola.queue.registry import ModelEntry, Registry, WorkerEntry
 from casola.wire import (
-    ConnState,
     EndMeta,
     ErrorCode,
     ErrorMeta,
@@ -45,6 +42,7 @@ from casola.wire import (
     HeartbeatMeta,
     HelloAckMeta,
     HelloMeta,
+    Limits,
     RequestMeta,
     ResponseMeta,
     StreamReset,
@@ -63,6 +61,10 @@ REQUEST, DATA, END, ERROR, CANCEL, RESPONSE = (
     FrameType.CANCEL,
     FrameType.RESPONSE,
 )
+# An ingress link's stream window: every request of every client of that ingress is a stream on it,
+# and the window must never be what refuses one (DESIGN "Auth and tenancy": no shared credit window
+# is a global choke point). The ingress's own admission (max_inflight) stays far below it.
+LINK_LIMITS = Limits(max_streams=65536)
 # Worker errors the node may retry on another worker (before the first response frame only).
 _NOT_RETRIED = frozenset({ErrorCode.OVERLOADED, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CANCELLED})
 
@@ -84,15 +86,12 @@ class QueueNode:
         self._server: asyncio.Server | None = None
         self._links: set[LinkBase] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.memory_dialer: MemoryDialer = accept_memory(self.on_hello)
+        self.memory_dialer: MemoryDialer = accept_memory(self.on_hello, limits=LINK_LIMITS)
         self.jobs: Jobs | None = None  # async jobs, when a store is configured
         self.filtering = Filtering(self, config.filter, [], None, self._spawn)  # off until start()
-        self._internal_secret = secrets.token_urlsafe(32)  # the node's own in-process links (classifier)
         self._internal: set[LinkBase] = set()
         self._tasks: set[asyncio.Task[object]] = set()
-        # Keys of connected ingresses and workers, re-checked several times a second (revocation).
-        self._watch = CredentialWatch(verifier) if verifier is not None else None
-        self._watched: dict[LinkBase, int] = {}
+        self.gate = Gate(verifier)  # who may connect, and the keys of those connected
 
     async def start(self) -> None:
         """Open the job store (if configured), then listen.
@@ -115,13 +114,12 @@ class QueueNode:
         self.filtering = Filtering(self, fc, make_classifiers(fc, self._connect_internal), store, self._spawn)
         await self.filtering.start()
         host, _, port = self.config.listen.rpartition(":")
-        self._server = await serve_tcp(host, int(port), self.on_hello)
-        if self._watch is not None:
-            self._watch.start()
+        self._server = await serve_tcp(host, int(port), self.on_hello, limits=LINK_LIMITS)
+        self.gate.start()
 
     async def _connect_internal(self, on_events: Any, on_lost: Any) -> LinkBase:
         """An in-process ingress link of the node's own (the model classifier's requests travel on it)."""
-        hello = HelloMeta("ingress", credential=self._internal_secret, node_id=f"{self.config.node_id}/internal")
+        hello = HelloMeta("ingress", credential=self.gate.internal_secret, node_id=f"{self.config.node_id}/internal")
         return await self.memory_dialer(hello, on_events, on_lost)
 
     def _spawn(self, coro: Any) -> None:
@@ -146,8 +144,7 @@ class QueueNode:
             link.close()
         if self._server is not None:
             await self._server.wait_closed()
-        if self._watch is not None:
-            await self._watch.stop()
+        await self.gate.stop()
         await self.filtering.stop()
         for t in list(self._tasks):
             t.cancel()
@@ -162,55 +159,26 @@ class QueueNode:
         assert isinstance(hello, HelloMeta)
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        if hello.role == "worker":
-            claims = self._authenticate(hello, SCOPE_WORKER)
+        kind = self.gate.admit(link, hello)  # raises Refused
+        if kind == "worker":
             self._register_worker(link, hello)
-        elif hello.role == "ingress":
-            if hello.credential == self._internal_secret and isinstance(link, MemoryEnd):
-                self._internal.add(link)  # the node's own: not authenticated, not filtered
-                claims = None
-            else:
-                claims = self._authenticate(hello, SCOPE_INGRESS)
+        else:
+            if kind == "internal":
+                self._internal.add(link)
             link.tag = {}  # ingress-side stream id -> Call
             link.on_events, link.on_lost = self._ingress_events, self._ingress_lost
             self._ack(link, credit=link.conn.limits.max_streams)
-        else:
-            raise Refused(ErrorCode.FORBIDDEN_ROLE, f"role {hello.role!r} may not connect to a queue node")
         self._links.add(link)
-        if claims is not None and self._watch is not None:
-            self._watched[link] = self._watch.add(claims, lambda err: self._unauthenticated(link, err))
-
-    def _authenticate(self, hello: HelloMeta, scope: str) -> Claims | None:
-        if self._verifier is None:
-            return None
-        try:
-            return self._verifier.verify(hello.credential, time.time(), scope)  # expiry is wall-clock
-        except AuthError as exc:
-            code = ErrorCode.FORBIDDEN_ROLE if exc.status == 403 else ErrorCode.UNAUTHENTICATED
-            raise Refused(code, exc.message) from exc
-
-    def _unauthenticated(self, link: LinkBase, err: AuthError) -> None:
-        """A connected ingress's or worker's key was revoked or expired: end the link now (a worker
-        is deregistered as it goes, its requests retried or failed like any lost worker's)."""
-        log.warning("%s %s: %s; closing its link", "worker" if type(link.tag) is WorkerEntry else "ingress",
-                    getattr(link.tag, "node_id", link.peername), err.message)  # fmt: skip
-        if link.is_up or link.conn.state is ConnState.DRAINING:
-            link.conn.goaway(ErrorCode.UNAUTHENTICATED, err.message[:200])
-        link.close()
 
     def _forget_link(self, link: LinkBase) -> None:
         self._links.discard(link)
-        handle = self._watched.pop(link, 0)
-        if handle and self._watch is not None:
-            self._watch.remove(handle)
+        self.gate.forget(link)
 
     def _ack(self, link: LinkBase, credit: int) -> None:
         cfg = self.config
         link.send(Frame(FrameType.HELLO_ACK, meta=HelloAckMeta(link.conn.version, cfg.node_id, cfg.region, credit)))
 
     def _register_worker(self, link: LinkBase, hello: HelloMeta) -> None:
-        if not hello.models:
-            raise Refused(ErrorCode.BAD_META, "a worker must serve at least one model")
         worker = WorkerEntry(link, hello.node_id, list(hello.models), hello.credit, hello.pool, hello.region)
         link.conn.set_ping_timeout(self.config.worker_ping_timeout)  # a hung worker is gone after this
         link.tag = worker
@@ -262,10 +230,11 @@ class QueueNode:
         model = self.registry.models.get(meta.model)
         if model is None:
             return self._refuse(link, sid, ErrorCode.UNKNOWN_MODEL, f"model {meta.model!r} is not served here")
-        if not model.workers:
-            msg = f"no worker for model {meta.model!r} is connected"
+        if not model.live_workers:  # none connected, or every one draining or unhealthy: no waiting
+            msg = f"no worker for model {meta.model!r} can serve ({len(model.workers)} connected)"
             return self._refuse(link, sid, ErrorCode.NO_CAPACITY, msg, self.config.retry_after_ms)
-        call = Call(link, sid, meta, model, now, self.config.deadlines.get(meta.model, 0))
+        cfg = self.config
+        call = Call(link, sid, meta, model, now, cfg.deadlines.get(meta.model, 0), cfg.sync_wait_ms)
         call.keep(frame)
         call.req_done = frame.end
         link.tag[sid] = call
@@ -326,35 +295,37 @@ class QueueNode:
     # -- dispatch ----------------------------------------------------------------------------------
 
     def _enqueue(self, call: Call, now: float) -> None:
-        """Wait for a slot, unless the line is full or the wait would outlast the deadline: then
-        refuse at once, with Retry-After from the measured drain rate."""
-        model, cfg = call.model, self.config
-        line, tenant = model.pending, call.meta.tenant
-        if len(line) >= cfg.max_pending or line.depth(tenant) >= cfg.max_pending_per_tenant:
-            whose = "" if len(line) >= cfg.max_pending else f" of tenant {tenant!r}"
-            est = model.signals.wait_estimate(len(line), model.slots)
-            msg = f"model {model.name!r}: {len(line)} requests{whose} already wait for a slot"
-            self._fail(call, ErrorCode.OVERLOADED, msg, math.ceil(est * 1000) if est else cfg.retry_after_ms)
+        """Wait for a slot, unless casola.queue.admission says it may not: then refuse at once, with
+        Retry-After from the measured drain rate. A full line makes room by the longest line first."""
+        model, line = call.model, call.model.pending
+        refused = refusal(call, model, self.config, now)
+        if refused is None and len(line) >= self.config.max_pending:
+            victim = line.evict_for(call.meta.tenant)
+            if victim is None:
+                refused = full(model, call.meta.tenant, self.config)
+            else:
+                why = f"model {model.name!r}: its line is full; tenant {victim.meta.tenant!r} has the longest part"
+                self._fail(victim, ErrorCode.OVERLOADED, why, retry_after(model, victim.meta.tenant, self.config))
+        if refused is not None:
+            self.stats["deadline_refused"] += refused.late
+            self._fail(call, refused.code, refused.message, refused.retry_after_ms)
             return
-        if call.deadline:
-            est = model.signals.wait_estimate(line.ahead(tenant), model.slots)
-            left = call.deadline - now
-            if est is not None and est > left:
-                self.stats["deadline_refused"] += 1
-                msg = (
-                    f"model {model.name!r}: a slot frees in about {est * 1000:.0f} ms,"
-                    f" after the request's deadline ({left * 1000:.0f} ms left)"
-                )
-                self._fail(call, ErrorCode.OVERLOADED, msg, max(1, math.ceil((est - left) * 1000)))
-                return
         call.t_queued = now
         line.push(call)
-        if call.deadline and call.timer is None:
-            call.timer = self._loop.call_later(call.deadline - now, self._expire, call)  # type: ignore[union-attr]
+        self._arm(call, now)
+
+    def _arm(self, call: Call, now: float) -> None:
+        """The call's one timer: while it waits, for the earlier of its deadline and wait bound;
+        once it runs, for its deadline."""
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        at = call.deadline if call.worker is not None else call.start_limit
+        if at:
+            call.timer = self._loop.call_later(at - now, self._expire, call)  # type: ignore[union-attr]
 
     def _start(self, call: Call, worker: WorkerEntry) -> None:
         """Open the stream on the worker and forward every request frame seen so far."""
-        loop = self._loop
         now = perf_counter()
         if call.t_queued:
             call.wait += now - call.t_queued
@@ -367,8 +338,6 @@ class QueueNode:
             if remaining <= 0:
                 return self._fail(call, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before a slot was free")
             meta = msgspec.structs.replace(meta, deadline_ms=remaining, attempt=call.attempt)
-            if call.timer is None:
-                call.timer = loop.call_later(call.deadline - now, self._expire, call)  # type: ignore[union-attr]
         elif call.attempt:
             meta = msgspec.structs.replace(meta, attempt=call.attempt)
         link = worker.link
@@ -380,17 +349,27 @@ class QueueNode:
             link.conn.send(Frame(f.type, sid, f.meta, f.payload, f.flags))
         call.worker, call.w_sid = worker, sid
         worker.calls[sid] = call
+        if call.timer is not None or call.deadline:
+            self._arm(call, now)  # from now on only the deadline counts, not the wait bound
         # Dispatched = handed to the transport: the write syscall (which wakes the worker's side)
         # is transmission, so it counts in worker-rtt, not in the node's own overhead.
         call.t_dispatch = perf_counter()
         link.flush()
 
     def serve_pending(self, worker: WorkerEntry) -> None:
-        """A worker has free slots: give them to waiting requests, oldest first."""
-        for name in worker.models:
-            pending = self.registry.models[name].pending
-            while pending and worker.free > 0:
-                self._start(pending.pop(), worker)
+        """A worker has free slots: give them to waiting requests, one per model in turn (a model
+        that is flooded takes its turn, not every slot of a worker it shares with others), each
+        model's line in its own (tenant round-robin) order."""
+        models = self.registry.models
+        lines = [models[name].pending for name in worker.models if models[name].pending]
+        turn = 0
+        while lines and worker.free > 0:
+            line = lines[turn % len(lines)]
+            self._start(line.pop(), worker)
+            if line:
+                turn += 1
+            else:
+                lines.remove(line)
 
     def _retry(self, call: Call, failed: WorkerEntry, why: str) -> None:
         self.stats["retries"] += 1
@@ -400,19 +379,28 @@ class QueueNode:
         other = call.model.pick(exclude=failed)
         if other is not None:
             self._start(call, other)
-        elif any(w is not failed for w in call.model.workers):
+        elif any(w is not failed and w.serving for w in call.model.workers):
             call.t_queued = perf_counter()
             call.model.pending.push(call, front=True)  # it has waited already: first in line
+            self._arm(call, call.t_queued)
         else:
             self._fail(call, ErrorCode.WORKER_FAILED, f"{why}; no other worker to retry on")
 
     def _expire(self, call: Call) -> None:
         call.timer = None
-        if call.worker is None:
-            call.model.pending.remove(call)
-        else:
+        deadline_ms = (call.deadline - call.t_recv) * 1000
+        if call.worker is not None:
             self._release_worker_stream(call, ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        self._fail(call, ErrorCode.DEADLINE_EXCEEDED, f"deadline of {call.meta.deadline_ms} ms exceeded")
+            return self._fail(call, ErrorCode.DEADLINE_EXCEEDED, f"deadline of {deadline_ms:.0f} ms exceeded")
+        model, tenant = call.model, call.meta.tenant
+        model.pending.remove(call)
+        if call.deadline and call.deadline <= call.start_limit:
+            return self._fail(call, ErrorCode.DEADLINE_EXCEEDED, f"deadline of {deadline_ms:.0f} ms exceeded")
+        msg = (
+            f"model {model.name!r}: waited {self.config.sync_wait_ms} ms for a slot without one (tenant"
+            f" {tenant!r} has {model.pending.depth(tenant)} more waiting)"
+        )
+        self._fail(call, ErrorCode.OVERLOADED, msg, retry_after(model, tenant, self.config))
 
     # -- from workers ------------------------------------------------------------------------------
 
@@ -431,6 +419,8 @@ class QueueNode:
                         credit = True
                     elif t is FrameType.HEARTBEAT:
                         credit = self._on_heartbeat(worker, ev) or credit
+                    elif t is FrameType.GOAWAY:
+                        self._worker_unavailable(worker, "is draining")
                     elif call is None and (job := worker.jobs.get(ev.stream_id)) is not None:
                         self.jobs.on_worker_frame(worker, job, ev)  # type: ignore[union-attr]
                 elif type(ev) is StreamReset:
@@ -453,10 +443,24 @@ class QueueNode:
         """A worker's health and load; True when it says it can serve (its slots may be used)."""
         hb = frame.meta
         assert isinstance(hb, HeartbeatMeta)
+        was_healthy = worker.healthy
         worker.healthy, worker.load = hb.healthy, hb.load
         if self.jobs is not None and worker.jobs:
             self.jobs.on_heartbeat(worker)
+        if was_healthy and not hb.healthy:
+            self._worker_unavailable(worker, "reports itself unhealthy")
         return hb.healthy
+
+    def _worker_unavailable(self, worker: WorkerEntry, why: str) -> None:
+        """A worker takes no new work (draining, unhealthy): the requests waiting for a model that
+        has no other worker now get NO_CAPACITY at once instead of waiting for nothing."""
+        log.info("worker %s %s: no new work for it", worker.node_id, why)
+        for name in worker.models:
+            model = self.registry.models[name]
+            if not model.live_workers:
+                self._fail_pending(
+                    model, ErrorCode.NO_CAPACITY, f"no worker for model {name!r} can serve: the last {why}"
+                )
 
     def _worker_event_failed(self, worker: WorkerEntry, ev: Event, exc: Exception) -> None:
         sid = getattr(ev, "stream_id", 0)
@@ -539,8 +543,8 @@ class QueueNode:
             self._worker_stream_failed(call, worker, ErrorCode.WORKER_FAILED, "the worker disconnected")
         for name in worker.models:
             model = self.registry.models[name]
-            if not model.workers:
-                self._fail_pending(model, ErrorCode.NO_CAPACITY, f"no worker for model {name!r} is connected")
+            if not model.live_workers:
+                self._fail_pending(model, ErrorCode.NO_CAPACITY, f"no worker for model {name!r} can serve")
 
     def _worker_stream_failed(self, call: Call, worker: WorkerEntry, code: int, message: str) -> None:
         self.stats["worker_failures"] += 1

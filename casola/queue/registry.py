@@ -53,8 +53,13 @@ class WorkerEntry:
         self.reserved = 0  # slots promised to job claims still in flight
 
     @property
+    def serving(self) -> bool:
+        """Takes new work: connected, not draining (its GOAWAY), healthy (its HEARTBEAT)."""
+        return self.link.is_up and self.healthy
+
+    @property
     def free(self) -> int:
-        return self.link.conn.send_credit - self.reserved if self.link.is_up and self.healthy else 0
+        return self.link.conn.send_credit - self.reserved if self.serving else 0
 
 
 class ModelEntry:
@@ -75,11 +80,12 @@ class ModelEntry:
     @property
     def slots(self) -> int:
         """Slots of the live workers: what a waiting sync request may get (any pool)."""
-        return sum(w.capacity for w in self.workers if w.link.is_up and w.healthy)
+        return sum(w.capacity for w in self.workers if w.serving)
 
     @property
     def live_workers(self) -> int:
-        return sum(1 for w in self.workers if w.link.is_up and w.healthy)
+        """Workers that take new work (see WorkerEntry.serving)."""
+        return sum(1 for w in self.workers if w.serving)
 
 
 class Registry:

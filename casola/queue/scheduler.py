@@ -97,6 +97,22 @@ class FairLine:
         self.n -= 1
         return True
 
+    def evict_for(self, tenant: str) -> Call | None:
+        """The line is full and a call of `tenant` arrives: the newest call of the tenant with the
+        longest line makes room, if that line is longer than `tenant`'s; None: `tenant`'s is as
+        long as any (the newcomer is the one to refuse). O(tenants waiting)."""
+        deepest, most = "", self.depth(tenant)
+        for name, line in self._lines.items():
+            if len(line) > most:
+                deepest, most = name, len(line)
+        if most == self.depth(tenant):
+            return None
+        call, _ = self._lines[deepest].popitem(last=True)
+        if not self._lines[deepest]:
+            del self._lines[deepest], self._ring[deepest]
+        self.n -= 1
+        return call
+
     def ahead(self, tenant: str) -> int:
         """About how many waiting calls a new call of `tenant` would wait behind: round-robin serves
         everyone's turn once per round, and this tenant has `depth` rounds to go before its turn."""

@@ -69,6 +69,7 @@ class WorkerRuntime:
         self.cancelled = 0  # calls the queue node cancelled (CANCEL or reset) while they ran or waited
         self._redialers: list[Redialer] = []
         self._draining = False
+        self._healthy = True
         self._freed: dict[LinkBase, int] = {}  # slots freed this loop iteration, per link
         self._grant_scheduled = False
         self._heartbeat: asyncio.Task[None] | None = None
@@ -78,6 +79,18 @@ class WorkerRuntime:
     @property
     def active(self) -> int:
         return len(self._tasks)
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the worker says it can serve (its HEARTBEATs' `healthy`; draining says no)."""
+        return self._healthy and not self._draining
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        """A model or the process noticed it cannot serve (a GPU fault, say), or can again: the
+        queue nodes are told at once, and send no new work while it is False."""
+        self._healthy = value
+        self._send_heartbeats()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -222,13 +235,16 @@ class WorkerRuntime:
                 task.cancel()
 
     async def _beat(self) -> None:
-        cfg = self.config
         while True:
-            await asyncio.sleep(cfg.heartbeat_interval)
-            meta = HeartbeatMeta(self.active, cfg.capacity, not self._draining, self.active / max(cfg.capacity, 1))
-            for r in self._redialers:
-                if r.link is not None and r.link.is_up:
-                    r.link.send(Frame(FrameType.HEARTBEAT, meta=meta))
+            await asyncio.sleep(self.config.heartbeat_interval)
+            self._send_heartbeats()
+
+    def _send_heartbeats(self) -> None:
+        cap = self.config.capacity
+        meta = HeartbeatMeta(self.active, cap, self.healthy, self.active / max(cap, 1))
+        for r in self._redialers:
+            if r.link is not None and r.link.is_up:
+                r.link.send(Frame(FrameType.HEARTBEAT, meta=meta))
 
     # -- shutdown ----------------------------------------------------------------------------------
 

@@ -279,9 +279,13 @@ def test_without_auth_jobs_belong_to_the_anonymous_tenant(tmp_path: Path) -> Non
 
 def test_max_inflight_sheds_job_operations_too(tmp_path: Path) -> None:
     async def main() -> None:
-        stack = await jobs_stack(tmp_path, max_inflight=0).start()
+        stack = await jobs_stack(tmp_path, max_inflight=1, max_inflight_per_tenant=1).start()
+        await stack.add_worker()
+        busy = await HttpClient.connect(stack.http_port)
         http = await HttpClient.connect(stack.http_port)
         try:
+            await busy.send("POST", "/v1/run/echo", b"x", _auth(stack.api_key, **{"X-Casola-Param-Delay-Ms": "2000"}))
+            await asyncio.sleep(0.2)  # the tenant's one place is taken
             for method, path, hdrs in (
                 ("POST", "/v1/run/echo", {"X-Casola-Async": "1"}),
                 ("GET", "/v1/jobs/some-job", {}),
@@ -291,6 +295,7 @@ def test_max_inflight_sheds_job_operations_too(tmp_path: Path) -> None:
                 assert json.loads(r.body)["error"]["code"] == "overloaded"
         finally:
             await http.close()
+            await busy.close()
             await stack.stop()
 
     run_uvloop(main)
