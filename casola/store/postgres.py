@@ -153,12 +153,20 @@ _POSITION: Final = (
     " FROM casola_jobs j WHERE j.id = $1 AND j.status = 'IN_QUEUE'"
 )
 # $1 now, $2 limit, $3 held until. SKIP LOCKED: what another node is taking at once is its own.
+# Tenants in turn, oldest first within each (see sqlite_sql.DUE_WEBHOOKS). Each tenant's oldest due
+# rows are locked with SKIP LOCKED (what another node is picking is left to it; no window function
+# may share a level with FOR UPDATE, so the turns are numbered one level up), then the batch is held.
+_DUE: Final = "status = 'COMPLETED' AND webhook_url <> '' AND NOT webhook_done AND webhook_next <= $1"
 _DUE_WEBHOOKS: Final = (
-    "WITH due AS (SELECT id AS due_id, webhook_next AS due_at, seq AS due_seq FROM casola_jobs"
-    " WHERE status = 'COMPLETED' AND webhook_url <> '' AND NOT webhook_done AND webhook_next <= $1"
-    " ORDER BY webhook_next, seq LIMIT $2 FOR UPDATE SKIP LOCKED),"
-    f" held AS (UPDATE casola_jobs SET webhook_next = $3 FROM due WHERE id = due_id RETURNING {_COLS}, due_at, due_seq)"
-    f" SELECT {_COLS} FROM held ORDER BY due_at, due_seq"
+    f"WITH tenants AS (SELECT DISTINCT tenant AS t FROM casola_jobs WHERE {_DUE}),"
+    " locked AS (SELECT j.id AS l_id, j.webhook_next AS l_at, j.seq AS l_seq, tenants.t AS l_tenant FROM tenants,"
+    f" LATERAL (SELECT id, webhook_next, seq FROM casola_jobs WHERE tenant = tenants.t AND {_DUE}"
+    " ORDER BY webhook_next, seq LIMIT $2 FOR UPDATE SKIP LOCKED) j),"
+    " picked AS (SELECT l_id, l_at, l_seq, ROW_NUMBER() OVER (PARTITION BY l_tenant ORDER BY l_at, l_seq) AS turn"
+    " FROM locked ORDER BY turn, l_at, l_seq LIMIT $2),"
+    " held AS (UPDATE casola_jobs SET webhook_next = $3 FROM picked WHERE id = l_id"
+    f" RETURNING {', '.join(f'casola_jobs.{c}' for c in JOB_COLUMNS)}, turn, l_at, l_seq)"
+    f" SELECT {_COLS} FROM held ORDER BY turn, l_at, l_seq"
 )
 # Jobs then audit records from before $1, in one statement (a data-modifying CTE always runs).
 _PURGE: Final = (

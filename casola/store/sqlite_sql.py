@@ -127,9 +127,12 @@ INSERT_AUDIT: Final = (
 AUDITS: Final = f"SELECT {_AUDIT_COLS} FROM casola_audits WHERE at >= ? ORDER BY at, seq LIMIT ?"
 AUDITS_OF: Final = f"SELECT {_AUDIT_COLS} FROM casola_audits WHERE tenant = ? AND at >= ? ORDER BY at, seq LIMIT ?"
 # Webhooks: the due ones (now, limit), then each one held (until, id) in the same transaction.
+# Tenants in turn, oldest first within each (rank within the tenant, then age): one tenant's backlog
+# of failing receivers does not hold up another tenant's webhooks.
 DUE_WEBHOOKS: Final = (
-    f"{_SELECT} WHERE status = 'COMPLETED' AND webhook_url <> '' AND NOT webhook_done"
-    " AND webhook_next <= ? ORDER BY webhook_next, seq LIMIT ?"
+    f"SELECT {COLS} FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY webhook_next, seq) AS turn"
+    " FROM casola_jobs WHERE status = 'COMPLETED' AND webhook_url <> '' AND NOT webhook_done AND webhook_next <= ?)"
+    " ORDER BY turn, webhook_next, seq LIMIT ?"
 )
 HOLD_WEBHOOK: Final = "UPDATE casola_jobs SET webhook_next = ? WHERE id = ?"
 # :done is "delivered or given up"; a job already done stays done.

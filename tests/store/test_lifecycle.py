@@ -32,8 +32,8 @@ async def leased(store: JobStore, owner: str = "node-a/w1", now: float = 10.0, *
     return job
 
 
-async def completed_with_hook(store: JobStore, now: float) -> Job:
-    job = await leased(store, now=now - 1.0, webhook_url=HOOK)
+async def completed_with_hook(store: JobStore, now: float, tenant: str = "t") -> Job:
+    job = await leased(store, now=now - 1.0, webhook_url=HOOK, tenant=tenant)
     assert await store.complete(job.id, job.fence, now, result=b"r")
     got = await store.get(job.id, None)
     assert got is not None
@@ -168,6 +168,18 @@ async def test_due_webhooks_are_oldest_first_at_most_limit_and_held(store: JobSt
     assert await store.due_webhooks(14.0, 10) == []
     assert {job.id for job in await store.due_webhooks(15.0, 10)} == {a.id, b.id}  # their hold ran out
     assert [job.id for job in await store.due_webhooks(16.0, 10)] == [c.id]
+
+
+@pytest.mark.asyncio
+async def test_due_webhooks_take_tenants_in_turn(store: JobStore) -> None:
+    """One tenant's backlog of due webhooks (receivers that fail, retried) does not hold up another
+    tenant's: each batch takes the tenants round-robin, oldest first within each."""
+    flood = [await completed_with_hook(store, 1.0 + i / 100, tenant="a") for i in range(30)]
+    other = await completed_with_hook(store, 9.0, tenant="b")
+    first = [job.id for job in await store.due_webhooks(10.0, 4)]
+    assert first == [flood[0].id, other.id, flood[1].id, flood[2].id]
+    rest = [job.id for job in await store.due_webhooks(10.0, 100)]
+    assert rest == [job.id for job in flood[3:]]
 
 
 @pytest.mark.asyncio
