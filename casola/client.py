@@ -269,9 +269,7 @@ class Client:
 
     def _cancel(self, sid: int) -> None:
         self._streams.pop(sid, None)
-        if self._link.conn.is_open(sid):
-            self._link.conn.reset(sid, ErrorCode.CANCELLED, "cancelled by the client")
-            self._link.flush()
+        self._link.reset_if_open(sid, ErrorCode.CANCELLED, "cancelled by the client")
 
     def _on_events(self, events: list[Event]) -> None:
         streams = self._streams

@@ -91,9 +91,7 @@ class _Relay:
     def fail(self, exc: BaseException) -> None:
         """Relaying this answer raised (e.g. its metadata is over the client's advertised max_meta):
         this stream ends with an error, the client's other streams go on."""
-        if self.client.conn.is_open(self.csid):
-            self.client.conn.reset(self.csid, ErrorCode.INTERNAL, f"the answer could not be relayed: {exc}"[:200])
-            self.client.flush()
+        self.client.reset_if_open(self.csid, ErrorCode.INTERNAL, f"the answer could not be relayed: {exc}"[:200])
         self.end()
 
     def cancel(self, message: str) -> None:
@@ -183,9 +181,7 @@ class FrameListener:
         log.error("client stream %d failed in the ingress; ending that stream only", sid, exc_info=exc)
         if (relay := link.tag.relays.get(sid)) is not None:
             relay.cancel("internal error in the ingress")
-        if sid and link.conn.is_open(sid):
-            link.conn.reset(sid, ErrorCode.INTERNAL, "internal error")
-            link.flush()
+        link.reset_if_open(sid, ErrorCode.INTERNAL, "internal error")
 
     def _open(self, link: LinkBase, frame: Frame) -> None:
         meta = frame.meta

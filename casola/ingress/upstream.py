@@ -142,9 +142,7 @@ class Upstream:
     @staticmethod
     def cancel(link: LinkBase, sid: int, message: str = "client went away") -> None:
         link.tag.pop(sid, None)
-        if link.conn.is_open(sid):
-            link.conn.reset(sid, ErrorCode.CANCELLED, message)
-            link.flush()
+        link.reset_if_open(sid, ErrorCode.CANCELLED, message)
 
     def snapshot(self) -> list[dict[str, object]]:
         out = []

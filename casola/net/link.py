@@ -91,6 +91,15 @@ class LinkBase:
         self.send(frame)
         return True
 
+    def reset_if_open(self, sid: int, code: int, message: str = "") -> bool:
+        """End stream `sid` early (CANCEL if we opened it, ERROR if the peer did) and write it, unless
+        it has ended already; returns whether it was open. Raises nothing for a closed stream."""
+        if not sid or not self.conn.is_open(sid):
+            return False
+        self.conn.reset(sid, code, message)
+        self.flush()
+        return True
+
     def flush(self) -> None:
         """Write whatever the core queued (after calls that queue frames directly on `conn`)."""
         if _batch_depth:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from casola.net.link import LinkBase
-from casola.wire import Frame, RequestMeta
+from casola.wire import EndMeta, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta
 
 if TYPE_CHECKING:
     from asyncio import TimerHandle
@@ -107,6 +107,27 @@ class Call:
     def retryable(self) -> bool:
         """Not answered yet, not retried yet, and every request frame still at hand."""
         return not self.head_seen and self.attempt == 0 and bool(self.frames)  # keep() empties it past RETAIN_MAX
+
+    def answer(self, frame: Frame, t_answer: float, now: float) -> Frame:
+        """The worker's answer frame (RESPONSE, DATA, END, ERROR) as the ingress gets it: on the
+        ingress's stream id, the same payload, and in the frames that carry timing the node's stages
+        first, then the worker's (work), then the filter's."""
+        ft, meta = frame.type, frame.meta
+        if ft is FrameType.DATA:
+            return Frame(ft, self.ing_sid, None, frame.payload, frame.flags)
+        assert isinstance(meta, ResponseMeta | EndMeta | ErrorMeta)
+        timing = self.timing(t_answer, now, None)
+        timing.update(meta.timing)
+        if self.filter is not None:
+            timing["filter"] = self.filter.dur_ms
+        out: ResponseMeta | EndMeta | ErrorMeta
+        if isinstance(meta, ResponseMeta):
+            out = ResponseMeta(meta.content_type, meta.headers, timing)
+        elif isinstance(meta, EndMeta):
+            out = EndMeta(timing, meta.fence, meta.trailers)
+        else:
+            out = ErrorMeta(meta.code, meta.message, meta.retry_after_ms, meta.param, timing)
+        return Frame(ft, self.ing_sid, out, frame.payload, frame.flags)
 
     def timing(self, t_answer: float, now: float, work: float | None) -> dict[str, float]:
         """Stage durations in milliseconds, in Server-Timing order: the worker's answer arrived at

@@ -368,9 +368,8 @@ class Jobs:
 
     def _cancel_stream(self, rj: RunningJob, code: int, message: str) -> None:
         link = rj.worker.link
-        if link.is_up and link.conn.is_open(rj.w_sid):
-            link.conn.reset(rj.w_sid, code, message)
-            link.flush()
+        if link.is_up:
+            link.reset_if_open(rj.w_sid, code, message)
 
     # -- store writes --------------------------------------------------------------------------------
 

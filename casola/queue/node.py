@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -33,7 +32,6 @@ from casola.queue.jobops import JobOp
 from casola.queue.jobs import Jobs
 from casola.queue.registry import ModelEntry, Registry, WorkerEntry
 from casola.wire import (
-    EndMeta,
     ErrorCode,
     ErrorMeta,
     Event,
@@ -44,7 +42,6 @@ from casola.wire import (
     HelloMeta,
     Limits,
     RequestMeta,
-    ResponseMeta,
     StreamReset,
     error_info,
 )
@@ -75,14 +72,7 @@ class QueueNode:
     def __init__(self, config: QueueConfig, verifier: Verifier | None) -> None:
         self.config = config
         self.registry = Registry(config.models)
-        self.stats: dict[str, int] = {
-            "requests": 0,
-            "retries": 0,
-            "refused": 0,
-            "deadline_refused": 0,
-            "worker_failures": 0,
-        }
-        self._verifier = verifier
+        self.stats = dict.fromkeys(("requests", "retries", "refused", "deadline_refused", "worker_failures"), 0)
         self._server: asyncio.Server | None = None
         self._links: set[LinkBase] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -261,7 +251,7 @@ class QueueNode:
         kept = call.keep(frame) if not call.head_seen else True
         if call.worker is not None:
             w = call.worker
-            self._send_worker(w, Frame(frame.type, call.w_sid, frame.meta, frame.payload, frame.flags))
+            w.link.send_if_open(Frame(frame.type, call.w_sid, frame.meta, frame.payload, frame.flags))
         elif not kept:
             self._fail(
                 call, ErrorCode.PAYLOAD_TOO_LARGE, f"request bodies waiting for a slot are capped at {RETAIN_MAX} bytes"
@@ -280,9 +270,7 @@ class QueueNode:
             elif item is not None:
                 item.cancel()
         finally:
-            if sid and link.conn.is_open(sid):
-                link.conn.reset(sid, ErrorCode.INTERNAL, "internal error in the queue node")
-                link.flush()
+            link.reset_if_open(sid, ErrorCode.INTERNAL, "internal error in the queue node")
 
     def _ingress_lost(self, link: LinkBase, exc: BaseException | None) -> None:
         self._forget_link(link)
@@ -414,7 +402,7 @@ class QueueNode:
                     t = ev.type
                     call = worker.calls.get(ev.stream_id)
                     if call is not None and (t is RESPONSE or t is DATA or t is END or t is ERROR):
-                        self._FROM_WORKER[t](self, call, ev, t_answer)
+                        self._from_worker(call, ev, t_answer)
                     elif t is FrameType.CREDIT:
                         credit = True
                     elif t is FrameType.HEARTBEAT:
@@ -473,63 +461,25 @@ class QueueNode:
             elif job is not None and self.jobs is not None:
                 self.jobs.on_worker_reset(job, "internal error in the queue node")
         finally:
-            if sid and worker.link.conn.is_open(sid):
-                worker.link.conn.reset(sid, ErrorCode.INTERNAL, "internal error in the queue node")
-                worker.link.flush()
+            worker.link.reset_if_open(sid, ErrorCode.INTERNAL, "internal error in the queue node")
 
-    def _on_response(self, call: Call, frame: Frame, t_answer: float) -> None:
-        call.head_seen = True
-        call.frames = []  # no retry from here on: let the request buffers go
-        meta = frame.meta
-        assert isinstance(meta, ResponseMeta)
-        timing = call.timing(t_answer, perf_counter(), None)
-        timing.update(meta.timing)  # the worker's stages (work) after the node's
-        if call.filter is not None:
-            timing["filter"] = call.filter.dur_ms
-        out = ResponseMeta(meta.content_type, meta.headers, timing)
-        self._to_ingress(call, Frame(RESPONSE, call.ing_sid, out, frame.payload, frame.flags))
-        if frame.end:
+    def _from_worker(self, call: Call, frame: Frame, t_answer: float) -> None:
+        """A RESPONSE, DATA, END or ERROR of the worker running `call`: on to the ingress (an ERROR
+        before the answer's head is retried once on another worker when it says it may be)."""
+        t = frame.type
+        if t is RESPONSE:
+            call.head_seen = True
+            call.frames = []  # no retry from here on: let the request buffers go
+        elif t is ERROR:
+            worker = call.worker
+            assert worker is not None and isinstance(frame.meta, ErrorMeta)
+            worker.calls.pop(call.w_sid, None)
+            code = frame.meta.code
+            if call.retryable and error_info(code).retryable and code not in _NOT_RETRIED:
+                return self._retry(call, worker, f"worker {worker.node_id} failed: {frame.meta.message}")
+        call.ing.send_if_open(call.answer(frame, t_answer, perf_counter()))
+        if frame.end or t is ERROR:
             self._done(call)
-
-    def _on_data(self, call: Call, frame: Frame, t_answer: float) -> None:
-        self._to_ingress(call, Frame(DATA, call.ing_sid, None, frame.payload, frame.flags))
-        if frame.end:
-            self._done(call)
-
-    def _on_end(self, call: Call, frame: Frame, t_answer: float) -> None:
-        meta = frame.meta
-        assert isinstance(meta, EndMeta)
-        timing = call.timing(t_answer, perf_counter(), None)
-        timing.update(meta.timing)
-        if call.filter is not None:
-            timing["filter"] = call.filter.dur_ms
-        out = EndMeta(timing, meta.fence, meta.trailers)
-        self._to_ingress(call, Frame(END, call.ing_sid, out, frame.payload, frame.flags))
-        self._done(call)
-
-    def _on_error(self, call: Call, frame: Frame, t_answer: float) -> None:
-        meta = frame.meta
-        assert isinstance(meta, ErrorMeta)
-        worker = call.worker
-        assert worker is not None
-        worker.calls.pop(call.w_sid, None)
-        if call.retryable and error_info(meta.code).retryable and meta.code not in _NOT_RETRIED:
-            self._retry(call, worker, f"worker {worker.node_id} failed: {meta.message}")
-            return
-        timing = call.timing(t_answer, perf_counter(), None)
-        timing.update(meta.timing)
-        if call.filter is not None:
-            timing["filter"] = call.filter.dur_ms
-        out = ErrorMeta(meta.code, meta.message, meta.retry_after_ms, meta.param, timing)
-        self._to_ingress(call, Frame(ERROR, call.ing_sid, out))
-        self._done(call)
-
-    _FROM_WORKER: dict[FrameType, Callable[[QueueNode, Call, Frame, float], None]] = {
-        RESPONSE: _on_response,
-        DATA: _on_data,
-        END: _on_end,
-        ERROR: _on_error,
-    }
 
     def _worker_lost(self, link: LinkBase, exc: BaseException | None) -> None:
         self._forget_link(link)
@@ -574,9 +524,7 @@ class QueueNode:
     def _release_worker_stream(self, call: Call, code: int, message: str) -> None:
         worker = call.worker
         if worker is not None and worker.calls.pop(call.w_sid, None) is not None:
-            if worker.link.conn.is_open(call.w_sid):
-                worker.link.conn.reset(call.w_sid, code, message)
-                worker.link.flush()
+            worker.link.reset_if_open(call.w_sid, code, message)
 
     def _fail(self, call: Call, code: int, message: str, retry_after_ms: int = 0) -> None:
         self.stats["refused"] += 1
@@ -584,7 +532,7 @@ class QueueNode:
         timing = {"queue-overhead": (now - call.t_recv - call.wait - call.held_s) * 1000, "wait": call.wait * 1000}
         if call.filter is not None:
             timing["filter"] = call.filter.dur_ms
-        self._to_ingress(call, Frame(ERROR, call.ing_sid, ErrorMeta(code, message, retry_after_ms, timing=timing)))
+        call.ing.send_if_open(Frame(ERROR, call.ing_sid, ErrorMeta(code, message, retry_after_ms, timing=timing)))
         self._done(call)
 
     def _fail_pending(self, model: ModelEntry, code: int, message: str) -> None:
@@ -625,12 +573,6 @@ class QueueNode:
         call.held = False
         call.held_s = now - call.t_recv
         self._schedule(call, now)
-
-    def _to_ingress(self, call: Call, frame: Frame) -> None:
-        call.ing.send_if_open(frame)
-
-    def _send_worker(self, worker: WorkerEntry, frame: Frame) -> None:
-        worker.link.send_if_open(frame)
 
     # -- what operators and the ingress read ---------------------------------------------------------
 

@@ -494,7 +494,8 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def due_webhooks(self, now: float, limit: int, hold_s: float = 30.0) -> list[Job]:
-        """The completed jobs whose webhook delivery is due by `now`, oldest `webhook_next` first.
+        """The completed jobs whose webhook delivery is due by `now`: tenants in turn, and each
+        tenant's oldest `webhook_next` first (one tenant's backlog does not hold up another's).
 
         At most `limit` jobs; their `webhook_next` moves to `now + hold_s` in the same atomic step,
         so another queue node asking meanwhile does not get them too. If the caller dies before

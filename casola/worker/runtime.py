@@ -148,9 +148,7 @@ class WorkerRuntime:
         sid = getattr(ev, "stream_id", 0)
         log.error("%s: stream %d failed; ending that stream only", self.node_id, sid, exc_info=exc)
         self._cancel(link, sid)
-        if sid and link.conn.is_open(sid):
-            link.conn.reset(sid, ErrorCode.INTERNAL, "internal error in the worker")
-            link.flush()
+        link.reset_if_open(sid, ErrorCode.INTERNAL, "internal error in the worker")
 
     def _begin(self, link: LinkBase, frame: Frame) -> None:
         call = WorkCall(link, frame.stream_id, frame)

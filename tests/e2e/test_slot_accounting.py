@@ -24,6 +24,7 @@ from casola.net.handshake import dial_tcp
 from casola.net.link import LinkBase
 from casola.wire import (
     FLAG_END,
+    CancelMeta,
     ErrorCode,
     Event,
     Frame,
@@ -214,3 +215,61 @@ SlotAccounting.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_every_slot_comes_back = SlotAccounting.TestCase
+
+
+def test_a_thousand_clients_that_disconnect_at_once_leave_every_slot_free(tmp_path: Path) -> None:
+    """Each client sends its request and closes at once (wrk and h2load do at the end of a run; a
+    client timing out does): the REQUEST and its CANCEL reach the worker together, often in one read."""
+
+    async def main() -> None:
+        stack = await Stack(tmp_path).start()
+        rt, echo = await stack.add_worker(capacity=64)
+        key = stack.api_key
+
+        hello = b"".join(
+            bytes(b) for b in encode_frame(Frame(FrameType.HELLO, meta=HelloMeta("client", credential=key)))
+        )
+
+        async def hit_and_run(i: int) -> None:
+            """Odd ones over HTTP, even ones over raw frames (REQUEST and CANCEL in one write)."""
+            if i % 2:
+                _, writer = await asyncio.open_connection("127.0.0.1", stack.http_port)
+                body = b"x" * (i % 7)
+                writer.write(
+                    f"POST /v1/run/echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n"
+                    f"X-Casola-Param-Delay-Ms: {i % 3 * 20}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+            else:
+                reader, writer = await asyncio.open_connection("127.0.0.1", stack.frames_port)
+                writer.write(hello)
+                await reader.readexactly(20)  # HELLO_ACK's head: the stream may open now
+                meta = RequestMeta("echo", params={"delay-ms": i % 3 * 20})
+                frames = [Frame(FrameType.REQUEST, 1, meta, b"x", FLAG_END), Frame(FrameType.CANCEL, 1, CancelMeta())]
+                writer.write(b"".join(bytes(b) for f in frames for b in encode_frame(f)))
+            writer.close()
+
+        try:
+            for batch in range(10):
+                await asyncio.gather(*(hit_and_run(batch * 100 + i) for i in range(100)))
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 15
+            while rt.active or stack.node.registry.snapshot()["echo"]["free"] != 64:
+                assert loop.time() < end, (rt.active, stack.node.registry.snapshot())
+                await asyncio.sleep(0.02)
+            http = await HttpClient.connect(stack.http_port)
+            try:
+                health = msgspec.json.decode((await http.request("GET", "/healthz")).body)
+                r = await http.request("POST", "/v1/run/echo", b"still served", {"Authorization": f"Bearer {key}"})
+            finally:
+                await http.close()
+            echo_health = health["models"]["echo"]
+            print(f"1,000 disconnecting clients: handler started {echo.started}, cancelled {rt.cancelled};"
+                  f" /healthz free {echo_health['free']} of {echo_health['slots']}")  # fmt: skip
+            assert echo_health["free"] == echo_health["slots"] == 64
+            assert (r.status, r.body) == (200, b"still served")
+        finally:
+            await stack.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(main(), 60))

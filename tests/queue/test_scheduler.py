@@ -114,3 +114,37 @@ def test_async_jobs_never_take_sync_capacity_unless_lent() -> None:
     assert async_free(worker("shared", 2), lend=False, reserve=1) == 2
     assert pick_async([s, worker("async", 0)], lend=False, reserve=1) is None
     assert pick_async([s, worker("async", 2)], lend=True, reserve=0) is s
+
+
+def test_a_full_line_makes_room_by_the_longest_line_first() -> None:
+    """The line is full: a tenant with fewer waiting takes the newest place of the tenant with the
+    most; a tenant as deep as any is the one refused (None)."""
+    line = FairLine()
+    a = [call("a", i) for i in range(5)]
+    b = [call("b", i) for i in range(2)]
+    for c in (*a, *b):
+        line.push(c)
+    assert line.evict_for("c") is a[-1]  # a newcomer: a's newest goes
+    assert line.depth("a") == 4 and len(line) == 6
+    assert line.evict_for("b") is a[-2]  # b waits less than a
+    assert line.evict_for("a") is None  # a's is the longest line: a's newcomer is refused
+    even = FairLine()
+    for t in ("x", "y"):
+        even.push(call(t))
+    assert even.evict_for("x") is None  # as deep as any: refused, nobody evicted
+    assert len(even) == 2
+
+
+@given(st.lists(st.sampled_from("abcd"), min_size=1, max_size=60), st.sampled_from("abcde"))
+def test_eviction_never_takes_from_a_line_no_longer_than_the_newcomers(tenants: list[str], newcomer: str) -> None:
+    line = FairLine()
+    for i, t in enumerate(tenants):
+        line.push(call(t, i))
+    depths = {t: line.depth(t) for t in "abcde"}
+    victim = line.evict_for(newcomer)
+    if victim is None:
+        assert depths[newcomer] == max(depths.values())
+    else:
+        assert depths[victim.meta.tenant] == max(depths.values()) > depths[newcomer]
+        assert victim.n == max(i for i, t in enumerate(tenants) if t == victim.meta.tenant)  # its newest
+        assert len(line) == len(tenants) - 1 and victim not in line
