@@ -29,7 +29,6 @@ from casola.ingress.upstream import Upstream
 from casola.net.handshake import Refused, serve_tcp
 from casola.net.link import LinkBase
 from casola.wire import (
-    ConnState,
     EndMeta,
     ErrorCode,
     ErrorMeta,
@@ -153,9 +152,7 @@ class FrameListener:
     def _unauthenticated(link: LinkBase, err: AuthError) -> None:
         """The key went bad while the connection was open (revoked, expired): end it now."""
         log.warning("frame client %s: %s; closing its connection", link.peername, err.message)
-        if link.is_up or link.conn.state is ConnState.DRAINING:
-            link.conn.goaway(ErrorCode.UNAUTHENTICATED, err.message[:200])
-        link.close()
+        link.terminate(ErrorCode.UNAUTHENTICATED, err.message)
 
     def _on_events(self, link: LinkBase, events: list[Event]) -> None:
         relays = link.tag.relays

@@ -133,6 +133,12 @@ class LinkBase:
             self._reading_paused = False
             self._set_reading(True)
 
+    def terminate(self, code: int, message: str) -> None:
+        """End the connection: GOAWAY(`code`) unless it has ended already, then close."""
+        if self.is_up or self.conn.state is ConnState.DRAINING:
+            self.conn.goaway(code, message[:200])
+        self.close()
+
     def close(self) -> None:
         """Flush what is queued (a GOAWAY, say), then close."""
         self._flush()

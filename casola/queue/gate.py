@@ -18,7 +18,7 @@ from casola.auth import SCOPE_INGRESS, SCOPE_WORKER, AuthError, Claims, Credenti
 from casola.net.handshake import Refused
 from casola.net.link import LinkBase
 from casola.net.memlink import MemoryEnd
-from casola.wire import ConnState, ErrorCode, HelloMeta
+from casola.wire import ErrorCode, HelloMeta
 
 __all__ = ["Gate", "PeerKind"]
 
@@ -84,6 +84,4 @@ class Gate:
 def _unauthenticated(link: LinkBase, kind: PeerKind, err: AuthError) -> None:
     """A connected peer's key was revoked or expired: end its link now."""
     log.warning("%s %s: %s; closing its link", kind, link.peername, err.message)
-    if link.is_up or link.conn.state is ConnState.DRAINING:
-        link.conn.goaway(ErrorCode.UNAUTHENTICATED, err.message[:200])
-    link.close()
+    link.terminate(ErrorCode.UNAUTHENTICATED, err.message)
