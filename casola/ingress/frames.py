@@ -23,7 +23,7 @@ import msgspec
 from casola.auth import SCOPE_RUN, AuthError
 from casola.ingress.admission import Refusal, Ticket
 from casola.ingress.fields import BadField, field_value
-from casola.ingress.jobs import ANONYMOUS, Caller, caller_of
+from casola.ingress.jobs import Caller, caller_of
 from casola.ingress.native import SLOW_CLIENT_MAX
 from casola.ingress.upstream import Upstream
 from casola.net.handshake import Refused, serve_tcp
@@ -140,7 +140,8 @@ class FrameListener:
         except AuthError as exc:
             code = ErrorCode.FORBIDDEN_ROLE if exc.status == 403 else ErrorCode.UNAUTHENTICATED
             raise Refused(code, exc.message) from exc
-        client = link.tag = _Client(caller_of(claims, "") if claims is not None else Caller(ANONYMOUS, ""))
+        caller = caller_of(claims, "") if claims is not None else Caller("", "")  # auth off: no tenant
+        client = link.tag = _Client(caller)
         if claims is not None and self.ing.watch is not None:
             client.watch = self.ing.watch.add(claims, lambda err: self._unauthenticated(link, err))
         link.on_events, link.on_lost = self._on_events, self._on_lost

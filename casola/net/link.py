@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,15 +33,31 @@ def _ignore_events(link: LinkBase, events: list[Event]) -> None:
 # Write coalescing. While a batch of received events is being handled, frames sent to any link are
 # only queued; the batch's end writes each touched link once. At concurrency 32 one incoming batch
 # can dispatch 32 requests: one syscall instead of 32. Nothing waits longer than the batch itself.
-_batch_depth = 0
-_dirty: list[LinkBase] = []
+# The state is the event loop's (one per loop, never module-global: two loops in one process, as
+# tests run them, must not share a batch).
+class _Batch:
+    __slots__ = ("depth", "dirty")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: list[LinkBase] = []
+
+    def flush(self) -> None:
+        dirty = self.dirty
+        while dirty:
+            link = dirty.pop()
+            link._dirty = False
+            link._flush()
 
 
-def _flush_dirty() -> None:
-    while _dirty:
-        link = _dirty.pop()
-        link._dirty = False
-        link._flush()
+_BATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batch] = weakref.WeakKeyDictionary()
+
+
+def _batch_of(loop: asyncio.AbstractEventLoop) -> _Batch:
+    batch = _BATCHES.get(loop)
+    if batch is None:
+        batch = _BATCHES[loop] = _Batch()
+    return batch
 
 
 class LinkBase:
@@ -60,6 +77,7 @@ class LinkBase:
         self.peername: Any = None  # (host, port), for logs
         self.error_log: RateLimitedLog | None = None  # accepted links: the listener's log of bad peers
         self._loop = asyncio.get_running_loop()
+        self._batch = _batch_of(self._loop)
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -102,10 +120,10 @@ class LinkBase:
 
     def flush(self) -> None:
         """Write whatever the core queued (after calls that queue frames directly on `conn`)."""
-        if _batch_depth:
+        if self._batch.depth:
             if not self._dirty:
                 self._dirty = True
-                _dirty.append(self)
+                self._batch.dirty.append(self)
         else:
             self._flush()
 
@@ -173,9 +191,9 @@ class LinkBase:
         raise NotImplementedError
 
     def _deliver(self, events: list[Event]) -> None:
-        global _batch_depth
+        batch = self._batch
         if events:
-            _batch_depth += 1
+            batch.depth += 1
             try:
                 self.on_events(self, events)
             except Exception:  # a role's bug must not become a fatal transport error (STYLE §5)
@@ -184,9 +202,9 @@ class LinkBase:
                     self.conn.goaway(ErrorCode.INTERNAL_ERROR, "internal error")
                 self._shut_after_error = True
             finally:
-                _batch_depth -= 1
-                if not _batch_depth:
-                    _flush_dirty()
+                batch.depth -= 1
+                if not batch.depth:
+                    batch.flush()
         if self.conn.state is ConnState.CLOSED or self._shut_after_error:
             self.close()  # flushes the GOAWAY the core may have queued
         else:

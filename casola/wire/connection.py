@@ -25,8 +25,8 @@ from casola.wire.encoder import encode_frame
 from casola.wire.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from casola.wire.events import Buffer, ConnectionTerminated, Event, Frame, PingAcked, StreamReset
 from casola.wire.frames import FLAG_END, FRAME_RULES, PROTOCOL_VERSION, SUPPORTED_VERSIONS, FrameType
+from casola.wire.lifecycle import FIRST_FRAMES, ConnState, Direction, Kind, Side, kind_of
 from casola.wire.lifecycle import TRANSITIONS as LIFECYCLE
-from casola.wire.lifecycle import ConnState, Direction, Kind, Side
 from casola.wire.limits import DEFAULT_LIMITS, MAX_CREDIT, MAX_STREAM_ID, Limits
 from casola.wire.meta import CancelMeta, CreditMeta, ErrorMeta, GoAwayMeta, HelloAckMeta, HelloMeta
 from casola.wire.stream import Sender, StreamState, next_state
@@ -37,29 +37,8 @@ _OPEN: Final = ConnState.OPEN
 _STREAM_CLOSED: Final = StreamState.CLOSED
 _OPENER, _RESPONDER = Sender.OPENER, Sender.RESPONDER
 MIN_ADVERTISED: Final = 1024  # smallest max_meta/max_payload a peer may advertise (SPEC §8)
-_CONTROL: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.CREDIT, FrameType.HEARTBEAT})
 # Frames whose payload is a piece of a body: one over the peer's limit is sent as several (SPEC §8).
 _SPLITTABLE: Final = frozenset({FrameType.REQUEST, FrameType.RESPONSE, FrameType.DATA})
-
-
-_FIRST: Final = {
-    Side.ACCEPTOR: (frozenset({FrameType.HELLO, FrameType.GOAWAY}), None),
-    Side.DIALER: (frozenset({FrameType.HELLO_ACK, FrameType.GOAWAY}), FrameType.HELLO_ACK),
-}
-
-
-def _kind(frame: Frame) -> Kind:
-    """The life-cycle input of a connection frame (new streams are classified by the caller)."""
-    t = frame.type
-    if t is FrameType.GOAWAY:
-        return Kind.GOAWAY if frame.meta.code == ErrorCode.NO_ERROR else Kind.GOAWAY_ERROR  # type: ignore[union-attr]
-    if t in _CONTROL:
-        return Kind.CONTROL
-    if t is FrameType.HELLO:
-        return Kind.HELLO
-    if t is FrameType.HELLO_ACK:
-        return Kind.HELLO_ACK
-    return Kind.STREAM
 
 
 class Connection:
@@ -96,7 +75,7 @@ class Connection:
         self.send_credit = 0  # streams we may still open
         # SPEC §6.1: until the handshake, an acceptor takes only HELLO or GOAWAY, a dialer only
         # HELLO_ACK or GOAWAY; the decoder refuses anything else at its header (§2.3 check 7).
-        first, opens_on = _FIRST[side]
+        first, opens_on = FIRST_FRAMES[side]
         self._decoder = FrameDecoder(limits, expect=first, opens_on=opens_on)
         self._rx_credit = CreditWindow(auto=auto_credit)
         self._out: list[Buffer | Frame] = []
@@ -427,7 +406,7 @@ class Connection:
         events.append(frame)
 
     def _on_goaway(self, frame: Frame, events: list[Event]) -> None:
-        self._check_lifecycle(Direction.RECV, _kind(frame), frame)
+        self._check_lifecycle(Direction.RECV, kind_of(frame), frame)
         meta = frame.meta
         events.append(frame)
         self.send_credit = 0
@@ -495,7 +474,7 @@ class Connection:
 
     def _send_connection_frame(self, frame: Frame) -> None:
         t, meta = frame.type, frame.meta
-        new_state = self._check_lifecycle(Direction.SEND, _kind(frame), frame)
+        new_state = self._check_lifecycle(Direction.SEND, kind_of(frame), frame)
         if t is FrameType.CREDIT:
             if self._rx_credit.outstanding + meta.grant + self._peer_open > self.limits.max_streams:  # type: ignore[union-attr]
                 raise LocalProtocolError(ErrorCode.CREDIT_VIOLATION, "grant exceeds limits.max_streams")

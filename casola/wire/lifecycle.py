@@ -12,9 +12,15 @@ Invariants:
 from __future__ import annotations
 
 import enum
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-__all__ = ["TRANSITIONS", "ConnState", "Direction", "Kind", "Side"]
+from casola.wire.errors import ErrorCode
+from casola.wire.frames import FrameType
+
+if TYPE_CHECKING:
+    from casola.wire.events import Frame
+
+__all__ = ["FIRST_FRAMES", "TRANSITIONS", "ConnState", "Direction", "Kind", "Side", "kind_of"]
 
 
 class Side(enum.Enum):
@@ -82,3 +88,26 @@ for _side in Side:
 
 TRANSITIONS: Final[dict[tuple[Side, ConnState, Direction, Kind], ConnState]] = {**_handshake, **_established}
 del D, A, C, SEND, RECV, K, _handshake, _established
+
+_CONTROL: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.CREDIT, FrameType.HEARTBEAT})
+
+# SPEC §6.1, §2.3 check 7: what each side may receive before the handshake completes, and the frame
+# whose arrival completes it for the frames that follow in the same read (the dialer's HELLO_ACK).
+FIRST_FRAMES: Final[dict[Side, tuple[frozenset[FrameType], FrameType | None]]] = {
+    Side.ACCEPTOR: (frozenset({FrameType.HELLO, FrameType.GOAWAY}), None),
+    Side.DIALER: (frozenset({FrameType.HELLO_ACK, FrameType.GOAWAY}), FrameType.HELLO_ACK),
+}
+
+
+def kind_of(frame: Frame) -> Kind:
+    """The life-cycle input of a connection frame (new streams are classified by the caller)."""
+    t = frame.type
+    if t is FrameType.GOAWAY:
+        return Kind.GOAWAY if frame.meta.code == ErrorCode.NO_ERROR else Kind.GOAWAY_ERROR  # type: ignore[union-attr]
+    if t in _CONTROL:
+        return Kind.CONTROL
+    if t is FrameType.HELLO:
+        return Kind.HELLO
+    if t is FrameType.HELLO_ACK:
+        return Kind.HELLO_ACK
+    return Kind.STREAM
