@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
+import uvloop  # a dependency (setup.cfg): never skipped
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -35,8 +35,6 @@ from casola.wire import (
     encode_frame,
 )
 from tests.e2e.stack import HttpClient, Stack
-
-uvloop = pytest.importorskip("uvloop")
 
 CAPACITY = 4
 
