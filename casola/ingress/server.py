@@ -198,7 +198,8 @@ class Ingress:
         the request body (already set as the exchange's body callbacks). None: refused and answered."""
         if run_async:
             return asyncapi.submit(self, ex, meta, caller)
-        if (why := caller.priority_refusal(meta.priority)) is not None:
+        if meta.priority > caller.max_priority:
+            why = caller.priority_refusal(meta.priority) or ""
             send_wire_error(ex, ErrorCode.PERMISSION_DENIED, why, param="priority")
             return None
         region = caller.region

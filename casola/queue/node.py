@@ -220,8 +220,8 @@ class QueueNode:
         model = self.registry.models.get(meta.model)
         if model is None:
             return self._refuse(link, sid, ErrorCode.UNKNOWN_MODEL, f"model {meta.model!r} is not served here")
-        if not model.live_workers:  # none connected, or every one draining or unhealthy: no waiting
-            msg = f"no worker for model {meta.model!r} can serve ({len(model.workers)} connected)"
+        if not model.workers:
+            msg = f"no worker for model {meta.model!r} is connected"
             return self._refuse(link, sid, ErrorCode.NO_CAPACITY, msg, self.config.retry_after_ms)
         cfg = self.config
         call = Call(link, sid, meta, model, now, cfg.deadlines.get(meta.model, 0), cfg.sync_wait_ms)
@@ -286,6 +286,9 @@ class QueueNode:
         """Wait for a slot, unless casola.queue.admission says it may not: then refuse at once, with
         Retry-After from the measured drain rate. A full line makes room by the longest line first."""
         model, line = call.model, call.model.pending
+        if not model.live_workers:  # every worker draining or unhealthy: nothing to wait for
+            msg = f"no worker for model {model.name!r} can serve ({len(model.workers)} connected)"
+            return self._fail(call, ErrorCode.NO_CAPACITY, msg, self.config.retry_after_ms)
         refused = refusal(call, model, self.config, now)
         if refused is None and len(line) >= self.config.max_pending:
             victim = line.evict_for(call.meta.tenant)
@@ -349,7 +352,11 @@ class QueueNode:
         that is flooded takes its turn, not every slot of a worker it shares with others), each
         model's line in its own (tenant round-robin) order."""
         models = self.registry.models
-        lines = [models[name].pending for name in worker.models if models[name].pending]
+        lines = None  # built only when something waits (the common case allocates nothing)
+        for name in worker.models:
+            if models[name].pending:
+                lines = lines or []
+                lines.append(models[name].pending)
         turn = 0
         while lines and worker.free > 0:
             line = lines[turn % len(lines)]
