@@ -22,6 +22,7 @@ max_headers = 100
 idle_timeout = 30.0              # keep-alive connections idle this long are closed
 head_timeout = 10.0              # a request head must arrive within this (slow clients) -> 408
 body_timeout = 30.0              # a body stalled this long -> 408
+send_timeout = 30.0              # a client that takes no answer bytes this long is aborted
 tls_cert = ""                    # PEM chain, leaf first; with tls_key the HTTP listener speaks HTTPS
 tls_key = ""                     # its private key; both "" = plain HTTP (dev pair: `casola certs dev`)
 openai_aliases = {}              # /openai/v1 model names to served ones, e.g. { "whisper-1" = "asr" }

@@ -340,7 +340,7 @@ class Exchange:
         """
         head = self._prepare(status, headers, content_length, trailers)
         if head is not None:
-            self._proto._transport.write(head)
+            self._proto.write(head)
 
     def write(self, data: Buffer) -> None:
         """Send body bytes (one chunk when chunked). Ignored after the exchange ended or was aborted.
@@ -352,17 +352,17 @@ class Exchange:
         if mode == _CHUNKED:
             n = len(data)
             if n > _JOIN_MAX:
-                self._proto._transport.writelines([b"%x\r\n" % n, data, b"\r\n"])
+                self._proto.writelines([b"%x\r\n" % n, data, b"\r\n"], n)
             elif n:  # an empty chunk would end the body
-                self._proto._transport.write(b"%x\r\n%b\r\n" % (n, data))  # type: ignore[str-format]  # %b takes any buffer
+                self._proto.write(b"%x\r\n%b\r\n" % (n, data))  # type: ignore[str-format]  # %b takes any buffer
         elif mode == _LENGTH:
             left = self._out_left - len(data)
             if left < 0:
                 raise RuntimeError("body longer than the Content-Length given")
             self._out_left = left
-            self._proto._transport.write(data)
+            self._proto.write(data)
         elif mode == _RAW:
-            self._proto._transport.write(data)
+            self._proto.write(data)
         elif mode == _IDLE and not self._gone:
             raise RuntimeError("write() before start()")
 
@@ -380,9 +380,9 @@ class Exchange:
         if mode == _CHUNKED:
             if trailers:
                 fields = [b"%s: %s\r\n" % tv for tv in trailers]
-                self._proto._transport.write(b"".join([b"0\r\n", *fields, b"\r\n"]))
+                self._proto.write(b"".join([b"0\r\n", *fields, b"\r\n"]))
             else:
-                self._proto._transport.write(_LAST_CHUNK)
+                self._proto.write(_LAST_CHUNK)
         elif mode == _LENGTH and self._out_left:
             _log.warning("response ended %d bytes short of its Content-Length; closing", self._out_left)
             self._close = True
@@ -398,13 +398,13 @@ class Exchange:
         head = self._prepare(status, headers, len(body), ())
         if head is None:
             return
-        t = self._proto._transport
+        proto = self._proto
         if self._mode == _DROP or not body:
-            t.write(head)
+            proto.write(head)
         elif len(body) <= _JOIN_MAX:
-            t.write(head + body)
+            proto.write(head + body)
         else:
-            t.writelines([head, body])
+            proto.writelines([head, body], len(head) + len(body))
         self._finish()
 
     def send_error(
@@ -450,4 +450,4 @@ class Exchange:
 
     def _write_continue(self) -> None:
         self._expect = False
-        self._proto._transport.write(_CONTINUE)
+        self._proto.write(_CONTINUE)

@@ -24,7 +24,6 @@ from casola.auth import SCOPE_RUN, AuthError
 from casola.ingress.admission import Refusal, Ticket
 from casola.ingress.fields import BadField, field_value
 from casola.ingress.jobs import Caller, caller_of
-from casola.ingress.native import SLOW_CLIENT_MAX
 from casola.ingress.upstream import Upstream
 from casola.net.handshake import Refused, serve_tcp
 from casola.net.link import LinkBase
@@ -78,7 +77,7 @@ class _Relay:
         client.send_if_open(Frame(ft, self.csid, meta, frame.payload, frame.flags))
         if frame.end or ft is FrameType.ERROR:
             self.end()
-        elif client.gate.paused and client.write_buffered > SLOW_CLIENT_MAX:
+        elif client.gate.paused and client.write_buffered > self.ing.unread_max:
             unread = client.write_buffered
             log.warning("frame client %s not reading (%d bytes unread): aborted", client.peername, unread)
             client.abort()  # its streams are cancelled upstream as the link goes (_on_lost)

@@ -20,9 +20,9 @@ from time import monotonic as _clock
 from typing import Any, Final, cast
 
 import httptools
-import msgspec
 
 from casola.ingress.exchange import Exchange, error_response
+from casola.ingress.httplimits import HttpLimits
 from casola.net.gate import WriteGate
 
 __all__ = ["Exchange", "Handler", "HttpLimits", "HttpProtocol", "RequestError", "serve_http"]
@@ -30,6 +30,7 @@ __all__ = ["Exchange", "Handler", "HttpLimits", "HttpProtocol", "RequestError", 
 _log: Final = logging.getLogger("casola.ingress")
 
 Handler = Callable[[Exchange], None]
+Buffer = bytes | bytearray | memoryview
 
 # Buffered request-body bytes (pipelined requests, or an app that has not set on_body yet) above which
 # reading pauses, and below which it resumes. Same marks as the frame protocol's write buffer.
@@ -60,46 +61,7 @@ _T_IDLE: Final = 1
 _T_HEAD: Final = 2
 _T_BODY: Final = 3
 _T_LINGER: Final = 4
-
-
-class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
-    """Per-connection limits; every one has a status and a precedent.
-
-    Attributes:
-        max_head: request line + headers (+ trailers), bytes -> 431. nginx's default is 4 x 8 KiB
-            buffers, node's --max-http-header-size is 16 KiB.
-        max_url: request target, bytes -> 414. nginx: one 8 KiB buffer; many CDNs use 8 KiB.
-        max_headers: header fields -> 431. Apache's LimitRequestFields and h11 use 100.
-        max_body: Content-Length above it -> 413 before reading; chunked bodies cumulatively -> 413 + close.
-            64 MiB fits a few minutes of 16 kHz audio as WAV, or a large prompt with images.
-        idle_timeout: keep-alive connection with no request in progress -> closed quietly (uvicorn 5 s,
-            nginx 75 s).
-        head_timeout: a request head must complete within this from its first byte -> 408 + close
-            (nginx client_header_timeout 60 s; shorter here against slowloris).
-        body_timeout: no body bytes for this long while the app waits for the body -> 408 + close
-            (nginx client_body_timeout 60 s).
-        max_pipeline: requests parsed ahead of the one being answered; beyond, reading pauses.
-        write_high, write_low: transport write-buffer marks (asyncio and uvloop defaults differ).
-    """
-
-    max_head: int = 16 * 1024
-    max_url: int = 8 * 1024
-    max_headers: int = 100
-    max_body: int = 64 * 1024 * 1024
-    idle_timeout: float = 30.0
-    head_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_pipeline: int = 16
-    write_high: int = 1024 * 1024
-    write_low: int = 256 * 1024
-
-    def __post_init__(self) -> None:
-        if min(self.max_head, self.max_url, self.max_headers, self.max_pipeline) < 1 or self.max_body < 0:
-            raise ValueError("HTTP limits must be positive")
-        if min(self.idle_timeout, self.head_timeout, self.body_timeout) <= 0:
-            raise ValueError("HTTP timeouts must be positive")
-        if not 0 <= self.write_low <= self.write_high:
-            raise ValueError("need 0 <= write_low <= write_high")
+_T_SEND: Final = 5
 
 
 _DEFAULT_LIMITS: Final = HttpLimits()
@@ -129,7 +91,8 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = tuple(
         "_active _broken _buffered _check _chunked _cl _closing _cur _feeding _gate _handler _head_len "
-        "_idle_t0 _in_head _last_rx _limits _linger_t0 _lingering _loop _max_body _max_head _max_headers "
+        "_idle_t0 _in_head _last_rx _limits _linger_t0 _lingering _loop _max_body _max_head _max_headers _paused_at "
+        "_taken _written "
         "_max_pipeline _max_url _now _parser _pause _pending _queue _raw _raw_cap _server_line _tick _timer "
         "_timer_at _transport _url".split()
     )
@@ -150,7 +113,7 @@ class HttpProtocol(asyncio.Protocol):
         self._max_head, self._max_url, self._max_headers = limits.max_head, limits.max_url, limits.max_headers
         self._max_body, self._max_pipeline = limits.max_body, limits.max_pipeline
         self._raw_cap = 2 * limits.max_body + limits.max_head  # chunked framing, extensions, trailers
-        self._tick = min(limits.idle_timeout, limits.head_timeout, limits.body_timeout)
+        self._tick = min(limits.idle_timeout, limits.head_timeout, limits.body_timeout, limits.send_timeout)
         self._server_line = b"Server: " + server_header + b"\r\n" if server_header else b""
         self._parser = httptools.HttpRequestParser(self)
         self._loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)
@@ -169,7 +132,8 @@ class HttpProtocol(asyncio.Protocol):
         self._pause = 0
         self._buffered = 0
         self._feeding = self._broken = self._closing = self._lingering = False
-        self._now = self._last_rx = self._idle_t0 = self._linger_t0 = 0.0
+        self._now = self._last_rx = self._idle_t0 = self._linger_t0 = self._paused_at = 0.0
+        self._written = self._taken = 0  # response bytes written; of them, taken by the client
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _INF
 
@@ -228,8 +192,20 @@ class HttpProtocol(asyncio.Protocol):
         if ex is not None and not ex.finished and not ex._gone:
             ex._lose(exc)
 
+    def write(self, data: Buffer) -> None:
+        """Every response byte goes out through here or `writelines`: counted, so the send timeout
+        can tell a client that reads slowly from one that reads nothing."""
+        self._written += len(data)
+        self._transport.write(data)
+
+    def writelines(self, parts: list[Buffer], n: int) -> None:
+        """`parts` (`n` bytes in all) in one call, never joined."""
+        self._written += n
+        self._transport.writelines(parts)
+
     def pause_writing(self) -> None:
         self._gate.pause()
+        self._paused_at = _clock()  # the send timeout counts from here (see _deadline)
 
     def resume_writing(self) -> None:
         self._gate.resume()
@@ -483,14 +459,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def _send_reject(self, err: RequestError) -> None:
         head_only = self._cur is not None and self._cur.method == b"HEAD"
-        self._transport.write(error_response(err.status, err.message, err.code, self._server_line, head_only=head_only))
+        self.write(error_response(err.status, err.message, err.code, self._server_line, head_only=head_only))
         self._close(linger=True)
 
     def _fail_active(self, ex: Exchange, err: RequestError) -> None:
         """The request being answered broke a limit, stalled or went bad mid-body: error it, tell the app."""
         started = ex.started
         if not started:
-            self._transport.write(error_response(err.status, err.message, err.code, self._server_line))
+            self.write(error_response(err.status, err.message, err.code, self._server_line))
         self._active = None
         self._close(linger=not started)
         ex._lose(err)
@@ -544,6 +520,11 @@ class HttpProtocol(asyncio.Protocol):
     def _deadline(self) -> tuple[float, int]:
         if self._lingering:
             return self._linger_t0 + LINGER, _T_LINGER
+        if self._gate.paused:  # the client is not taking what is written for it, answer or not
+            taken = self._written - self._transport.get_write_buffer_size()
+            if taken > self._taken:  # it reads, if slowly: the timeout counts from its last bytes
+                self._taken, self._paused_at = taken, _clock()
+            return self._paused_at + self._limits.send_timeout, _T_SEND
         ex = self._active
         if ex is not None:
             if not ex.body_complete and not self._pause:  # the app waits for body bytes
@@ -554,6 +535,15 @@ class HttpProtocol(asyncio.Protocol):
         return self._idle_t0 + self._limits.idle_timeout, _T_IDLE
 
     def _expire(self, kind: int) -> None:
+        if kind == _T_SEND:
+            _log.warning("HTTP client %s took no bytes for %g s: aborted",
+                         self._transport.get_extra_info("peername"), self._limits.send_timeout)  # fmt: skip
+            ex = self._active
+            self._active = None
+            self._close(linger=False)  # abort: its unread bytes go now, not when it reads them
+            if ex is not None and not ex.finished and not ex._gone:
+                ex._lose(RequestError(408, "send_timeout", "the client stopped reading the answer"))
+            return
         if kind == _T_BODY:
             self._broken = True
             err = RequestError(408, "request_timeout", "the request body stalled")

@@ -30,6 +30,7 @@ from casola.ingress.timing import server_timing
 from casola.ingress.upstream import Upstream
 from casola.net.link import LinkBase
 from casola.wire import (
+    DEFAULT_LIMITS,
     FLAG_END,
     Buffer,
     EndMeta,
@@ -47,13 +48,24 @@ if TYPE_CHECKING:
     from casola.ingress.admission import Ticket
     from casola.ingress.server import Ingress
 
-__all__ = ["OPEN_AT", "SLOW_CLIENT_MAX", "RunExchange", "error_headers", "send_wire_error"]
+__all__ = ["OPEN_AT", "SLOW_CLIENT_MAX", "RunExchange", "error_headers", "send_wire_error", "unread_max"]
 
 OPEN_AT = 64 * 1024  # buffer a body up to this before opening the stream: small requests = 1 frame
-# A streamed answer is pushed as the worker produces it; frames have no per-stream byte credit, so
-# a client that stops reading would make the ingress buffer without bound. Past this many unread
-# bytes the stream is cancelled upstream (the worker's slot frees) and the connection aborted.
+# A streamed answer is pushed as the worker produces it; frames have no per-stream byte credit
+# (SPEC §7.3), so a client that reads slower than the worker writes, or not at all, has its answer
+# buffered here. Past `unread_max(max_body)` unread bytes (one whole answer of the largest body,
+# plus a frame), or after `send_timeout` without taking a byte, the stream is cancelled upstream
+# (the worker's slot frees) and the connection aborted, its buffers dropped.
 SLOW_CLIENT_MAX = 32 * 1024 * 1024
+
+
+def unread_max(max_body: int) -> int:
+    """Bytes a client may leave unread before it is dropped: a whole answer as large as the largest
+    request body crosses to a client slower than its worker (SPEC §8: bodies up to the limit cross
+    every hop both ways), and never less than SLOW_CLIENT_MAX."""
+    return max(SLOW_CLIENT_MAX, max_body + DEFAULT_LIMITS.max_payload)
+
+
 log = logging.getLogger("casola.ingress")
 _OCTET = "application/octet-stream"
 _SSE = "text/event-stream"
@@ -199,7 +211,7 @@ class RunExchange:
                 self.ex.write(frame.payload)
             if frame.flags & FLAG_END:
                 self._finish_stream(t, None)
-            elif self.ex.writing_paused and self.ex.write_buffered > SLOW_CLIENT_MAX:
+            elif self.ex.writing_paused and self.ex.write_buffered > self.ing.unread_max:
                 self._drop_slow_client()
         elif ft is _END:
             meta = frame.meta

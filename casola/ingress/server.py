@@ -30,7 +30,7 @@ from casola.ingress.http import Exchange, HttpLimits, serve_http
 from casola.ingress.jobs import Caller, authorize
 from casola.ingress.metrics import CONTENT_TYPE as METRICS_CT
 from casola.ingress.metrics import Metrics
-from casola.ingress.native import RunExchange, send_wire_error
+from casola.ingress.native import RunExchange, send_wire_error, unread_max
 from casola.ingress.upstream import QueueNodeSpec, Upstream
 from casola.wire import ErrorCode, RequestMeta
 from casola.wire.meta import FilterPolicy
@@ -60,6 +60,7 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idle_timeout: float = 30.0
     head_timeout: float = 10.0
     body_timeout: float = 30.0
+    send_timeout: float = 30.0  # a client that takes no answer bytes this long is aborted
     tls_cert: str = ""  # PEM certificate chain (leaf first); with tls_key: HTTPS on the HTTP listener
     tls_key: str = ""  # PEM private key of tls_cert; both empty = plain HTTP
     openai_aliases: dict[str, str] = {}  # /openai/v1 model names to served ones, e.g. {"whisper-1": "asr"}
@@ -97,7 +98,9 @@ class Ingress:
             idle_timeout=config.idle_timeout,
             head_timeout=config.head_timeout,
             body_timeout=config.body_timeout,
+            send_timeout=config.send_timeout,
         )
+        self.unread_max = unread_max(config.max_body)  # answer bytes a client may leave unread
 
     @property
     def in_flight(self) -> int:

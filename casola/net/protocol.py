@@ -23,6 +23,9 @@ __all__ = ["WRITE_HIGH", "WRITE_LOW", "FrameProtocol"]
 # explicitly. 1 MiB high lets one large payload sit in the buffer without pausing every writer.
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
+# A closing link whose peer has not taken what is buffered for it within this is aborted: a peer
+# that stopped reading (its PONGs stopped too: ping_timeout) must not keep its buffers alive.
+CLOSE_LINGER = 2.0
 
 
 class FrameProtocol(LinkBase, asyncio.BufferedProtocol):
@@ -82,8 +85,11 @@ class FrameProtocol(LinkBase, asyncio.BufferedProtocol):
             t.writelines(out)
 
     def _shut(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        t = self._transport
+        if t is not None:
+            t.close()  # writes what is buffered (a GOAWAY), then closes...
+            if t.get_write_buffer_size():  # ...unless the peer does not read: then it goes anyway
+                self._loop.call_later(CLOSE_LINGER, t.abort)
 
     def _abandon(self) -> None:
         if self._transport is not None:

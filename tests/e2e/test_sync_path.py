@@ -4,6 +4,7 @@ in, ingress -> queue node -> worker -> back, with Server-Timing, errors and canc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -218,8 +219,6 @@ def test_a_client_that_stops_reading_is_dropped_not_buffered_without_bound(tmp_p
     async def main() -> None:
         import socket
 
-        from casola.ingress.native import SLOW_CLIENT_MAX
-
         stack = await Stack(tmp_path).start()
         await stack.add_worker()
         loop = asyncio.get_running_loop()
@@ -227,18 +226,87 @@ def test_a_client_that_stops_reading_is_dropped_not_buffered_without_bound(tmp_p
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", stack.http_port))
-        size = SLOW_CLIENT_MAX + 8 * 1024 * 1024
+        mib = 1024 * 1024
+        repeat = stack.ingress.unread_max // mib + 8  # an answer larger than what may stay unread
         head = (
             f"POST /v1/run/echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {stack.api_key}\r\n"
-            f"X-Casola-Param-Chunks: {size // (1024 * 1024)}\r\nContent-Length: {size}\r\n\r\n"
+            f"X-Casola-Param-Repeat: {repeat}\r\nContent-Length: {mib}\r\n\r\n"
         )
-        await loop.sock_sendall(sock, head.encode() + bytes(size))  # ... and never reads
+        await loop.sock_sendall(sock, head.encode() + bytes(mib))  # ... and never reads
+        for _ in range(250):
+            if stack.ingress.in_flight:
+                break
+            await asyncio.sleep(0.02)
         for _ in range(500):
             if stack.ingress.in_flight == 0:
                 break
             await asyncio.sleep(0.02)
         assert stack.ingress.in_flight == 0  # the ingress gave up on it
         assert stack.ingress.metrics.requests.get(("echo", 499)) == 1
+        sock.close()
+        await stack.stop()
+
+    run_uvloop(main)
+
+
+def test_a_client_that_takes_nothing_for_send_timeout_is_aborted(tmp_path: Path) -> None:
+    """An answer below the unread bound, but the client reads none of it: aborted after
+    `send_timeout`, its place and its buffers freed (a graceful close would keep them)."""
+
+    async def main() -> None:
+        import socket
+
+        stack = await Stack(tmp_path, ingress={"send_timeout": 0.5}).start()
+        await stack.add_worker()
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", stack.http_port))
+        mib = 1024 * 1024
+        head = (
+            f"POST /v1/run/echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {stack.api_key}\r\n"
+            f"X-Casola-Param-Repeat: 16\r\nContent-Length: {mib}\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, head.encode() + bytes(mib))  # a 16 MiB answer, not read for now
+        await asyncio.sleep(2.0)  # well past the send timeout
+        got = 0
+        with contextlib.suppress(ConnectionError):
+            while data := await loop.sock_recv(sock, 1 << 20):  # what the kernel had, then the end
+                got += len(data)
+        assert got < 12 * mib and stack.ingress.in_flight == 0  # the rest was dropped, not kept for it
+        sock.close()
+        await stack.stop()
+
+    run_uvloop(main)
+
+
+def test_a_client_that_reads_slowly_is_not_taken_for_one_that_stopped(tmp_path: Path) -> None:
+    """The send timeout counts from the client's last bytes taken, not from when writing paused."""
+
+    async def main() -> None:
+        import socket
+
+        stack = await Stack(tmp_path, ingress={"send_timeout": 0.5}).start()
+        await stack.add_worker()
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", stack.http_port))
+        mib = 1024 * 1024
+        head = (
+            f"POST /v1/run/echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {stack.api_key}\r\n"
+            f"X-Casola-Param-Repeat: 8\r\nContent-Length: {mib}\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, head.encode() + bytes(mib))
+        got, t0 = 0, loop.time()
+        while got < 8 * mib:  # ~3 MiB/s: several send timeouts long, taking bytes all along
+            data = await loop.sock_recv(sock, 64 * 1024)
+            assert data, f"cut after {got} bytes"
+            got += len(data)
+            await asyncio.sleep(0.02)
+        assert loop.time() - t0 > 1.0  # it really took longer than the send timeout
         sock.close()
         await stack.stop()
 
