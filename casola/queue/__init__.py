@@ -1,4 +1,5 @@
-"""The queue node: worker registry, dispatch, forwarding, retries, cancellation and timing."""
+"""The queue node: who may connect (`gate`), worker registry, admission (`admission`), dispatch,
+forwarding, retries, cancellation and timing."""
 
 from casola.queue.node import QueueConfig, QueueNode
 
