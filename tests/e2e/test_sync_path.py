@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -215,24 +216,31 @@ def test_retry_before_first_byte_goes_to_another_worker(tmp_path: Path) -> None:
     run_uvloop(main)
 
 
+MIB = 1024 * 1024
+
+
+async def _ask_for(stack: Stack, repeat: int) -> socket.socket:
+    """A client with a small receive buffer that asks echo for `repeat` MiB of answer (1 MiB sent
+    `repeat` times over) and then reads only as the test says."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", stack.http_port))
+    head = (
+        f"POST /v1/run/echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {stack.api_key}\r\n"
+        f"X-Casola-Param-Repeat: {repeat}\r\nContent-Length: {MIB}\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, head.encode() + bytes(MIB))
+    return sock
+
+
 def test_a_client_that_stops_reading_is_dropped_not_buffered_without_bound(tmp_path: Path) -> None:
     async def main() -> None:
-        import socket
-
         stack = await Stack(tmp_path).start()
         await stack.add_worker()
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", stack.http_port))
-        mib = 1024 * 1024
-        repeat = stack.ingress.unread_max // mib + 8  # an answer larger than what may stay unread
-        head = (
-            f"POST /v1/run/echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {stack.api_key}\r\n"
-            f"X-Casola-Param-Repeat: {repeat}\r\nContent-Length: {mib}\r\n\r\n"
-        )
-        await loop.sock_sendall(sock, head.encode() + bytes(mib))  # ... and never reads
+        # An answer larger than what may stay unread ... and the client never reads.
+        sock = await _ask_for(stack, stack.ingress.unread_max // MIB + 8)
         for _ in range(250):
             if stack.ingress.in_flight:
                 break
@@ -254,27 +262,16 @@ def test_a_client_that_takes_nothing_for_send_timeout_is_aborted(tmp_path: Path)
     `send_timeout`, its place and its buffers freed (a graceful close would keep them)."""
 
     async def main() -> None:
-        import socket
-
         stack = await Stack(tmp_path, ingress={"send_timeout": 0.5}).start()
         await stack.add_worker()
         loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", stack.http_port))
-        mib = 1024 * 1024
-        head = (
-            f"POST /v1/run/echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {stack.api_key}\r\n"
-            f"X-Casola-Param-Repeat: 16\r\nContent-Length: {mib}\r\n\r\n"
-        )
-        await loop.sock_sendall(sock, head.encode() + bytes(mib))  # a 16 MiB answer, not read for now
+        sock = await _ask_for(stack, 16)  # a 16 MiB answer, not read for now
         await asyncio.sleep(2.0)  # well past the send timeout
         got = 0
         with contextlib.suppress(ConnectionError):
             while data := await loop.sock_recv(sock, 1 << 20):  # what the kernel had, then the end
                 got += len(data)
-        assert got < 12 * mib and stack.ingress.in_flight == 0  # the rest was dropped, not kept for it
+        assert got < 12 * MIB and stack.ingress.in_flight == 0  # the rest was dropped, not kept for it
         sock.close()
         await stack.stop()
 
@@ -285,23 +282,12 @@ def test_a_client_that_reads_slowly_is_not_taken_for_one_that_stopped(tmp_path: 
     """The send timeout counts from the client's last bytes taken, not from when writing paused."""
 
     async def main() -> None:
-        import socket
-
         stack = await Stack(tmp_path, ingress={"send_timeout": 0.5}).start()
         await stack.add_worker()
         loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", stack.http_port))
-        mib = 1024 * 1024
-        head = (
-            f"POST /v1/run/echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {stack.api_key}\r\n"
-            f"X-Casola-Param-Repeat: 8\r\nContent-Length: {mib}\r\n\r\n"
-        )
-        await loop.sock_sendall(sock, head.encode() + bytes(mib))
+        sock = await _ask_for(stack, 8)
         got, t0 = 0, loop.time()
-        while got < 8 * mib:  # ~3 MiB/s: several send timeouts long, taking bytes all along
+        while got < 8 * MIB:  # ~3 MiB/s: several send timeouts long, taking bytes all along
             data = await loop.sock_recv(sock, 64 * 1024)
             assert data, f"cut after {got} bytes"
             got += len(data)
