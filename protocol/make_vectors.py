@@ -145,6 +145,9 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
         fence=7,
         attempt=1,
         filter="block",
+        request_id="req-7f3a",
+        traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        tracestate="vendor=opaque",
     )
     v: dict[str, list[dict[str, Any]]] = {
         "HELLO": [

@@ -126,6 +126,9 @@ class RequestMeta(Meta, frozen=True):
     idempotency_key: str = ""  # op "submit": a repeat with the same key returns the first job
     webhook_url: str = ""  # op "submit": POSTed to once the job completes
     filter: FilterPolicy = ""  # the API key's content-filter policy; "": the model's applies
+    request_id: str = ""  # the request's id (X-Request-Id), for every log line about it, end to end
+    traceparent: str = ""  # W3C Trace Context, carried to the handler unchanged ("": none)
+    tracestate: str = ""
 
 
 class ResponseMeta(Meta, frozen=True):
