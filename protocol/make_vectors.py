@@ -2,7 +2,9 @@
 
 The bytes are built here by hand: `struct` for the header and generic msgpack of plain lists for the
 metadata, never casola's own encoder, so the vector tests check the codec against an independent
-construction. Only the field order and defaults come from the schema (`casola.wire.meta`).
+construction. The type bytes, field names, field order and defaults come from SPEC.md itself (§3's
+table and §4.3's field tables, read by `protocol/spectables.py`), never from `casola.wire`: a field
+reordered in the code and not in the spec fails the vectors.
 
 Usage:  python protocol/make_vectors.py           # rewrite the files
         python protocol/make_vectors.py --check   # exit 1 if a file is stale
@@ -10,6 +12,7 @@ Usage:  python protocol/make_vectors.py           # rewrite the files
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 import sys
@@ -21,45 +24,28 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from outputs import write_or_check  # protocol/ is sys.path[0] when run as a script
 
-from casola.wire.meta import META_TYPES
+from protocol.spectables import constants, field_tables, frame_type_bytes, spec_text
 
 OUT = Path(__file__).resolve().parent / "vectors"
 HEAD = struct.Struct("!BBHIIQ")
-T = {
-    "HELLO": 0x01,
-    "HELLO_ACK": 0x02,
-    "PING": 0x03,
-    "PONG": 0x04,
-    "GOAWAY": 0x05,
-    "CREDIT": 0x06,
-    "HEARTBEAT": 0x07,
-    "REQUEST": 0x10,
-    "RESPONSE": 0x11,
-    "DATA": 0x12,
-    "END": 0x13,
-    "ERROR": 0x14,
-    "CANCEL": 0x15,
-    "CHECKPOINT": 0x16,
-}
+SPEC_TEXT = spec_text()
+T = frame_type_bytes(SPEC_TEXT)  # §3: frame type name -> type byte
+FIELDS = field_tables(SPEC_TEXT)  # §4.3: frame type name -> fields in wire order, with defaults
 END = 0x0001
 MAX_META, MAX_PAYLOAD = 16 * 1024, 16 * 1024 * 1024
+MAX_META_DEPTH = constants(SPEC_TEXT)["metadata nesting depth"]  # §4.2, §8
 
 
 def fields(ftype: str, **values: Any) -> dict[str, Any]:
-    """Every field of the type's metadata, in wire order, defaults filled in."""
-    cls = {t.name: c for t, c in META_TYPES.items()}[ftype]
+    """Every field of the type's metadata (SPEC §4.3), in wire order, defaults filled in."""
     out: dict[str, Any] = {}
-    for f in msgspec.structs.fields(cls):
+    for f in FIELDS[ftype]:
         if f.name in values:
             out[f.name] = values.pop(f.name)
-        elif f.default is not msgspec.NODEFAULT:
-            out[f.name] = (
-                int(f.default) if isinstance(f.default, int) and not isinstance(f.default, bool) else f.default
-            )
-        elif f.default_factory is not msgspec.NODEFAULT:
-            out[f.name] = f.default_factory()
-        else:
+        elif f.required:
             raise KeyError(f"{ftype}.{f.name} is required")
+        else:
+            out[f.name] = copy.deepcopy(f.default)  # [] and {} are never shared between cases
     assert not values, f"unknown fields {values}"
     return out
 
@@ -118,6 +104,18 @@ def common_invalid(ftype: str) -> list[dict[str, Any]]:
     if ftype in ("HELLO", "HELLO_ACK", "GOAWAY", "CREDIT", "HEARTBEAT", "END", "ERROR", "CANCEL"):
         cases.append(invalid(f"{ftype} carrying a payload", "§3", raw(t, sid_ok, payload=b"x"), "FRAME_SIZE"))
     return cases
+
+
+def nested(depth: int, kind: str = "array") -> bytes:
+    """An element to append to a metadata array so that the deepest container sits at `depth` (the
+    metadata array being depth 1): arrays `[[...[]]]`, or maps `{"": {"": ... {}}}`."""
+    opener, empty = (b"\x91", b"\x90") if kind == "array" else (b"\x81\xa0", b"\x80")
+    return opener * (depth - 2) + empty
+
+
+def heartbeat_with(element: bytes) -> bytes:
+    """HEARTBEAT metadata (all defaults, written out) followed by one element a v1 receiver ignores."""
+    return bytes([0x90 + len(FIELDS["HEARTBEAT"]) + 1]) + mp(list(fields("HEARTBEAT").values()))[1:] + element
 
 
 def by_type() -> dict[str, list[dict[str, Any]]]:
@@ -211,6 +209,40 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
             ),
             valid("HEARTBEAT, all defaults", "§3.7", "HEARTBEAT", meta=None),
             invalid("HEARTBEAT load is a string", "§4", raw(0x07, meta=mp([1, 2, True, "hi"])), "BAD_META"),
+            valid(
+                f"newer sender: an ignored element with arrays nested {MAX_META_DEPTH} deep",
+                "§4.2",
+                "HEARTBEAT",
+                meta=fields("HEARTBEAT"),
+                meta_bytes=heartbeat_with(nested(MAX_META_DEPTH)),
+                canonical=False,
+            ),
+            valid(
+                f"newer sender: an ignored element with maps nested {MAX_META_DEPTH} deep",
+                "§4.2",
+                "HEARTBEAT",
+                meta=fields("HEARTBEAT"),
+                meta_bytes=heartbeat_with(nested(MAX_META_DEPTH, "map")),
+                canonical=False,
+            ),
+            invalid(
+                f"ignored element with arrays nested {MAX_META_DEPTH + 1} deep",
+                "§4.2",
+                raw(0x07, meta=heartbeat_with(nested(MAX_META_DEPTH + 1))),
+                "BAD_META",
+            ),
+            invalid(
+                f"ignored element with maps nested {MAX_META_DEPTH + 1} deep",
+                "§4.2",
+                raw(0x07, meta=heartbeat_with(nested(MAX_META_DEPTH + 1, "map"))),
+                "BAD_META",
+            ),
+            invalid(
+                "ignored element with arrays nested 5000 deep (no decoder may run out of stack)",
+                "§4.2",
+                raw(0x07, meta=heartbeat_with(nested(5000))),
+                "BAD_META",
+            ),
         ],
         "REQUEST": [
             valid("REQUEST with FLAG_END: one frame", "§3.8", "REQUEST", 1, END, req, b"hello"),
@@ -251,6 +283,30 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
                 "BAD_META",
             ),
             invalid("REQUEST truncated in its metadata", "§2.3", raw(0x10, 1, meta=mp(["echo"]))[:-4], "TRUNCATED"),
+            invalid(
+                "REQUEST with good metadata cut inside its payload",
+                "§2.3",
+                raw(0x10, 1, meta=mp(["echo"]), payload=b"hello")[:-6],
+                "TRUNCATED",
+            ),
+            invalid(
+                "REQUEST with bad metadata cut inside its payload: BAD_META, checked before the payload",
+                "§2.3",
+                raw(0x10, 1, meta=mp([5]), payload=b"hello")[:-6],
+                "BAD_META",
+            ),
+            invalid(
+                "REQUEST with bad metadata cut inside a payload of inline_max bytes: BAD_META too",
+                "§2.3",
+                (HEAD.pack(1, 0x10, 0, 1, 1, 16 * 1024) + b"\xc1" + bytes(10)).hex(),
+                "BAD_META",
+            ),
+            invalid(
+                "REQUEST without metadata (model required) cut inside its payload",
+                "§2.3",
+                (HEAD.pack(1, 0x10, 0, 1, 0, 5) + b"he").hex(),
+                "BAD_META",
+            ),
         ],
         "RESPONSE": [
             valid("RESPONSE head, defaults, 3-byte payload", "§3.9", "RESPONSE", 1, 0, None, b"abc"),
@@ -262,6 +318,16 @@ def by_type() -> dict[str, list[dict[str, Any]]]:
                 END,
                 fields("RESPONSE", content_type="audio/wav", headers={"x-a": "1"}, timing={"wait": 0.0}),
                 b"RIFF",
+            ),
+            valid(
+                "RESPONSE headers with a key twice: the last value is kept",
+                "§4.1",
+                "RESPONSE",
+                1,
+                0,
+                fields("RESPONSE", headers={"x-a": "2"}),
+                meta_bytes=b"\x93\xa0\x82" + mp("x-a") + mp("1") + mp("x-a") + mp("2") + b"\x80",
+                canonical=False,
             ),
         ],
         "DATA": [
@@ -355,6 +421,7 @@ def connection_cases() -> list[dict[str, Any]]:
     acc = [{"recv": hello}, {"send": ack}]  # acceptor after the handshake; the dialer holds 2 credits
     dia = [{"send": hello}, {"recv": ack}]  # dialer after the handshake; the acceptor holds 8 credits
     req = lambda sid, flags=0: raw(0x10, sid, flags, mp(list(fields("REQUEST", model="echo").values())))  # noqa: E731
+    credit = lambda n: raw(0x06, meta=mp([n]))  # noqa: E731
     goaway = lambda code, last: raw(0x05, meta=mp(list(fields("GOAWAY", code=code, last_stream_id=last).values())))  # noqa: E731
     frame = lambda t, sid, flags=0, meta=None, payload=b"": {  # noqa: E731
         "type": t,
@@ -583,6 +650,23 @@ def connection_cases() -> list[dict[str, Any]]:
             error="BAD_STATE",
         ),
         c(
+            "REQUEST after both sides sent GOAWAY, ours first: it follows the peer's own GOAWAY",
+            "§6.5",
+            "acceptor",
+            [*acc, {"recv": req(1)}, {"send": goaway(0, 1)}, {"recv": goaway(0, 0)}],
+            req(3),
+            error="BAD_STATE",
+            sends=[{"type": "GOAWAY", "code": "BAD_STATE"}],
+        ),
+        c(
+            "REQUEST after both sides sent GOAWAY, theirs first",
+            "§6.5",
+            "acceptor",
+            [*acc, {"recv": req(1)}, {"recv": goaway(0, 0)}, {"send": goaway(0, 1)}],
+            req(3),
+            error="BAD_STATE",
+        ),
+        c(
             "PING is answered with PONG",
             "§6.4",
             "dialer",
@@ -590,6 +674,39 @@ def connection_cases() -> list[dict[str, Any]]:
             raw(0x03, payload=b"12345678"),
             events=[],
             sends=[{"type": "PONG", "payload_hex": b"12345678".hex()}],
+        ),
+        c(
+            "PONG is no event, and nothing answers it",
+            "§10",
+            "dialer",
+            dia,
+            raw(0x04, payload=bytes(8)),
+            events=[],
+            sends=[],
+        ),
+        c(
+            "CREDIT is delivered",
+            "§10",
+            "dialer",
+            dia,
+            credit(3),
+            events=[frame("CREDIT", 0, meta=fields("CREDIT", grant=3))],
+        ),
+        c(
+            "CREDIT while draining is ignored: no event",
+            "§6.5",
+            "dialer",
+            [*dia, {"recv": goaway(0, 0)}],
+            credit(3),
+            events=[],
+        ),
+        c(
+            "HEARTBEAT is delivered",
+            "§10",
+            "acceptor",
+            acc,
+            raw(0x07, meta=mp(list(fields("HEARTBEAT", healthy=False).values()))),
+            events=[frame("HEARTBEAT", 0, meta=fields("HEARTBEAT", healthy=False))],
         ),
         c(
             "CREDIT overflowing the counter",
@@ -607,6 +724,38 @@ def connection_cases() -> list[dict[str, Any]]:
             [],
             raw(0x01, meta=mp(list(fields("HELLO", role="client", max_payload=7).values()))),
             error="BAD_META",
+        ),
+        c(
+            "HELLO: the version range is checked before the advertised limits",
+            "§6.3",
+            "acceptor",
+            [],
+            raw(0x01, meta=mp(list(fields("HELLO", role="client", min_version=2, max_version=2, max_meta=7).values()))),
+            error="UNSUPPORTED_VERSION",
+        ),
+        c(
+            "HELLO: the advertised limits are checked before the initial credit",
+            "§6.3",
+            "acceptor",
+            [],
+            raw(0x01, meta=mp(list(fields("HELLO", role="client", max_meta=7, credit=2**31).values()))),
+            error="BAD_META",
+        ),
+        c(
+            "HELLO granting more than 2^31-1 credits",
+            "§7",
+            "acceptor",
+            [],
+            raw(0x01, meta=mp(list(fields("HELLO", role="client", credit=2**31).values()))),
+            error="CREDIT_VIOLATION",
+        ),
+        c(
+            "HELLO_ACK: the chosen version is checked before the advertised limits",
+            "§6.3",
+            "dialer",
+            [{"send": hello}],
+            raw(0x02, meta=mp(list(fields("HELLO_ACK", version=2, max_payload=7).values()))),
+            error="UNSUPPORTED_VERSION",
         ),
         c(
             "HELLO_ACK granting more than 2^31-1 credits",

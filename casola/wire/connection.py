@@ -89,6 +89,7 @@ class Connection:
         self._peer_max_payload = DEFAULT_LIMITS.max_payload
         self._versions = (PROTOCOL_VERSION, PROTOCOL_VERSION)
         self._goaway_sent_last: int | None = None  # last_stream_id of the GOAWAY we sent
+        self._goaway_received = False  # the peer sent GOAWAY(NO_ERROR): it may open nothing more
         self._now = now
         self._handshake_deadline: float | None = now + limits.handshake_timeout
         self._next_ping: float | None = None
@@ -252,6 +253,15 @@ class Connection:
     def open_streams(self) -> int:
         return len(self._streams)
 
+    def stream_ids(self) -> list[int]:
+        """The open streams' ids, as a list (ending them while iterating over it is fine)."""
+        return list(self._streams)
+
+    @property
+    def goaway_sent(self) -> bool:
+        """Whether we sent GOAWAY on this connection."""
+        return self._goaway_sent_last is not None
+
     @property
     def peer_max_payload(self) -> int:
         """The largest payload one frame to the peer may carry (its advertised limit, SPEC §8)."""
@@ -366,8 +376,10 @@ class Connection:
         if not peer_opened or sid <= self._last_peer_id:
             raise RemoteProtocolError(ErrorCode.BAD_STREAM_ID, f"REQUEST may not open stream {sid}")
         if self.state is not _OPEN:
-            if self.state is ConnState.DRAINING and self._goaway_sent_last is not None:
-                self._refuse_late_stream(sid)  # crossed our GOAWAY in flight
+            # SPEC §5.1, §6.5: a REQUEST that crossed our GOAWAY is refused, retryable; one sent after
+            # the peer's own GOAWAY (the byte stream is ordered) is BAD_STATE, whoever sent first.
+            if self.state is ConnState.DRAINING and self._goaway_sent_last is not None and not self._goaway_received:
+                self._refuse_late_stream(sid)
                 return
             self._check_lifecycle(Direction.RECV, Kind.NEW_STREAM, frame)
         if not self._rx_credit.spend():
@@ -415,6 +427,7 @@ class Connection:
             self._peer_open = 0
             events.append(ConnectionTerminated(meta.code, meta.message, remote=True))  # type: ignore[union-attr]
             return
+        self._goaway_received = True
         for sid in [s for s in self._streams if (s & 1) == self._local_parity and s > meta.last_stream_id]:  # type: ignore[union-attr]
             del self._streams[sid]  # the peer will never process these: safe to retry elsewhere
             events.append(StreamReset(sid, ErrorCode.SHUTTING_DOWN, "not processed before GOAWAY", remote=True))

@@ -9,6 +9,9 @@ Receive model (STYLE §3): one preallocated receive buffer per connection. The I
   already here is copied into it, and from then on `writable()` is the unfilled tail of that buffer,
   so the rest lands in its final place. The frame carries `memoryview(buffer)`.
 - The unparsed tail moves to the front of the shared buffer at most once per `commit()`.
+- Metadata is checked as soon as it is all here, before the payload is waited for (SPEC §2.3), so
+  bad metadata is `BAD_META` even if the stream then ends inside the payload; the decoded value is
+  kept for the frame while the rest of a small payload arrives.
 
 Before the handshake (SPEC §6.1) only the frames a side may then receive are accepted, checked at
 the header like its lengths: anything else is `BAD_STATE` before a byte of its body is waited for,
@@ -30,8 +33,9 @@ import msgspec
 from casola.wire.errors import ErrorCode, RemoteProtocolError
 from casola.wire.events import Buffer, Frame
 from casola.wire.frames import ANY, FRAME_RULES, HEAD, HEAD_SIZE, PROTOCOL_VERSION, FrameType
-from casola.wire.limits import DEFAULT_LIMITS, Limits
+from casola.wire.limits import DEFAULT_LIMITS, MAX_META_DEPTH, Limits
 from casola.wire.meta import META_DECODERS, META_DEFAULTS
+from casola.wire.nesting import nests_too_deep
 
 __all__ = ["FIRST_RX", "FrameDecoder", "copy_in"]
 
@@ -40,6 +44,7 @@ T = TypeVar("T")
 _unpack_head: Final = HEAD.unpack_from
 _EMPTY: Final = b""
 _NO_META: Final = object()  # per-type marker: metadata not allowed / zero length not valid
+_UNCHECKED: Final = object()  # no metadata checked yet for the partial frame at the buffer's front
 # The receive buffer until the handshake: a HELLO with a credential and a model list is a few
 # hundred bytes; a larger one (up to max_meta) grows it once to the full rx_buffer.
 FIRST_RX: Final = 4096
@@ -70,6 +75,7 @@ class FrameDecoder:
         "_max_meta",
         "_max_payload",
         "_opens_on",
+        "_pending_meta",
         "_pos",
         "_rx",
         "_rx_size",
@@ -108,6 +114,7 @@ class FrameDecoder:
         self._body_view: memoryview | None = None
         self._body_filled = 0
         self._body_frame: Frame | None = None
+        self._pending_meta: Any = _UNCHECKED  # metadata of the frame at _pos, checked, payload still due
         self._error: RemoteProtocolError | None = None
 
     # -- receiving ---------------------------------------------------------------------------
@@ -191,6 +198,7 @@ class FrameDecoder:
     def _parse(self, out: list[Frame]) -> None:
         rx, view, pos, end = self._rx, self._view, self._pos, self._end
         handshake = self._expect is not None  # the phase of the small first buffer
+        checked, self._pending_meta = self._pending_meta, _UNCHECKED  # belongs to the first frame only
         while end - pos >= HEAD_SIZE:
             version, tbyte, flags, sid, mlen, blen = _unpack_head(rx, pos)
             ftype, meta_decoder, default = self._check_head(version, tbyte, flags, sid, mlen, blen)
@@ -207,9 +215,9 @@ class FrameDecoder:
                 self._start_body(Frame(ftype, sid, meta, _EMPTY, flags), blen, view[bstart:end])
                 self._pos = self._end = 0
                 return
-            if bstart + blen > end:
-                break  # small payload incomplete: wait
-            if meta_decoder is None:
+            if checked is not _UNCHECKED:  # this frame's metadata, checked by an earlier commit
+                meta, checked = checked, _UNCHECKED
+            elif meta_decoder is None:
                 meta = None
             elif mlen:
                 meta = _decode_meta(ftype, meta_decoder, default, view[mstart:bstart])
@@ -217,6 +225,9 @@ class FrameDecoder:
                 raise RemoteProtocolError(ErrorCode.BAD_META, f"{ftype.name} metadata has required fields")
             else:
                 meta = default
+            if bstart + blen > end:
+                self._pending_meta = meta  # checked now (SPEC §2.3); the payload is still to come
+                break
             payload = bytes(view[bstart : bstart + blen]) if blen else _EMPTY
             out.append(Frame(ftype, sid, meta, payload, flags))
             pos = bstart + blen
@@ -313,6 +324,11 @@ def _decode_meta(ftype: FrameType, decoder: Any, default: Any, raw: memoryview) 
             raise RemoteProtocolError(ErrorCode.BAD_META, f"{ftype.name} metadata has required fields")
         return default
     try:
-        return decoder.decode(raw)
-    except (msgspec.DecodeError, ValueError) as exc:  # ValidationError; UnicodeDecodeError (bad UTF-8)
+        meta = decoder.decode(raw)
+    # ValidationError; UnicodeDecodeError (bad UTF-8); RecursionError (an ignored element nested
+    # past the interpreter's stack: past MAX_META_DEPTH too, SPEC §4.2)
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         raise RemoteProtocolError(ErrorCode.BAD_META, f"{ftype.name} metadata: {exc}") from exc
+    if nests_too_deep(raw, len(meta.__struct_fields__)):
+        raise RemoteProtocolError(ErrorCode.BAD_META, f"{ftype.name} metadata nests deeper than {MAX_META_DEPTH}")
+    return meta

@@ -10,10 +10,15 @@ from typing import Final
 
 import msgspec
 
-__all__ = ["DEFAULT_LIMITS", "MAX_CREDIT", "MAX_STREAM_ID", "Limits"]
+__all__ = ["DEFAULT_LIMITS", "MAX_CREDIT", "MAX_META_DEPTH", "MAX_STREAM_ID", "Limits"]
 
 MAX_STREAM_ID: Final = 0xFFFF_FFFF  # u32 on the wire; a side that runs out sends GOAWAY and redials
 MAX_CREDIT: Final = 0x7FFF_FFFF  # credits held at once; a grant past this is CREDIT_VIOLATION
+# How deep arrays and maps may nest in metadata, the metadata array being depth 1 (SPEC §4.2).
+# v1's own fields nest 2 deep; protobuf's default recursion limit is 100, serde_json's 128. A fixed
+# bound makes every receiver agree on what an ignored element may hold, where a recursive decoder
+# would otherwise stop wherever its stack does (msgspec raises RecursionError near Python's 1000).
+MAX_META_DEPTH: Final = 32
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):

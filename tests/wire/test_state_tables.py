@@ -1,7 +1,8 @@
 """The stream and connection state tables, checked exhaustively through the real Connection.
 
 Every (state, sender, frame type) and every (side, state, direction, kind) is tried: legal pairs
-must move the machine to the table's state, all others must be refused (STYLE §7).
+must move the machine to the state SPEC.md's tables give (§5.2, §6.1, read from the spec's text by
+tests/wire/spec.py, never from casola.wire's own tables), all others must be refused (STYLE §7).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from casola.wire import (
 )
 from casola.wire import lifecycle as lc
 from casola.wire.frames import FRAME_RULES
-from casola.wire.stream import TRANSITIONS, Sender, next_state
+from casola.wire.stream import Sender
 from tests.wire.pairs import Pair
+from tests.wire.spec import LIFECYCLE, STREAM, spec_next_state
 
 O, R = Sender.OPENER, Sender.RESPONDER
 STREAM_TYPES = [t for t in FrameType if FRAME_RULES[t].on_stream]
@@ -78,7 +80,7 @@ CASES = [
 def test_stream_send(state: StreamState, sender: Sender, ftype: FrameType, flags: int) -> None:
     pair = driven(state)
     src = pair.dialer if sender is O else pair.acceptor
-    expected = next_state(state, sender, ftype, bool(flags))
+    expected = spec_next_state(state, sender, ftype, bool(flags))
     if expected is None:
         with pytest.raises(LocalProtocolError):
             src.send(stream_frame(ftype, flags))
@@ -94,7 +96,7 @@ def test_stream_receive(state: StreamState, sender: Sender, ftype: FrameType, fl
     pair = driven(state)
     dst = pair.acceptor if sender is O else pair.dialer
     data = b"".join(bytes(b) for b in encode_frame(stream_frame(ftype, flags)))  # bypasses send() checks
-    expected = next_state(state, sender, ftype, bool(flags))
+    expected = spec_next_state(state, sender, ftype, bool(flags))
     if expected is None and state is StreamState.IDLE:
         with pytest.raises(RemoteProtocolError) as info:
             dst.receive_data(data, 0.0)
@@ -113,7 +115,7 @@ def test_stream_receive(state: StreamState, sender: Sender, ftype: FrameType, fl
 
 def test_every_stream_transition_is_exercised() -> None:
     covered = {(s, snd, t) for s, snd, t, _ in CASES}
-    assert set(TRANSITIONS) <= covered
+    assert set(STREAM) <= covered
 
 
 # -- connection life cycle -----------------------------------------------------------------------
@@ -170,7 +172,7 @@ LIFECYCLE_CASES = [
 def test_lifecycle(side: Side, state: ConnState, direction: lc.Direction, kind: lc.Kind) -> None:
     conn, _ = conn_in(side, state)
     frame = kind_frame(kind, conn, direction)
-    expected = lc.TRANSITIONS.get((side, state, direction, kind))
+    expected = LIFECYCLE.get((side, state, direction, kind))
     if direction is lc.Direction.SEND:
         if expected is None:
             with pytest.raises(LocalProtocolError):
@@ -191,5 +193,5 @@ def test_lifecycle(side: Side, state: ConnState, direction: lc.Direction, kind: 
 
 
 def test_unreachable_states_have_no_transitions() -> None:
-    assert not [k for k in lc.TRANSITIONS if (k[0], k[1]) in UNREACHABLE]
-    assert not [k for k in lc.TRANSITIONS if k[1] is ConnState.CLOSED]
+    assert not [k for k in LIFECYCLE if (k[0], k[1]) in UNREACHABLE]
+    assert not [k for k in LIFECYCLE if k[1] is ConnState.CLOSED]
