@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.require import missing, need_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,13 +27,13 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 def test_ruff_is_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(__import__("sys").executable).parent / "ruff")
     if not Path(ruff).exists():
-        pytest.skip("ruff not installed")
+        missing("ruff", "ruff is not installed (pip install -e '.[dev]')")
     result = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
 
 
 def test_wire_core_is_mypy_strict_clean() -> None:
-    pytest.importorskip("mypy")
+    need_module("mypy")
     from mypy import api
 
     stdout, stderr, status = api.run(["--config-file", str(ROOT / "setup.cfg"), str(ROOT / "casola" / "wire")])
@@ -42,7 +42,7 @@ def test_wire_core_is_mypy_strict_clean() -> None:
 
 def test_the_whole_package_type_checks() -> None:
     """casola/wire is held to --strict (setup.cfg); the rest must at least type-check."""
-    pytest.importorskip("mypy")
+    need_module("mypy")
     from mypy import api
 
     stdout, stderr, status = api.run(["--config-file", str(ROOT / "setup.cfg"), str(ROOT / "casola")])

@@ -13,20 +13,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from casola.auth import SCOPE_RUN, SCOPE_WORKER, KeyStore
 from casola.ingress.server import Ingress, IngressConfig
 from casola.ingress.upstream import Upstream
 from casola.queue.node import QueueConfig, QueueNode
 from casola.wire import Limits
 from casola.worker import Echo, WorkerConfig, WorkerRuntime
+from tests.require import need_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_uvloop(main: Callable[[], Awaitable[Any]], timeout: float = 60) -> Any:
-    uvloop = pytest.importorskip("uvloop")
+    uvloop = need_module("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(asyncio.wait_for(main(), timeout))
 

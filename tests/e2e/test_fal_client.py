@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from casola.certs import make_dev_certs
 from casola.queue.jobs import JobsConfig
 from tests.e2e.stack import Stack, run_uvloop
+from tests.require import need_module
 
-pytest.importorskip("fal_client")
+need_module("fal_client")
 
 SCRIPT = Path(__file__).with_name("fal_scenarios.py")
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")

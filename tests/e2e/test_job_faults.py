@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 
 from casola.client import Client, Result
 from casola.jobview import JobView
@@ -28,6 +27,7 @@ from casola.store import JobStatus
 from casola.wire import Frame
 from tests.e2e.procs import Edge, Keys, Poller, Procs, free_port, wait_listening, wait_outcome, write_queue_config
 from tests.e2e.stack import Stack, run_uvloop
+from tests.require import missing
 
 PG_DSN = os.environ.get("CASOLA_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -407,9 +407,7 @@ async def _pg_or_skip() -> None:
         conn = await asyncpg.connect(PG_DSN, timeout=5)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = f"PostgreSQL not reachable at {PG_DSN} ({exc!r}); set CASOLA_TEST_PG_DSN"
-        if os.environ.get("CASOLA_TEST_REQUIRE_PG") not in (None, "", "0"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing("postgresql", reason)
     await conn.close()
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from casola.ingress.envelope import JSON_CT, error_body
 from casola.ingress.http import Exchange, Handler, HttpLimits, HttpProtocol, serve_http
+from tests.require import need_module
 
 LOOPS = ["asyncio", "uvloop"]
 IO_TIMEOUT = 5.0
@@ -26,7 +27,7 @@ DEFAULT_LIMITS = HttpLimits()
 def run(kind: str, main: Callable[[], Awaitable[Any]]) -> Any:
     """Run `main()` on a fresh asyncio or uvloop loop (closed afterwards); fail on any loop error."""
     if kind == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
+        uvloop = need_module("uvloop")
         factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     else:
         factory = asyncio.new_event_loop

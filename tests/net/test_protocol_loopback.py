@@ -23,13 +23,14 @@ from casola.wire import (
     RequestMeta,
     Side,
 )
+from tests.require import need_module
 
 LOOPS = ["asyncio", "uvloop"]
 
 
 def run(kind: str, main: Callable[[], Awaitable[Any]]) -> Any:
     if kind == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
+        uvloop = need_module("uvloop")
         loop = uvloop.new_event_loop()
     else:
         loop = asyncio.new_event_loop()

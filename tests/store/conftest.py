@@ -3,7 +3,8 @@
 SQLite: a file in the test's tmp_path. PostgreSQL: a schema `casola_test_<random>` on the server
 named by CASOLA_TEST_PG_DSN (default: the local trust-auth server), dropped after the test, so runs
 in parallel and leftovers never collide. When the server cannot be reached the PostgreSQL cases
-skip with the reason, unless CASOLA_TEST_REQUIRE_PG=1, which makes that a failure (CI).
+skip with the reason, unless the run requires `postgresql` (tests/require.py: CASOLA_TEST_REQUIRE=all
+in CI), which makes that a failure.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest_asyncio
 from casola.store import JobStore
 from casola.store.postgres import PostgresJobStore
 from casola.store.sqlite import SqliteJobStore
+from tests.require import missing
 
 __all__ = ["PG_DSN", "Backend"]
 
@@ -92,9 +94,7 @@ async def _require_postgres() -> None:
             await conn.close()
             _pg_unreachable.append("")
     if _pg_unreachable[0]:
-        if os.environ.get("CASOLA_TEST_REQUIRE_PG") == "1":
-            pytest.fail(_pg_unreachable[0])
-        pytest.skip(_pg_unreachable[0])
+        missing("postgresql", _pg_unreachable[0])
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgres"])

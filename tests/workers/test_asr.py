@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -192,7 +191,7 @@ def test_raw_pcm_with_format_and_rate(asr: WhisperModel) -> None:
     )
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+@pytest.mark.needs("espeak-ng")
 def test_real_speech_from_espeak(asr: WhisperModel) -> None:
     wav = subprocess.run(["espeak-ng", "--stdout", "turn on the lights"], check=True, capture_output=True).stdout
     doc = verbose(asr, wav, filename="speech.wav")  # 22.05 kHz, streaming header sizes

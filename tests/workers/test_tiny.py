@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-ctranslate2 = pytest.importorskip("ctranslate2")
-pytest.importorskip("tokenizers")
+from tests.require import need_module
+
+ctranslate2 = need_module("ctranslate2", "model-sets")  # the tiny set is built with these
+need_module("tokenizers", "model-sets")
 
 from tokenizers import Tokenizer  # noqa: E402
 
@@ -43,7 +45,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _template(directory: Path) -> Callable[..., str]:
     """Renders the model's chat template the way transformers does (sandbox, tojson, raise_exception)."""
-    jinja2 = pytest.importorskip("jinja2")
+    jinja2 = need_module("jinja2", "model-sets")
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -152,7 +154,7 @@ def test_chat_tools_answers_a_tool_call(models: dict[str, Path]) -> None:
 
 
 def test_chat_template_history_and_errors(models: dict[str, Path]) -> None:
-    jinja2 = pytest.importorskip("jinja2")
+    jinja2 = need_module("jinja2", "model-sets")
     render = _template(models["chat"])
     call = {"id": "c1", "type": "function", "function": {"name": "set_lights", "arguments": {"on": True}}}
     text_call = {"function": {"name": "set_lights", "arguments": '{"on": false}'}}  # OpenAI's string form
@@ -203,7 +205,7 @@ CHATML = (
 
 def _write_gguf(path: Path, arch: str = "llama") -> Path:
     """A 2-layer llama GGUF with f32 tensors and a small byte-level BPE vocab, the way llama.cpp lays it out."""
-    gguf = pytest.importorskip("gguf")
+    gguf = need_module("gguf", "model-sets")
     bpe, _ = tiny.build_bpe_tokenizer(300, [])
     model = json.loads(bpe.to_str())["model"]
     control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -23,7 +23,7 @@ from workers.audio import decode
 from workers.spec import ModelSpec
 from workers.tts import ENGINES, EngineError, EspeakEngine, TTSModel, VoiceError
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+pytestmark = pytest.mark.needs("espeak-ng")  # tests/require.py: skips, or fails where required
 
 SHORT = "hello world, this is a test"
 LONG = (
