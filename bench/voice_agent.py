@@ -23,9 +23,32 @@ import time
 import uuid
 from pathlib import Path
 
-from floor import ROOT, Procs
-from handlers import Http, _whole
-from upstack import Up
+
+def _in_the_venv() -> None:
+    """The README runs this as `python bench/voice_agent.py`, and a `python` other than the
+    project's virtualenv has none of what bench/ imports (uvloop first: bench/floor.py imports it):
+    re-run under <repo>/.venv's interpreter, or say what is missing."""
+    try:
+        import httpx  # noqa: F401
+        import numpy  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError as exc:
+        venv = Path(__file__).resolve().parent.parent / ".venv"
+        python = venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+        if python.exists() and Path(sys.prefix).resolve() != venv.resolve():
+            os.execv(python, [str(python), *sys.argv])
+        hint = " (uvloop has no Windows build)" if sys.platform == "win32" and exc.name == "uvloop" else ""
+        raise SystemExit(
+            f"bench/voice_agent.py: no module {exc.name}{hint}; run it with the Python of the virtualenv "
+            "that `pip install -e '.[workers,demo]'` made (.venv/bin/python bench/voice_agent.py)"
+        ) from None
+
+
+_in_the_venv()
+
+from floor import ROOT, Procs  # noqa: E402  (after the check above)
+from handlers import Http, _whole  # noqa: E402
+from upstack import Up  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Turn on the lights in the kitchen."]
 T = time.perf_counter

@@ -5,19 +5,24 @@ the in-memory link), local worker processes from the config (with no config: one
 development API key in `<state-dir>/dev-api-key`; with `--tls`, HTTPS with development certificates
 from `<state-dir>/certs` (`casola certs dev` makes them alone). Each role also runs alone, which is how
 a multi-region deployment is laid out.
+
+What stops a role is said in one line, `casola <role>: <why>`: exit status 2 for a configuration or
+flag that is wrong, 1 for what is in its way (an address in use, a state directory it cannot
+write: casola.startup). Logging (`--log-level`, `--log-format`, `--access-log`) is casola.logs.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from casola import __version__
 from casola.auth.cli import add_keys_parser, run_keys
-from casola.config import Config, ConfigError, load_config
+from casola.config import WORKER_POOLS, Config, ConfigError, load_config
+from casola.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 from casola.models_cli import add_models_parser, run_models
 
 __all__ = ["main"]
@@ -30,45 +35,60 @@ MALLOC_ENV = {"MALLOC_TOP_PAD_": str(128 * 1024 * 1024)}
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="casola", description="low-latency inference router")
+    p.add_argument("--version", action="version", version=f"casola {__version__}", help="print the version and exit")
     p.add_argument("--state-dir", default=None, help="keys and runtime state (default: ./.casola or the config's)")
     sub = p.add_subparsers(dest="command", required=True, metavar="{up,ingress,queue,worker,keys,certs,models}")
 
     up = sub.add_parser("up", help="ingress + queue node in one process, plus local workers")
     _common(up)
-    up.add_argument("--http", help="HTTP listener host:port (default 127.0.0.1:8000)")
-    up.add_argument("--frames", help="raw-frame listener host:port (default 127.0.0.1:7700)")
-    up.add_argument("--queue", help="queue node listener host:port (default 127.0.0.1:7710)")
+    up.add_argument("--http", metavar="HOST:PORT", help="HTTP listener (default 127.0.0.1:8000)")
+    up.add_argument("--frames", metavar="HOST:PORT", help='raw-frame listener (default 127.0.0.1:7700; "" = off)')
+    up.add_argument("--queue", metavar="HOST:PORT", help="queue node listener (default 127.0.0.1:7710)")
     up.add_argument("--trace", action="store_true", help="Server-Timing on every response")
     up.add_argument("--tls", action="store_true", help="HTTPS with development certificates in <state-dir>/certs")
     up.add_argument("--models-dir", help="model directories (default: the config's models_dir, ./models)")
+    _access_log(up)
 
     ing = sub.add_parser("ingress", help="the edge ingress alone")
     _common(ing)
-    ing.add_argument("--http")
-    ing.add_argument("--frames")
-    ing.add_argument("--queue-node", action="append", default=[], help="queue node host:port[@region] (repeatable)")
-    ing.add_argument("--trace", action="store_true")
+    ing.add_argument("--http", metavar="HOST:PORT", help="HTTP listener (default: the config's, 127.0.0.1:8000)")
+    ing.add_argument(
+        "--frames", metavar="HOST:PORT", help='raw-frame listener (default: the config\'s, 127.0.0.1:7700; "" = off)'
+    )
+    ing.add_argument(
+        "--queue-node",
+        action="append",
+        default=[],
+        metavar="HOST:PORT[@REGION]",
+        help="queue node to dial, repeatable (default: the config's queue_nodes, else [queue] listen)",
+    )
+    ing.add_argument("--trace", action="store_true", help="Server-Timing on every response")
+    _access_log(ing)
 
     q = sub.add_parser("queue", help="a queue node alone")
     _common(q)
-    q.add_argument("--listen", help="host:port for ingresses and workers (default 127.0.0.1:7710)")
-    q.add_argument("--region")
+    q.add_argument("--listen", metavar="HOST:PORT", help="for ingresses and workers (default 127.0.0.1:7710)")
+    q.add_argument("--region", help="the region this node serves; ingresses route by it (default: local)")
     q.add_argument("--node-id", help="this node's name; leases it holds carry it (default queue-1)")
     q.add_argument(
         "--store", help="async job store URL: sqlite:///path.db or postgresql://... (default <state-dir>/jobs.db)"
     )
     q.add_argument("--models", help="comma-separated models known before a worker registers")
+    q.add_argument("--metrics", metavar="HOST:PORT", help="serve GET /metrics there (default: [queue] metrics, off)")
 
     w = sub.add_parser("worker", help="a worker process")
     _common(w)
     w.add_argument("--queue", action="append", default=[], help="queue node host:port (repeatable)")
     w.add_argument("--models", help="comma-separated model names (default: echo)")
     w.add_argument("--capacity", type=int, help="requests run at once")
-    w.add_argument("--pool", choices=("sync", "async", "shared"))
-    w.add_argument("--node-id")
+    w.add_argument(
+        "--pool", choices=WORKER_POOLS, help="capacity pool: sync, async or shared (both, sync first; the default)"
+    )
+    w.add_argument("--node-id", help="this worker's name in the queue node's registry (default: worker-<pid>)")
     w.add_argument("--threads", type=int, help="thread pool for blocking handlers")
     w.add_argument("--models-dir", help="model directories (default: the config's models_dir, ./models)")
     w.add_argument("--credential-file", help="worker key file (default: <state-dir>/worker-key)")
+    w.add_argument("--metrics", metavar="HOST:PORT", help="serve GET /metrics there (default: off)")
 
     add_keys_parser(sub)
     _certs_parser(sub)
@@ -95,7 +115,16 @@ def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML configuration file (see casola/config.py)")
     p.add_argument("--state-dir", default=argparse.SUPPRESS, help="as the global --state-dir")
-    p.add_argument("--log-level", help="debug, info, warning, error")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides the config's log_level (default info)")
+    p.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="text, or json: one object a line with the request id (default text)"
+    )
+
+
+def _access_log(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--access-log", action="store_true", help="one log line per request (logger casola.access; default off)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,15 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and not os.environ.get("MALLOC_TOP_PAD_") and not os.environ.get("CASOLA_NO_MALLOC_TUNE"):
         os.execve(sys.executable, [sys.executable, "-m", "casola", *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
     try:
-        config = load_config(args.config)
+        config = apply_overrides(args, load_config(args.config))
     except ConfigError as exc:
-        print(f"casola: {exc}", file=sys.stderr)
+        print(f"casola {args.command}: {exc}", file=sys.stderr)
         return 2
     state_dir = Path(args.state_dir or config.state_dir)
-    logging.basicConfig(
-        level=(args.log_level or config.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    setup_logging(config.log_level, config.log_format, config.access_log)
     from casola import roles  # late: keeps `casola keys` light
 
     try:
@@ -126,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # what a role checks before it starts (`casola up`: the workers' models)
         print(f"casola {args.command}: {args.config + ': ' if args.config else ''}{exc}", file=sys.stderr)
         return 2
+    except roles.StartupError as exc:  # an address in use, an unwritable state dir, a store it cannot open
+        print(f"casola {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run_certs(out: Path, args: argparse.Namespace) -> int:
@@ -160,10 +189,27 @@ def _run_certs(out: Path, args: argparse.Namespace) -> int:
 
 
 def apply_overrides(args: argparse.Namespace, config: Config) -> Config:
-    """Command-line flags win over the config file."""
+    """Command-line flags win over the config file.
+
+    Raises:
+        ConfigError: a flag's value is out of range (`queue --metrics` not host:port).
+    """
+    try:
+        return _apply_overrides(args, config)
+    except ValueError as exc:  # a section's __post_init__ check, run again by structs.replace
+        raise ConfigError(str(exc)) from exc
+
+
+def _apply_overrides(args: argparse.Namespace, config: Config) -> Config:
     import msgspec
 
     ing, q = config.ingress, config.queue
+    if getattr(args, "log_level", None):
+        config = msgspec.structs.replace(config, log_level=args.log_level)
+    if getattr(args, "log_format", None):
+        config = msgspec.structs.replace(config, log_format=args.log_format)
+    if getattr(args, "access_log", False):
+        config = msgspec.structs.replace(config, access_log=True)
     if getattr(args, "http", None):
         ing = msgspec.structs.replace(ing, http=args.http)
     if getattr(args, "frames", None) is not None and args.command in ("up", "ingress"):
@@ -185,4 +231,6 @@ def apply_overrides(args: argparse.Namespace, config: Config) -> Config:
             q = msgspec.structs.replace(q, jobs=msgspec.structs.replace(q.jobs, store=args.store))
         if args.models:
             q = msgspec.structs.replace(q, models=args.models.split(","))
+        if args.metrics:
+            q = msgspec.structs.replace(q, metrics=args.metrics)
     return msgspec.structs.replace(config, ingress=ing, queue=q)

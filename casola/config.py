@@ -5,7 +5,10 @@ error (a typo must not silently fall back to a default). Example, with the defau
 
 ```toml
 state_dir = ".casola"            # signing key, API keys, revocation list (--state-dir wins)
-log_level = "info"
+log_level = "info"               # debug | info | warning | error | critical (--log-level wins)
+log_format = "text"              # text | json: one JSON object a line, with the request id (--log-format wins)
+access_log = false               # one line per request at the ingress, logger casola.access (--access-log)
+metrics_key = false              # GET /metrics (ingress, [queue] metrics) needs a key with the `metrics` scope
 models_dir = "models"            # model directories <models_dir>/<name>/ with casola.json (`casola models`)
 
 [ingress]
@@ -13,6 +16,8 @@ http = "127.0.0.1:8000"          # HTTP/1.1 listener
 frames = "127.0.0.1:7700"        # raw-frame listener ("" = off)
 trace = false                    # Server-Timing on every response (else per request: X-Casola-Trace: 1)
 timing_allow_origin = ""         # e.g. "*" so browsers may read Server-Timing
+cors_origins = []                # origins whose pages may call the API, e.g. ["https://app.example"] or ["*"]
+backlog = 2048                   # listen queue of both listeners (connections not yet accepted)
 max_inflight = 4096              # requests in progress; beyond, 429 at once (to tenants over their fair share)
 max_inflight_per_tenant = 1024   # of those, one tenant's; a key may carry a lower limit (keys create --max-inflight)
 default_deadline_ms = 0          # 0 = none
@@ -45,6 +50,7 @@ lend_reserve = 1                 # ...all but this many per worker, kept free fo
 models = []                      # models known before a worker registers (others: 404 until one does)
 worker_ping_timeout = 5.0        # a worker silent this long is considered dead
 outbound_allow = []              # CIDRs webhooks may reach though not public, e.g. ["10.1.0.0/16", "::1/128"]
+metrics = ""                     # `casola queue` alone: GET /metrics on host:port, e.g. "127.0.0.1:9110" ("" = off)
 
 [queue.jobs]                     # async jobs (persisted, leased, redispatched from checkpoints)
 store = ""                       # "" = sqlite:///<state_dir>/jobs.db; or postgresql://user@host:5432/db[?schema=s]
@@ -98,6 +104,7 @@ from typing import Any, Final
 import msgspec
 
 from casola.ingress.server import IngressConfig
+from casola.logs import LOG_FORMATS, LOG_LEVELS
 from casola.queue.node import QueueConfig
 
 __all__ = ["WORKER_POOLS", "Config", "ConfigError", "ModelConfig", "WorkerSpec", "check_worker_models", "load_config"]
@@ -131,11 +138,22 @@ def _default_workers() -> list[WorkerSpec]:
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     state_dir: str = ".casola"
     log_level: str = "info"
+    log_format: str = "text"
+    access_log: bool = False
+    metrics_key: bool = False
     models_dir: str = "models"
     ingress: IngressConfig = msgspec.field(default_factory=IngressConfig)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     workers: list[WorkerSpec] = msgspec.field(default_factory=_default_workers)
     models: dict[str, ModelConfig] = {}
+
+    def __post_init__(self) -> None:
+        # Checked at load, naming the key (msgspec reports a ValueError as a ValidationError): the
+        # logging set-up would otherwise fail with a traceback.
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format {self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
 
 
 class ConfigError(ValueError):

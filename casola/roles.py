@@ -15,22 +15,30 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
 from casola.auth import SCOPE_INGRESS, SCOPE_RUN, SCOPE_WORKER, KeyStore
+from casola.banner import banner, try_hint
 from casola.certs import DEFAULT_HOSTS, make_dev_certs
 from casola.config import Config, WorkerSpec, check_worker_models
 from casola.files import write_atomic
 from casola.net.loop import loop_name
 from casola.net.loop import run as run_loop
+from casola.opsmetrics import process_registry, render, serve_metrics, split_address, write_queue, write_worker
 from casola.queue.node import QueueConfig, QueueNode
+from casola.startup import StartupError, explain, start_or_explain, state_dir_ready
 from casola.worker import Echo, Model, Steps, WorkerConfig, WorkerRuntime
 
-__all__ = ["BUILTIN_MODELS", "run"]
+if TYPE_CHECKING:
+    from casola.auth import Verifier
+    from casola.ingress.server import Ingress
+    from casola.ingress.upstream import Upstream
+
+__all__ = ["BUILTIN_MODELS", "StartupError", "run"]
 
 log = logging.getLogger("casola")
 
@@ -39,9 +47,14 @@ PARENT_ENV = "CASOLA_PARENT_PID"  # set for the workers of `casola up`: they end
 
 
 def run(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
-    from casola.cli import apply_overrides
+    """Run the role `args.command` until it is signalled; `config` has the flags applied
+    (`casola.cli.apply_overrides`).
 
-    config = apply_overrides(args, config)
+    Raises:
+        ConfigError: what a role checks before it starts (`casola up`: its workers' models).
+        StartupError: it cannot start (an address in use, an unwritable state dir, a job store it
+            cannot open): one line for the user.
+    """
     main = {"up": _up, "ingress": _ingress, "queue": _queue, "worker": _worker}[args.command]
     try:
         return run_loop(main(args, config, state_dir))
@@ -82,29 +95,34 @@ def _ingress_credential(ks: KeyStore) -> str:
 
 
 async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
-    from casola.ingress.server import Ingress
     from casola.ingress.upstream import Upstream
 
     check_worker_models(config, BUILTIN_MODELS)  # ConfigError before anything starts (cli: exit 2)
+    state_dir_ready(state_dir)
     ca: Path | None = None
     if getattr(args, "tls", False):
         config, ca = _with_dev_certs(config, state_dir)
     ks = KeyStore(state_dir)
     verifier = ks.verifier()
-    dev_key = ks.ensure_key("dev-api-key", "dev", [SCOPE_RUN], "development key (casola up)")
+    ks.ensure_key("dev-api-key", "dev", [SCOPE_RUN], "development key (casola up)")  # the banner names its file
     worker_key = ks.ensure_key("worker-key", "_workers", [SCOPE_WORKER], "local workers")
     node = QueueNode(_queue_config(config.queue, state_dir), verifier)
-    await node.start()
+    await start_or_explain(node.start(), config.queue.listen)
     upstream = Upstream(config.ingress.queue_nodes, _ingress_credential(ks), config.ingress.node_id)
     upstream.add_memory(node.memory_dialer, config.queue.region)
-    ingress = Ingress(config.ingress, verifier, upstream)
-    ingress.queue_snapshot = ingress.metrics.queue_snapshot = node.registry.snapshot
-    ingress.queue_signals = ingress.metrics.queue_signals = node.signals
-    ingress.required_models = sorted({*config.queue.models, *(m for spec in config.workers for m in spec.models)})
+    ingress = _up_ingress(config, verifier, upstream, node)
     await upstream.start(wait=5.0)
-    await ingress.start()
+    try:
+        await start_or_explain(ingress.start(), config.ingress.http, config.ingress.frames)
+    except StartupError:
+        await upstream.stop()
+        await node.stop()
+        raise
     queue_addr = f"{config.queue.listen.rpartition(':')[0]}:{node.port}"
-    workers = _LocalWorkers(config.workers, queue_addr, state_dir, worker_key, config.models_dir, args.config or "")
+    workers = _LocalWorkers(
+        config.workers, queue_addr, state_dir, worker_key, config.models_dir, args.config or "",
+        log_args=["--log-level", config.log_level.lower(), "--log-format", config.log_format],
+    )  # fmt: skip
     workers.start()
     http_port, *rest = ingress.ports
     endpoints = {
@@ -114,7 +132,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
         "loop": loop_name(),
     }
     write_atomic(state_dir / "endpoints.json", json.dumps(endpoints).encode())  # 0600, like every state file
-    _banner(endpoints, state_dir, dev_key, ca)
+    banner(endpoints, state_dir, ca, try_hint(config))
     try:
         await _until_signalled()
     finally:
@@ -127,6 +145,20 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     return 0
 
 
+def _up_ingress(config: Config, verifier: Verifier, upstream: Upstream, node: QueueNode) -> Ingress:
+    """The ingress of `casola up`, reading the in-process queue node: /readyz, /healthz, /metrics."""
+    from casola.ingress.server import Ingress
+
+    ingress = Ingress(config.ingress, verifier, upstream)
+    ingress.queue_snapshot = ingress.metrics.queue_snapshot = node.registry.snapshot
+    ingress.queue_signals = ingress.metrics.queue_signals = node.signals
+    ingress.metrics.queue_stats = node.snapshot
+    ingress.metrics.served = node.registry.models  # label values: the models the node knows, looked up live
+    ingress.metrics.require_key = config.metrics_key
+    ingress.required_models = sorted({*config.queue.models, *(m for spec in config.workers for m in spec.models)})
+    return ingress
+
+
 def _with_dev_certs(config: Config, state_dir: Path) -> tuple[Config, Path]:
     """`config` with the ingress on HTTPS with `<state-dir>/certs` (made or reused), and the CA's path."""
     host = config.ingress.http.rpartition(":")[0].strip("[]")
@@ -134,20 +166,6 @@ def _with_dev_certs(config: Config, state_dir: Path) -> tuple[Config, Path]:
     certs = make_dev_certs(state_dir / "certs", hosts)
     ingress = msgspec.structs.replace(config.ingress, tls_cert=str(certs.cert), tls_key=str(certs.key))
     return msgspec.structs.replace(config, ingress=ingress), certs.ca
-
-
-def _banner(endpoints: dict[str, str], state_dir: Path, dev_key: str, ca: Path | None = None) -> None:
-    key_file = state_dir / "dev-api-key"
-    tls = f"  TLS: trust {ca} (Python clients: SSL_CERT_FILE={ca})\n" if ca else ""
-    print(
-        f"casola up: ingress {endpoints['http']}  raw frames {endpoints['frames'] or 'off'}  "
-        f"queue node {endpoints['queue']}  ({endpoints['loop']})\n"
-        f"  development API key: {key_file} (tenant 'dev')\n{tls}"
-        f"  try: curl -sS -H \"Authorization: Bearer $(cat {key_file})\" -H 'X-Casola-Trace: 1' -i \\\n"
-        f"         --data-binary 'hello' {f'--cacert {ca} ' if ca else ''}{endpoints['http']}/v1/run/echo",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 # `casola worker` exits with this status when its configuration is wrong (an unknown model, a bad
@@ -174,7 +192,8 @@ class _LocalWorkers:
     """Worker processes of `casola up`; one that dies unexpectedly is restarted after a pause that
     grows while it keeps crashing, and one that exits with EXIT_CONFIG is not restarted.
 
-    `command` runs instead of `python -m casola` (tests); `first_delay`: the first restart's wait."""
+    `command` runs instead of `python -m casola` (tests); `first_delay`: the first restart's wait;
+    `log_args`: `casola worker` options passed on (`casola up`'s --log-level and --log-format)."""
 
     def __init__(
         self,
@@ -187,6 +206,7 @@ class _LocalWorkers:
         *,
         command: Sequence[str] = (),
         first_delay: float = RESTART_FIRST_S,
+        log_args: Sequence[str] = (),
     ) -> None:
         self._specs, self._queue, self._state_dir = specs, queue, state_dir
         self._config_file = str(Path(config_file).resolve()) if config_file else ""  # its [models.*] overrides
@@ -194,6 +214,7 @@ class _LocalWorkers:
         self._credential = credential
         self._command = list(command) or [sys.executable, "-m", "casola"]
         self._first_delay = first_delay
+        self._log_args = list(log_args)
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.starts: dict[int, int] = {}  # processes started per worker number, restarts included
         self._tasks: list[asyncio.Task[None]] = []
@@ -213,7 +234,7 @@ class _LocalWorkers:
             "--queue", self._queue, "--models", ",".join(spec.models), "--capacity", str(spec.capacity),
             "--pool", spec.pool, "--node-id", f"worker-{n}", "--threads", str(spec.threads),
             *(["--config", self._config_file] if self._config_file else []),
-            "--models-dir", self._models_dir,
+            "--models-dir", self._models_dir, *self._log_args,
         ]  # fmt: skip
 
     async def _keep(self, spec: WorkerSpec, n: int) -> None:
@@ -261,6 +282,7 @@ async def _ingress(args: argparse.Namespace, config: Config, state_dir: Path) ->
     from casola.ingress.server import Ingress
     from casola.ingress.upstream import QueueNodeSpec, Upstream
 
+    state_dir_ready(state_dir)
     ks = KeyStore(state_dir)
     nodes = list(config.ingress.queue_nodes)
     for item in args.queue_node:
@@ -270,8 +292,14 @@ async def _ingress(args: argparse.Namespace, config: Config, state_dir: Path) ->
         nodes = [QueueNodeSpec(address=config.queue.listen)]
     upstream = Upstream(nodes, _ingress_credential(ks), config.ingress.node_id)
     ingress = Ingress(config.ingress, ks.verifier(), upstream)
+    ingress.metrics.require_key = config.metrics_key
+    ingress.metrics.serve(config.queue.models)  # the rest: once a queue node answers for them (2xx)
     await upstream.start(wait=2.0)
-    await ingress.start()
+    try:
+        await start_or_explain(ingress.start(), config.ingress.http, config.ingress.frames)
+    except StartupError:
+        await upstream.stop()
+        raise
     log.info("ingress listening on %s (frames %s), queue nodes %s", config.ingress.http, config.ingress.frames, nodes)
     try:
         await _until_signalled()
@@ -283,16 +311,46 @@ async def _ingress(args: argparse.Namespace, config: Config, state_dir: Path) ->
 
 
 async def _queue(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
-    node = QueueNode(_queue_config(config.queue, state_dir), KeyStore(state_dir).verifier())
-    await node.start()
+    state_dir_ready(state_dir)
+    ks = KeyStore(state_dir)
+    verifier = ks.verifier()
+    node = QueueNode(_queue_config(config.queue, state_dir), verifier)
+    await start_or_explain(node.start(), config.queue.listen)
+    metrics: asyncio.Server | None = None
+    if config.queue.metrics:  # off unless configured: the node's own GET /metrics
+        process = process_registry()
+
+        def scrape() -> bytes:
+            return render(process, lambda out: write_queue(out, node.registry.snapshot, node.signals, node.snapshot))
+
+        try:
+            metrics = await _listen_metrics(scrape, config.queue.metrics, verifier, config.metrics_key)
+        except StartupError:
+            await node.stop()
+            raise
     log.info(
         "queue node %s listening on %s (region %s)", config.queue.node_id, config.queue.listen, config.queue.region
     )
     try:
         await _until_signalled()
     finally:
+        if metrics is not None:
+            metrics.close()
         await node.stop()
     return 0
+
+
+async def _listen_metrics(
+    scrape: Callable[[], bytes], address: str, verifier: Verifier | None, require_key: bool
+) -> asyncio.Server:
+    """`GET /metrics` of a queue node or a worker on `address`.
+
+    Raises:
+        StartupError: the address cannot be bound.
+    """
+    server = await start_or_explain(serve_metrics(scrape, address, verifier, require_key=require_key), address)
+    log.info("metrics on http://%s/metrics", address)
+    return server
 
 
 def _die_with_parent() -> None:
@@ -312,10 +370,12 @@ async def _worker(args: argparse.Namespace, config: Config, state_dir: Path) -> 
     spec = config.workers[0] if config.workers else WorkerSpec()
     names = args.models.split(",") if args.models else spec.models
     try:
+        if args.metrics:
+            split_address(args.metrics)  # before the models load: that may take minutes
         models = [_load_model(name, config) for name in names]
     except (ValueError, OSError) as exc:  # SpecError, a device or file problem: say which model
-        print(f"casola worker: {exc}", file=sys.stderr)
-        return 2
+        print(f"casola worker: {'--metrics: ' if 'host:port' in str(exc) else ''}{exc}", file=sys.stderr)
+        return EXIT_CONFIG
     wc = WorkerConfig(
         queue=args.queue or [config.queue.listen],
         models=names,
@@ -325,8 +385,12 @@ async def _worker(args: argparse.Namespace, config: Config, state_dir: Path) -> 
         threads=args.threads or spec.threads,
         region=config.queue.region,
     )
-    credential = _worker_credential(args, state_dir)
+    try:
+        credential = _worker_credential(args, state_dir)
+    except OSError as exc:  # --credential-file (the state directory's: StartupError already)
+        raise StartupError(f"worker key: {explain(exc, ())}") from exc
     runtime = WorkerRuntime(wc, models, credential)
+    metrics = await _worker_metrics(runtime, args.metrics) if args.metrics else None
     await runtime.start()
     sig = await _until_signalled()
     if sig == signal.SIGTERM:
@@ -334,7 +398,25 @@ async def _worker(args: argparse.Namespace, config: Config, state_dir: Path) -> 
         await runtime.drain()
     else:
         await runtime.stop()
+    if metrics is not None:
+        metrics.close()
     return 0
+
+
+async def _worker_metrics(runtime: WorkerRuntime, address: str) -> asyncio.Server:
+    """`casola worker --metrics HOST:PORT`: the runtime's slots, busy slots, cancellations, health,
+    and the process's figures. No key is asked for there (a worker has no verifier of its own):
+    bind it to an address only the monitoring can reach.
+
+    Raises:
+        StartupError: the address cannot be bound.
+    """
+    process = process_registry()
+
+    def scrape() -> bytes:
+        return render(process, lambda out: write_worker(out, runtime))
+
+    return await _listen_metrics(scrape, address, None, False)
 
 
 def _load_model(name: str, config: Config) -> Model:
@@ -354,4 +436,5 @@ def _worker_credential(args: argparse.Namespace, state_dir: Path) -> str:
         return Path(args.credential_file).read_text().strip()
     if os.environ.get("CASOLA_WORKER_KEY"):
         return os.environ["CASOLA_WORKER_KEY"].strip()
+    state_dir_ready(state_dir)
     return KeyStore(state_dir).ensure_key("worker-key", "_workers", [SCOPE_WORKER], "local workers")

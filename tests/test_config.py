@@ -5,6 +5,7 @@ from what is on disk and in the config, without loading a model."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -121,3 +122,26 @@ def test_restarts_back_off_while_a_worker_keeps_crashing_and_reset_after_a_healt
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, RESTART_MAX_S, RESTART_MAX_S, RESTART_MAX_S]
     assert _restart_delay(RESTART_MAX_S, ran_s=HEALTHY_RUN_S) == 1.0
     assert _restart_delay(None, ran_s=0.0, first=0.25) == 0.25
+
+
+# -- logging and metrics keys ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('log_level = "loud"\n', "log_level 'loud' is not one of debug, info, warning, error, critical"),
+        ('log_format = "xml"\n', "log_format 'xml' is not one of text, json"),
+        ('[queue]\nmetrics = "9110"\n', "metrics: '9110' is not host:port"),
+    ],
+)
+def test_logging_and_metrics_keys_are_checked_at_load(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(_write(tmp_path, text))
+
+
+def test_logging_and_metrics_keys_are_loaded(tmp_path: Path) -> None:
+    text = 'log_level = "DEBUG"\nlog_format = "json"\naccess_log = true\nmetrics_key = true\n'
+    config = load_config(_write(tmp_path, text + '[queue]\nmetrics = "127.0.0.1:9110"\n'))
+    assert (config.log_level, config.log_format, config.access_log, config.metrics_key) == ("DEBUG", "json", True, True)
+    assert config.queue.metrics == "127.0.0.1:9110"

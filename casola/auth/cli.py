@@ -35,7 +35,9 @@ def add_keys_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         dest="scopes",
         action="append",
         choices=ALL_SCOPES,
-        help=f"what the key may do; repeatable (default: {SCOPE_RUN})",
+        help="what the key may do; repeatable: run (requests), worker (register as a worker), ingress (an "
+        "ingress's node credential), signals (GET /v1/signals), metrics (GET /metrics where metrics_key = true) "
+        f"(default: {SCOPE_RUN})",
     )
     create.add_argument("--region", default="", help="pin requests to this region (default: none)")
     create.add_argument(

@@ -40,6 +40,7 @@ __all__ = [
     "FILTER_POLICIES",
     "MAX_TOKEN_LENGTH",
     "SCOPE_INGRESS",
+    "SCOPE_METRICS",
     "SCOPE_RUN",
     "SCOPE_SIGNALS",
     "SCOPE_WORKER",
@@ -54,7 +55,9 @@ SCOPE_RUN: Final = "run"  # may submit requests (user API keys)
 SCOPE_WORKER: Final = "worker"  # may register as a worker with a queue node
 SCOPE_INGRESS: Final = "ingress"  # node credential: an ingress dialling a queue node
 SCOPE_SIGNALS: Final = "signals"  # may read the scheduling signals (an autoscaler): GET /v1/signals
-ALL_SCOPES: Final = (SCOPE_RUN, SCOPE_WORKER, SCOPE_INGRESS, SCOPE_SIGNALS)
+# may read GET /metrics where the deployment asks for a key there (`metrics_key = true`)
+SCOPE_METRICS: Final = "metrics"
+ALL_SCOPES: Final = (SCOPE_RUN, SCOPE_WORKER, SCOPE_INGRESS, SCOPE_SIGNALS, SCOPE_METRICS)
 # A key's content-filter policy; "" = none of its own (the queue node's per-model policy applies).
 FILTER_POLICIES: Final = ("", "off", "race", "block")
 

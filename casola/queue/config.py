@@ -6,6 +6,7 @@ import msgspec
 
 from casola.filter import FilterConfig
 from casola.net.outbound import OutboundPolicy
+from casola.opsmetrics import split_address
 from casola.queue.jobs import JobsConfig
 
 __all__ = ["QueueConfig"]
@@ -28,6 +29,8 @@ class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     worker_ping_timeout: float = 5.0  # a worker that answers no PING this long is gone
     # CIDR networks outbound calls (webhooks) may reach although not public, e.g. ["10.1.0.0/16"]
     outbound_allow: list[str] = []
+    # `casola queue` alone: GET /metrics on this host:port ("" = off; `casola up` has the ingress's)
+    metrics: str = ""
     jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)  # async jobs ([queue.jobs])
     filter: FilterConfig = msgspec.field(default_factory=FilterConfig)  # content filtering ([queue.filter])
 
@@ -36,3 +39,8 @@ class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         OutboundPolicy(self.outbound_allow)
         if not 0 < (t := self.worker_ping_timeout) < float("inf"):  # NaN too: no worker would ever be dropped
             raise ValueError(f"worker_ping_timeout must be a positive number of seconds, not {t}")
+        if self.metrics:
+            try:
+                split_address(self.metrics)
+            except ValueError as exc:
+                raise ValueError(f"metrics: {exc}") from None

@@ -79,8 +79,11 @@ def test_casola_up_serves_echo_with_the_dev_key(tmp_path: Path) -> None:
             assert "worker-rtt;dur=" in r.headers["Server-Timing"]
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5) as r:
             text = r.read().decode()
-        assert 'casola_stage_seconds_bucket{le="0.0005",stage="queue-overhead"}' in text
+        assert 'casola_stage_seconds_bucket{stage="queue-overhead",le="0.0005"}' in text
         assert 'casola_model_workers{model="echo"} 1.0' in text
+        assert "casola_request_duration_seconds_count 1.0" in text and 'stage="total"' not in text
+        assert 'casola_requests_total{model="echo",status="200"} 1.0' in text
+        assert "process_resident_memory_bytes" in text and "casola_queue_requests_total 1.0" in text
         _assert_state_files_are_private(state)
     finally:
         proc.send_signal(signal.SIGTERM)
