@@ -177,14 +177,30 @@ class Client:
         content_type: str = "",
         deadline_ms: int = 0,
         priority: int = 0,
+        trace: bool = True,
+        request_id: str = "",
+        traceparent: str = "",
+        tracestate: str = "",
     ) -> Stream:
         """Send a request; its answer arrives through the returned `Stream`. `priority` (higher
         first) may go up to what the API key allows (`casola keys create --max-priority`).
+        `trace`: return the stages' timings (`Stream.timing`); `request_id` (else the ingress makes
+        one), `traceparent`, `tracestate` (W3C Trace Context) reach the handler as given.
 
         Raises:
             ConnectionLost: the connection is gone. RequestFailed: no stream credit (OVERLOADED).
         """
-        meta = RequestMeta(model, deadline_ms, content_type, dict(params or {}), True, priority=priority)
+        meta = RequestMeta(
+            model,
+            deadline_ms,
+            content_type,
+            dict(params or {}),
+            trace,
+            priority=priority,
+            request_id=request_id,
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
         return self._open(meta, payload)
 
     def _open(self, meta: RequestMeta, payload: Buffer) -> Stream:

@@ -17,6 +17,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
+from casola.ingress.accesslog import ACCESS, log_access
 from casola.ingress.envelope import JSON_CT, error_body
 from casola.ingress.fields import VISIBLE, BadField
 
@@ -40,6 +41,7 @@ _RAW: Final = 4  # HTTP/1.0 client, no length given: the body ends when the conn
 # go out with writelines() so the payload itself is never copied. 4 KiB: a memcpy of that size costs
 # less than the extra iovec bookkeeping (asyncio on 3.11 joins in writelines anyway).
 _JOIN_MAX: Final = 4096
+_CLIENT_GONE: Final = 499  # the access log's status for an answer the client did not wait for (nginx's)
 
 _STATUS: Final[dict[int, bytes]] = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -113,15 +115,18 @@ class Exchange:
         method: e.g. b"POST". path: the raw path without the query. query: the raw query, b"" if none.
         headers: (name, value) pairs in order; names lower-cased, values stripped.
         t_start: the loop's clock (time.monotonic(), asyncio's loop.time()) at the read that carried the
-            request's first byte.
+            request's first byte; t_head, t_body: at the read that completed its head, its body.
         body_complete: the whole request body has arrived.
         started, finished: the response head went out; the response ended.
+        request_id: the request's id (`X-Request-Id`), set by the app before it answers.
+        common: header lines (CRLF-ended) every answer to this request carries (the app's: the
+            request id, CORS), b"" for none.
     """
 
     __slots__ = tuple(
         "_buf _close _delivering _end_sent _expect _gone _http10 _keep_alive _lost _lost_exc _mode _on_abort "
-        "_on_body _on_body_end _out_left _paused _proto _ready _rx body_complete finished headers method path "
-        "query started t_start".split()
+        "_on_body _on_body_end _out_left _paused _proto _ready _rx body_complete common finished headers method "
+        "path query request_id started status t_body t_head t_start".split()
     )
 
     def __init__(self, proto: HttpProtocol, t_start: float) -> None:
@@ -130,7 +135,12 @@ class Exchange:
         self.query = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.t_start = t_start
+        self.t_head = t_start  # when the head was complete (set by the parser)
+        self.t_body = 0.0  # when the body was complete (0.0: not yet)
         self.body_complete = False
+        self.request_id = ""
+        self.common = b""
+        self.status = 0  # of the answer, once started
         self.started = False
         self.finished = False
         self._proto = proto
@@ -253,7 +263,21 @@ class Exchange:
         """The exchange died under the app (client gone, timeout, bad body): drop its output, tell it."""
         self._gone = True
         self._mode = _DROP
+        self._access(_CLIENT_GONE)
         self._fire_abort(exc)
+
+    def _access(self, status: int) -> None:
+        """The access-log line of this exchange, when the log is on (casola/ingress/accesslog.py)."""
+        if ACCESS.isEnabledFor(logging.INFO):
+            peer = self._proto._transport.get_extra_info("peername")
+            log_access(
+                self.method,
+                self.path,
+                status,
+                time.monotonic() - self.t_start,
+                peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+                request_id=self.request_id,
+            )
 
     def _fire_abort(self, exc: BaseException | None) -> None:
         if self._lost == 2:
@@ -279,6 +303,7 @@ class Exchange:
         if status < 200:
             raise ValueError(f"interim status {status} cannot start a response")
         self.started = True
+        self.status = status
         close = self._close or not self._keep_alive
         if self._expect and not self.body_complete:
             close = True  # the client waits for 100 before sending the body: it will never come
@@ -310,6 +335,7 @@ class Exchange:
             add(_CLOSE)
         elif self._http10:
             add(_KEEP)
+        add(self.common)
         add(self._proto._server_line)
         add(date_line())
         add(b"\r\n")
@@ -431,6 +457,7 @@ class Exchange:
             return
         self._gone = True
         self._mode = _DROP
+        self._access(self.status if self.started else _CLIENT_GONE)
         self._proto._close(linger=False)
 
     async def drain(self) -> None:
@@ -444,6 +471,7 @@ class Exchange:
         await self._proto._gate.wait()
 
     def _finish(self) -> None:
+        self._access(self.status)
         self.finished = True
         self._mode = _DROP
         self._proto._response_done(self)

@@ -1,12 +1,13 @@
 """The ingress's raw-frame listener: third-party socket clients and edge proxies speak SPEC.md here.
 
-A client dials, sends HELLO (role `client`, its API key as credential) and opens streams as on any
-casola link. Each stream is relayed to a queue node; the answer comes back with the ingress's own
-stage added to the same timing fields the HTTP surface puts in Server-Timing (RESPONSE meta at the
-first byte, END meta totals). The tenant, the content-filter policy and the highest priority come
-from the key, never from the client's metadata; every stream is admitted per tenant and key like an
-HTTP request (casola.ingress.admission); a key revoked or expired while the connection is open ends
-it (GOAWAY UNAUTHENTICATED) within a second, and no stream opens on it meanwhile.
+A client dials, sends HELLO (role `client`, its API key as credential) and opens streams as on any casola
+link. Each stream is relayed to a queue node; when the client asked for timings (`trace`), the answer comes
+back with the ingress's own stage added to the same timing fields the HTTP surface puts in Server-Timing
+(RESPONSE meta at the first byte, END meta totals); otherwise with none. A stream without a well-formed
+`request_id` gets one made here; a malformed `traceparent` is dropped. The tenant, the content-filter policy
+and the highest priority come from the key, never from the client's metadata; every stream is admitted per
+tenant and key like an HTTP request (casola.ingress.admission); a key revoked or expired while the connection
+is open ends it (GOAWAY UNAUTHENTICATED) within a second, and no stream opens on it meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from casola.auth import SCOPE_RUN, AuthError
 from casola.ingress.admission import Refusal, Ticket
 from casola.ingress.fields import BadField, field_value
 from casola.ingress.jobs import Caller, caller_of
+from casola.ingress.requestid import trace_context, well_formed_id
 from casola.ingress.upstream import Upstream
 from casola.net.handshake import Refused, serve_tcp
 from casola.net.link import LinkBase
@@ -54,10 +56,26 @@ CLIENT_CREDIT = 256  # streams one raw client may have open at once
 class _Relay:
     """One client stream and its upstream stream."""
 
-    __slots__ = ("client", "csid", "ing", "model", "size", "t_answer", "t_sent", "t_start", "ticket", "up", "usid")
+    __slots__ = (
+        "client",
+        "csid",
+        "ing",
+        "model",
+        "size",
+        "t_answer",
+        "t_sent",
+        "t_start",
+        "ticket",
+        "trace",
+        "up",
+        "usid",
+    )
 
-    def __init__(self, ing: Ingress, client: LinkBase, csid: int, up: LinkBase, model: str, ticket: Ticket) -> None:
+    def __init__(
+        self, ing: Ingress, client: LinkBase, csid: int, up: LinkBase, model: str, ticket: Ticket, trace: bool
+    ) -> None:
         self.ing, self.client, self.csid, self.up, self.model = ing, client, csid, up, model
+        self.trace = trace  # the client asked for timings (SPEC §4.3); upstream is always asked
         self.ticket: Ticket | None = ticket  # its place at the ingress; given back by end()
         self.usid = 0
         self.size = 0  # request bytes relayed: bounded by the ingress's max_body, as over HTTP
@@ -71,8 +89,11 @@ class _Relay:
         if ft is not FrameType.DATA:  # the frames that carry timing get the ingress's own stage
             self.t_answer = t
             assert isinstance(meta, ResponseMeta | EndMeta | ErrorMeta)
-            timing = {"ingress": self._ingress_ms(perf_counter()), **meta.timing}
-            meta = msgspec.structs.replace(meta, timing=timing)
+            if self.trace:
+                timing = {"ingress": self._ingress_ms(perf_counter()), **meta.timing}
+                meta = msgspec.structs.replace(meta, timing=timing)
+            elif meta.timing:
+                meta = msgspec.structs.replace(meta, timing={})
         client = self.client
         client.send_if_open(Frame(ft, self.csid, meta, frame.payload, frame.flags))
         if frame.end or ft is FrameType.ERROR:
@@ -123,11 +144,12 @@ class FrameListener:
         self._links: set[LinkBase] = set()
 
     async def start(self, host: str, port: int, ssl: SSLContext | None = None) -> asyncio.Server:
-        return await serve_tcp(host, port, self.on_hello, ssl=ssl)
+        return await serve_tcp(host, port, self.on_hello, ssl=ssl, backlog=self.ing.config.backlog)
 
     def close_all(self) -> None:
+        """The ingress stops: every client hears GOAWAY and SHUTTING_DOWN on its open streams."""
         for link in list(self._links):
-            link.close()
+            link.shut_down("the ingress is stopping")
 
     def on_hello(self, link: LinkBase, frame: Frame) -> None:
         hello = frame.meta
@@ -200,10 +222,23 @@ class FrameListener:
         assert up is not None and isinstance(ticket, Ticket)
         # The key's tenant and filter policy overwrite whatever the client sent (it may not pick its own).
         deadline = meta.deadline_ms or ing.config.default_deadline_ms
+        rid = meta.request_id
+        if not well_formed_id(rid.encode()):
+            rid = ing.request_ids.new()
+        parent, state = trace_context(meta.traceparent.encode(), meta.tracestate.encode())
+        wants = meta.trace
         meta = msgspec.structs.replace(
-            meta, tenant=caller.tenant, filter=caller.filter, trace=True, deadline_ms=deadline
+            meta,
+            tenant=caller.tenant,
+            filter=caller.filter,
+            trace=True,
+            deadline_ms=deadline,
+            request_id=rid,
+            traceparent=parent,
+            tracestate=state,
         )
-        relay = client.relays[frame.stream_id] = _Relay(ing, link, frame.stream_id, up, meta.model, ticket)
+        relay = _Relay(ing, link, frame.stream_id, up, meta.model, ticket, wants)
+        client.relays[frame.stream_id] = relay
         relay.size = len(frame.payload)
         relay.t_sent = perf_counter()
         relay.usid = ing.upstream.open(up, Frame(FrameType.REQUEST, 0, meta, frame.payload, frame.flags), relay)

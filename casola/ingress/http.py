@@ -22,7 +22,8 @@ from typing import Any, Final, cast
 import httptools
 
 from casola.ingress.exchange import Exchange, error_response
-from casola.ingress.httplimits import HttpLimits
+from casola.ingress.httplimits import HttpLimits, RequestError
+from casola.ingress.httpsyntax import SIZE_LINE_MAX, absolute_target, declared_chunk_size
 from casola.net.gate import WriteGate
 
 __all__ = ["Exchange", "Handler", "HttpLimits", "HttpProtocol", "RequestError", "serve_http"]
@@ -67,21 +68,6 @@ _T_SEND: Final = 5
 _DEFAULT_LIMITS: Final = HttpLimits()
 
 
-class RequestError(Exception):
-    """The request broke HTTP or a limit; what `on_abort` gets when that happens mid-body.
-
-    Attributes:
-        status: the HTTP status answered (or that would have been, had the response not started).
-        code: the error envelope's code, e.g. "request_too_large".
-    """
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 class _Stop(Exception):
     """Raised from a parser callback to stop parsing while the connection closes."""
 
@@ -90,7 +76,8 @@ class HttpProtocol(asyncio.Protocol):
     """One HTTP/1.1 server connection. The `on_*` methods are httptools callbacks, not for the app."""
 
     __slots__ = tuple(
-        "_active _broken _buffered _check _chunked _cl _closing _cur _feeding _gate _handler _head_len "
+        "_active _broken _buffered _check _chunk_open _chunk_seen _chunked _cl _closing _cur _feeding _gate "
+        "_handler _head_len _tail "
         "_idle_t0 _in_head _last_rx _limits _linger_t0 _lingering _loop _max_body _max_head _max_headers _paused_at "
         "_taken _written "
         "_max_pipeline _max_url _now _parser _pause _pending _queue _raw _raw_cap _server_line _tick _timer "
@@ -129,6 +116,9 @@ class HttpProtocol(asyncio.Protocol):
         self._head_len = self._raw = 0
         self._cl = -1
         self._chunked = False
+        self._chunk_open = False  # a chunk's size line was parsed in this read, its data not all here
+        self._chunk_seen = 0  # of that chunk's data, bytes parsed in this read
+        self._tail = b""  # the end of the previous read of a chunked body (a size line may span reads)
         self._pause = 0
         self._buffered = 0
         self._feeding = self._broken = self._closing = self._lingering = False
@@ -163,11 +153,25 @@ class HttpProtocol(asyncio.Protocol):
             self._reject(RequestError(400, "bad_request", f"malformed HTTP request: {exc}"))
         finally:
             self._feeding = False
+        if self._chunked and not self._broken:
+            self._chunk_limit(data)
         if self._check is not None:  # a response ended before its body did, and this read did not finish it
             self._check = None
             self._close(linger=True)
         elif cur is not None and cur is self._cur and not self._broken:
             self._count_raw(len(data))
+
+    def _chunk_limit(self, data: bytes) -> None:
+        """A chunk whose size line came in this read and whose data goes beyond the body limit: 413
+        now, not when the body timeout ends the wait for data that is not allowed anyway."""
+        if self._chunk_open:
+            self._chunk_open = False
+            ex = self._cur
+            size = declared_chunk_size(self._tail, data, self._chunk_seen)
+            if ex is not None and size is not None and ex._rx - self._chunk_seen + size > self._max_body:
+                self._reject(RequestError(413, "request_too_large", f"the request body exceeds {self._max_body} bytes"))
+                return
+        self._tail = data[-SIZE_LINE_MAX:] if len(data) >= SIZE_LINE_MAX else (self._tail + data)[-SIZE_LINE_MAX:]
 
     def eof_received(self) -> bool:
         # The client closed its side: it is gone, as uvicorn and nginx take it (a half-closed client that
@@ -221,6 +225,7 @@ class HttpProtocol(asyncio.Protocol):
         self._head_len = self._raw = 0
         self._cl = -1
         self._chunked = False
+        self._tail = b""
 
     def on_url(self, url: bytes) -> None:
         if self._url:
@@ -257,6 +262,10 @@ class HttpProtocol(asyncio.Protocol):
         if p.should_upgrade():
             raise RequestError(400, "bad_request", "protocol upgrades (and CONNECT) are not supported")
         url = self._url
+        if (absolute := absolute_target(url)) is not None:  # RFC 9112 §3.2.2: its authority is the Host
+            authority, url = absolute
+            ex.headers = [h for h in ex.headers if h[0] != b"host"]
+            ex.headers.append((b"host", authority))
         i = url.find(b"?")
         if i < 0:
             ex.path = url
@@ -264,8 +273,10 @@ class HttpProtocol(asyncio.Protocol):
             ex.path, ex.query = url[:i], url[i + 1 :]
         ex.method = p.get_method()
         ex._keep_alive = p.should_keep_alive()
+        ex.t_head = self._now
         if not self._chunked and self._cl <= 0:
             ex.body_complete = True
+            ex.t_body = self._now
         if self._active is None:
             self._dispatch(ex)
         else:
@@ -278,6 +289,8 @@ class HttpProtocol(asyncio.Protocol):
         if ex.finished or ex._gone:
             return  # answered without reading it: dropped (the connection closes unless it ends now)
         ex._rx += len(chunk)
+        if self._chunk_open:
+            self._chunk_seen += len(chunk)
         if ex._rx > self._max_body:
             raise RequestError(413, "request_too_large", f"the request body exceeds {self._max_body} bytes")
         if ex._ready and not ex._paused and not ex._buf and (cb := ex._on_body) is not None:
@@ -293,10 +306,18 @@ class HttpProtocol(asyncio.Protocol):
         if self._buffered > RX_HIGH:
             self._set_pause(_P_BUF, True)
 
+    def on_chunk_header(self) -> None:
+        self._chunk_open = True
+        self._chunk_seen = 0
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_open = False
+
     def on_message_complete(self) -> None:
         ex: Exchange = self._cur  # type: ignore[assignment]
         self._cur = None
         ex.body_complete = True
+        ex.t_body = self._now
         if ex is self._check:  # answered early, and the unread rest arrived in the same read
             self._check = None
             self._next()

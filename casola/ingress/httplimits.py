@@ -1,10 +1,11 @@
-"""The limits of one HTTP/1.1 server connection (casola/ingress/http.py): sizes, counts, timeouts."""
+"""The limits of one HTTP/1.1 server connection (casola/ingress/http.py): sizes, counts, timeouts, and
+the error a request that breaks one (or HTTP itself) is answered with."""
 
 from __future__ import annotations
 
 import msgspec
 
-__all__ = ["HttpLimits"]
+__all__ = ["HttpLimits", "RequestError"]
 
 
 class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,3 +50,18 @@ class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("HTTP timeouts must be positive")
         if not 0 <= self.write_low <= self.write_high:
             raise ValueError("need 0 <= write_low <= write_high")
+
+
+class RequestError(Exception):
+    """The request broke HTTP or a limit; what `on_abort` gets when that happens mid-body.
+
+    Attributes:
+        status: the HTTP status answered (or that would have been, had the response not started).
+        code: the error envelope's code, e.g. "request_too_large".
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message

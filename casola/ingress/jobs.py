@@ -274,6 +274,7 @@ def start(
         idempotency_key=idempotency_key,
         webhook_url=webhook_url,
         filter=caller.filter,  # a job's input is filtered under its key's policy, as a sync request's
+        request_id=ex.request_id,
     )
     return JobExchange(ing, ex, link, meta, reply, ticket)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -114,6 +114,7 @@ class RunExchange:
         "sse",
         "t0",
         "t_answer",
+        "t_head",
         "t_sent",
         "tail",
         "ticket",
@@ -126,11 +127,15 @@ class RunExchange:
         self.ing, self.ex, self.link, self.meta, self.trace = ing, ex, link, meta, trace
         self.ticket = ticket  # its place at the ingress (casola.ingress.admission), given back once
         self.model = meta.model
-        self.t0 = perf_counter()  # the loop's clock (uvloop: cached, 1 ms steps) is too coarse here
+        # `ingress` counts from the first byte of the request head (parse, auth and routing are
+        # ingress time): the parser's clock reading, time.monotonic(), which perf_counter() also
+        # reads on Linux (casola/ingress/http.py).
+        self.t0 = ex.t_start
         self.buf: list[bytes] = []
         self.buffered = 0
         self.sid = 0
         self.t_sent = self.t_answer = 0.0
+        self.t_head = 0.0  # when the answer's head (RESPONSE) arrived
         self.rmeta: ResponseMeta | None = None
         self.committed = False
         self.done = False
@@ -196,14 +201,14 @@ class RunExchange:
             return
         ft = frame.type
         if ft is _RESPONSE:
-            self.t_answer = t
+            self.t_answer = self.t_head = t
             self.rmeta = frame.meta  # type: ignore[assignment]
             if frame.flags & FLAG_END:
                 self._respond_whole(frame.payload, self.rmeta.timing)  # type: ignore[union-attr]
-            elif len(frame.payload) and self._commit():
+            elif len(frame.payload) and self._commit(t):
                 self._write(frame.payload)
         elif ft is _DATA:
-            if not self.committed and not self._commit():
+            if not self.committed and not self._commit(t):
                 return
             if self.sse:
                 self._write(frame.payload)
@@ -230,7 +235,13 @@ class RunExchange:
             self._error(meta.code, meta.message, meta.retry_after_ms, meta.param, meta.timing)
 
     def _drop_slow_client(self) -> None:
-        log.warning("%s: client not reading (%d bytes unread); cancelling", self.model, self.ex.write_buffered)
+        unread = self.ex.write_buffered
+        log.warning(
+            "%s: client not reading (%d bytes unread); cancelling",
+            self.model,
+            unread,
+            extra={"request_id": self.ex.request_id},
+        )
         self.done = True
         Upstream.cancel(self.link, self.sid, "the client stopped reading")
         self.ex.abort()
@@ -240,9 +251,26 @@ class RunExchange:
         if not self.done:
             self._error(code, message, 0)
 
-    def _ingress_ms(self, now: float) -> float:
-        waited = (self.t_answer - self.t_sent) if self.t_sent else 0.0
-        return ((now - self.t0) - waited) * 1000
+    def upload_s(self, now: float) -> float:
+        """Time the client took to send its body after its head: the client's, not ours (`upload`)."""
+        ex = self.ex
+        return max(0.0, (ex.t_body or now) - ex.t_head)
+
+    def _stages(self, now: float, upstream: Mapping[str, float] | None) -> bytes:
+        """The Server-Timing value at `now`: upload, ingress, then the queue node's stages."""
+        upload = self.upload_s(now)
+        return server_timing(self._ingress_ms(now, upload), upstream or {}, upload * 1000)
+
+    def _ingress_ms(self, now: float, upload: float | None = None) -> float:
+        """Our own residence: from the head's first byte, less the client's upload and the time the
+        queue node had the request (counted from when its body was complete: before that, the
+        node's stages are the client's upload too)."""
+        if upload is None:
+            upload = self.upload_s(now)
+        waited = 0.0
+        if self.t_sent:
+            waited = max(0.0, self.t_answer - max(self.t_sent, self.ex.t_body or self.t_sent))
+        return max(0.0, (now - self.t0) - upload - waited) * 1000
 
     def _content_type(self) -> str:
         meta = self.rmeta
@@ -258,9 +286,7 @@ class RunExchange:
                 if k.lower() not in _HOP_BY_HOP:
                     headers.append((field_name(k), field_value(v, f"the answer's header {k!r}")))
         if self.trace:
-            headers.append((b"server-timing", server_timing(self._ingress_ms(now), timing or {})))
-        if self.ing.timing_allow_origin:
-            headers.append((b"timing-allow-origin", self.ing.timing_allow_origin))
+            headers.append((b"server-timing", self._stages(now, timing)))
         return headers
 
     def _respond_whole(self, payload: bytes | bytearray | memoryview, timing: dict[str, float]) -> None:
@@ -273,10 +299,16 @@ class RunExchange:
         self.committed = self.done = True
         self.ing.finished(self, 200, timing, self._ingress_ms(now))
 
-    def _commit(self) -> bool:
-        """Send the head of a streamed answer; False when it could not be (the client got 502)."""
+    def _commit(self, t: float) -> bool:
+        """Send the head of a streamed answer at its first byte (which arrived at `t`); False when it
+        could not be (the client got 502). The head's Server-Timing is what is known at that byte:
+        the wait between the worker's response head and its first body byte is the worker's
+        (`worker-rtt` runs to the first byte here, to the last in the trailer), not the ingress's."""
         self.sse = self._content_type().partition(";")[0].strip().lower() == _SSE
         timing = self.rmeta.timing if self.rmeta is not None else None
+        if timing and t > self.t_head and "worker-rtt" in timing:
+            timing = {**timing, "worker-rtt": timing["worker-rtt"] + (t - self.t_head) * 1000}
+        self.t_answer = t
         trailers = (b"server-timing",) if self.trace else ()
         try:
             headers = self._headers(timing, perf_counter())
@@ -289,7 +321,7 @@ class RunExchange:
 
     def _unsendable(self, exc: BadField) -> None:
         """The worker's answer cannot become an HTTP response: this request fails (502), nothing else."""
-        log.warning("%s: %s; answering 502", self.model, exc)
+        log.warning("%s: %s; answering 502", self.model, exc, extra={"request_id": self.ex.request_id})
         Upstream.cancel(self.link, self.sid, "the answer cannot be sent over HTTP")
         self._error(ErrorCode.WORKER_FAILED, f"the worker's answer cannot be sent over HTTP: {exc}", 0)
 
@@ -312,7 +344,7 @@ class RunExchange:
         self.t_answer = t
         now = perf_counter()
         ingress_ms = self._ingress_ms(now)
-        trailers = [(b"server-timing", server_timing(ingress_ms, timing or {}))] if self.trace else []
+        trailers = [(b"server-timing", self._stages(now, timing))] if self.trace else []
         self.ex.end(trailers)
         self.ing.finished(self, 200, timing, ingress_ms)
 
@@ -328,7 +360,7 @@ class RunExchange:
             else:
                 self.ex.abort()  # mid-stream: truncate, never fake a complete answer
         else:
-            extra = [(b"server-timing", server_timing(self._ingress_ms(now), timing or {}))] if self.trace else []
+            extra = [(b"server-timing", self._stages(now, timing))] if self.trace else []
             status = send_wire_error(self.ex, code, message, retry_after_ms, param, extra)
         self.ing.finished(self, status, timing, self._ingress_ms(now))
 
@@ -339,5 +371,5 @@ class RunExchange:
         # An event the worker left half-written is ended first, so it cannot swallow the error's fields.
         sep = b"" if self.tail in (b"", _EVENT_END) else _EVENT_END
         self.ex.write(b"%bevent: error\ndata: %b\n\n" % (sep, body))
-        trailers = [(b"server-timing", server_timing(self._ingress_ms(now), timing or {}))] if self.trace else []
+        trailers = [(b"server-timing", self._stages(now, timing))] if self.trace else []
         self.ex.end(trailers)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import mimetypes
 import time
 from collections.abc import Callable
-from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -89,7 +88,6 @@ def _with_body(ing: Ingress, ex: Exchange, then: Callable[[Ingress, Exchange, Ca
 
 
 def _json_call(ing: Ingress, ex: Exchange, caller: Caller, body: bytes) -> None:
-    t0 = perf_counter()
     try:
         model = _head_decoder.decode(body).model
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -98,11 +96,10 @@ def _json_call(ing: Ingress, ex: Exchange, caller: Caller, body: bytes) -> None:
     if not model:
         ex.send_error(400, "you must provide a model parameter", "invalid_request_error", "missing_model", "model")
         return
-    _send(ing, ex, caller, model, body, "application/json", {}, t0)
+    _send(ing, ex, caller, model, body, "application/json", {})
 
 
 def _transcription(ing: Ingress, ex: Exchange, caller: Caller, body: bytes) -> None:
-    t0 = perf_counter()
     try:
         parts = parse(body, boundary_of((ex.header(b"content-type") or b"").decode("latin-1")))
     except MultipartError as exc:
@@ -130,7 +127,7 @@ def _transcription(ing: Ingress, ex: Exchange, caller: Caller, body: bytes) -> N
         ex.send_error(400, "you must provide a model parameter", "invalid_request_error", "missing_model", "model")
         return
     params.pop("stream", None)  # transcriptions answer whole here; the SDK's default is false anyway
-    _send(ing, ex, caller, model, audio, content_type, params, t0)
+    _send(ing, ex, caller, model, audio, content_type, params)
 
 
 def _send(
@@ -141,7 +138,6 @@ def _send(
     payload: Buffer,
     content_type: str,
     params: dict[str, Any],
-    t0: float,
 ) -> None:
     model = ing.config.openai_aliases.get(model, model)
     if "/" in model:
@@ -158,7 +154,6 @@ def _send(
     rx = ing.dispatch(ex, meta, run_async, caller)
     if rx is None:
         return
-    rx.t0 = t0  # our parsing counts as ingress time
     view = memoryview(payload)
     for off in range(0, len(view), _FEED):  # frame-sized pieces, never copied
         rx.on_body(view[off : off + _FEED])  # type: ignore[arg-type]

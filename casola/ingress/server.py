@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from time import perf_counter
 from typing import Any
@@ -23,14 +24,15 @@ from casola.auth import SCOPE_RUN, SCOPE_SIGNALS, Claims, CredentialWatch, Verif
 from casola.certs import server_context
 from casola.ingress import asyncapi, fal, openai
 from casola.ingress.admission import Admission, Refusal, Ticket
+from casola.ingress.cors import Cors
 from casola.ingress.envelope import JSON_CT
 from casola.ingress.fields import field_value
 from casola.ingress.frames import FrameListener
 from casola.ingress.http import Exchange, HttpLimits, serve_http
 from casola.ingress.jobs import Caller, authorize
-from casola.ingress.metrics import CONTENT_TYPE as METRICS_CT
 from casola.ingress.metrics import Metrics
 from casola.ingress.native import RunExchange, send_wire_error, unread_max
+from casola.ingress.requestid import RequestIds, trace_context
 from casola.ingress.upstream import QueueNodeSpec, Upstream
 from casola.wire import ErrorCode, RequestMeta
 from casola.wire.meta import FilterPolicy
@@ -42,6 +44,15 @@ log = logging.getLogger("casola.ingress")
 _RUN = b"/v1/run/"
 _PARAM = b"x-casola-param-"
 _TRUE = (b"1", b"true", b"on", b"yes")
+_GET = (b"GET", b"HEAD")
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
+# Routes with a fixed path, and the methods each takes (others: 405 with Allow).
+_FIXED_ROUTES: dict[bytes, tuple[bytes, ...]] = {
+    b"/healthz": _GET,
+    b"/readyz": _GET,
+    b"/metrics": _GET,
+    b"/v1/signals": _GET,
+}
 
 
 class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -50,6 +61,8 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     node_id: str = "ingress-1"
     trace: bool = False  # Server-Timing on every response (else only with X-Casola-Trace: 1)
     timing_allow_origin: str = ""  # e.g. "*": lets browsers read Server-Timing
+    cors_origins: list[str] = []  # origins whose pages may call the API ("https://app.example", or "*")
+    backlog: int = 2048  # the listen queue of both listeners (connections not yet accepted)
     max_inflight: int = 4096  # requests in progress; beyond: 429 at once (fairly: casola/ingress/admission.py)
     max_inflight_per_tenant: int = 1024  # of those, one tenant's; a key may carry a lower limit of its own
     default_deadline_ms: int = 0  # applied when a request names none; 0 = none
@@ -70,6 +83,11 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         # queue node's stream window (65,536), so its credit never runs out (SPEC §7.2).
         if not 1 <= self.max_inflight <= 16384 or self.max_inflight_per_tenant < 1:
             raise ValueError("ingress max_inflight must be 1..16384 and max_inflight_per_tenant at least 1")
+        for origin in self.cors_origins:
+            if origin != "*" and _ORIGIN.fullmatch(origin) is None:
+                raise ValueError(f"ingress cors_origins: {origin!r} is not an origin (scheme://host[:port], or *)")
+        if not 1 <= self.backlog <= 65535:
+            raise ValueError("ingress backlog must be 1..65535")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("ingress tls_cert and tls_key must be set together (or both left empty)")
 
@@ -80,7 +98,8 @@ class Ingress:
         self.verifier = verifier
         self.upstream = upstream
         self.metrics = Metrics()
-        self.timing_allow_origin = config.timing_allow_origin.encode()
+        self.cors = Cors(config.cors_origins, config.timing_allow_origin)
+        self.request_ids = RequestIds()
         self.loop: asyncio.AbstractEventLoop  # set in start()
         self.queue_snapshot: Any = None
         self.queue_signals: Any = None  # the in-process queue node's signals (`casola up`)
@@ -126,7 +145,8 @@ class Ingress:
         if self.tls:  # a handshake gets as long as a request head (slow clients)
             ctx = server_context(self.config.tls_cert, self.config.tls_key)
             tls.update(ssl=ctx, ssl_handshake_timeout=self.config.head_timeout)
-        self._servers.append(await serve_http(self.handle, host, int(port), self._limits, **tls))
+        backlog = self.config.backlog
+        self._servers.append(await serve_http(self.handle, host, int(port), self._limits, backlog=backlog, **tls))
         if self.config.frames:
             host, _, port = self.config.frames.rpartition(":")
             self._servers.append(await self.frames.start(host, int(port), ssl=ctx))
@@ -149,30 +169,60 @@ class Ingress:
     # -- per request -------------------------------------------------------------------------------
 
     def handle(self, ex: Exchange) -> None:
-        path = ex.path
+        origin, encoding = self._begin(ex)
+        path, method = ex.path, ex.method
+        if method == b"OPTIONS":
+            return self.cors.preflight(ex, origin)
+        if encoding is not None and encoding.lower() != b"identity":
+            return ex.send_error(
+                415,
+                f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the body as is",
+                "invalid_request_error",
+                "unsupported_content_encoding",
+                None,
+                [(b"accept-encoding", b"identity")],
+            )
         if path.startswith(_RUN):
-            if ex.method != b"POST":
-                return ex.send_error(
-                    405, "use POST", "invalid_request_error", "method_not_allowed", None, [(b"allow", b"POST")]
-                )
+            if method != b"POST":
+                return _not_allowed(ex, b"POST")
             return self._run(ex, path[len(_RUN) :])
         if path.startswith(asyncapi.JOBS_PREFIX):
             return asyncapi.jobs_route(self, ex)
-        if path == b"/healthz" and ex.method in (b"GET", b"HEAD"):
-            return self._healthz(ex)
-        if path == b"/readyz" and ex.method in (b"GET", b"HEAD"):
-            return self._readyz(ex)
-        if path == b"/metrics" and ex.method in (b"GET", b"HEAD"):
-            return ex.respond(200, [(b"content-type", METRICS_CT)], self.metrics.render())
-        if path == b"/v1/signals" and ex.method == b"GET":
-            return self._signals(ex)
+        if (allow := _FIXED_ROUTES.get(path)) is not None:
+            if method not in allow:
+                return _not_allowed(ex, b", ".join(allow))
+            return self._fixed(ex, path)
         if path.startswith(openai.PREFIX):
             return openai.route(self, ex)
         if fal.route(self, ex):  # any other path of 2+ segments: fal's queue API
             return None
         ex.send_error(
-            404, f"no route for {ex.method.decode()} {path.decode('latin-1')}", "invalid_request_error", "not_found"
+            404, f"no route for {method.decode()} {path.decode('latin-1')}", "invalid_request_error", "not_found"
         )
+
+    def _begin(self, ex: Exchange) -> tuple[bytes | None, bytes | None]:
+        """Give the request its id and every answer its common headers (X-Request-Id, CORS), in one
+        pass over the headers; returns the `Origin` and `Content-Encoding` it sent, if any."""
+        rid = origin = encoding = None
+        for name, value in ex.headers:
+            if name == b"x-request-id":
+                rid = value
+            elif name == b"origin":
+                origin = value
+            elif name == b"content-encoding":
+                encoding = value
+        ex.request_id = self.request_ids.of(rid)
+        ex.common = b"X-Request-Id: %b\r\n%b" % (ex.request_id.encode(), self.cors.lines(origin))
+        return origin, encoding
+
+    def _fixed(self, ex: Exchange, path: bytes) -> None:
+        if path == b"/healthz":
+            return self._healthz(ex)
+        if path == b"/readyz":
+            return self._readyz(ex)
+        if path == b"/metrics":
+            return self.metrics.respond(ex, self.verifier)
+        return self._signals(ex)
 
     def authenticate(self, token: str | bytes | None, scope: str = SCOPE_RUN) -> Claims | None:
         """Claims of a valid key; None when auth is off. Raises AuthError."""
@@ -215,7 +265,7 @@ class Ingress:
         if isinstance(ticket, Refusal):
             send_wire_error(ex, ErrorCode.OVERLOADED, ticket.message, ticket.retry_after_ms)
             return None
-        return RunExchange(self, ex, link, meta, meta.trace, ticket)
+        return RunExchange(self, ex, link, meta, self.wants_timing(ex), ticket)
 
     def admit(self, caller: Caller) -> Ticket | Refusal:
         """Count a request in, per tenant and key (casola.ingress.admission), or say why not."""
@@ -238,6 +288,8 @@ class Ingress:
     ) -> tuple[RequestMeta, bool]:
         """The request head from the headers, in one pass; True when it asks to run async.
         `content_type`, when given (the OpenAI surface: a file part's type), wins over the header.
+        The meta always asks the queue node for timings (the metrics count every stage); whether the
+        client sees them (Server-Timing) is `wants_timing(ex)`.
 
         Raises:
             ValueError: a header value is not acceptable (BadField: a content type with control
@@ -245,10 +297,10 @@ class Ingress:
         """
         params: dict[str, Any] = {}
         deadline = self.config.default_deadline_ms
-        trace = self.config.trace
         run_async = False
         priority = 0
         header_ctype = ""
+        parent = state = None
         for name, value in ex.headers:
             if name.startswith(_PARAM):
                 params[name[len(_PARAM) :].decode("latin-1")] = value.decode("latin-1")
@@ -258,23 +310,47 @@ class Ingress:
                 deadline = int(value)
             elif name == b"x-casola-priority":
                 priority = _priority(value)
-            elif name == b"x-casola-trace":
-                trace = trace or value in (b"1", b"true", b"on")
             elif name == b"content-type":
                 header_ctype = value.decode("latin-1")
             elif name == b"x-casola-async":
                 run_async = run_async or value.lower() in _TRUE
             elif name == b"prefer":
                 run_async = run_async or b"respond-async" in value.lower()
+            elif name == b"traceparent":
+                parent = value
+            elif name == b"tracestate":
+                state = value if state is None else state + b"," + value  # RFC 9110 §5.3: one list
         ctype = content_type if content_type is not None else header_ctype
         if ctype:
             field_value(ctype, "Content-Type")  # it may come back as the answer's: no control characters
-        return RequestMeta(model, deadline, ctype, params, trace, tenant, priority, filter=filter), run_async
+        traceparent, tracestate = trace_context(parent, state)
+        meta = RequestMeta(
+            model,
+            deadline,
+            ctype,
+            params,
+            True,
+            tenant,
+            priority,
+            filter=filter,
+            request_id=ex.request_id,
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
+        return meta, run_async
+
+    def wants_timing(self, ex: Exchange) -> bool:
+        """Whether the answer carries Server-Timing: `[ingress] trace`, or `X-Casola-Trace: 1`."""
+        if self.config.trace:
+            return True
+        value = ex.header(b"x-casola-trace")
+        return value is not None and value.lower() in _TRUE
 
     def finished(self, rx: RunExchange, status: int, timing: dict[str, float] | None, ingress_ms: float) -> None:
         """One request is over (any outcome): free its place and count it. Once per exchange."""
         self.release(rx.ticket)
-        self.metrics.observe(rx.model, status, perf_counter() - rx.t0, timing, ingress_ms)
+        now = perf_counter()
+        self.metrics.observe(rx.model, status, now - rx.t0, timing, ingress_ms, rx.upload_s(now) * 1000)
 
     def _signals(self, ex: Exchange) -> None:
         """What an autoscaler reads: the queue node's per (model, pool) signals (docs/scheduling.md).
@@ -305,6 +381,12 @@ class Ingress:
         if self.queue_snapshot is not None:
             body["models"] = self.queue_snapshot()
         ex.respond(200 if body["status"] == "ok" else 503, [(b"content-type", JSON_CT)], msgspec.json.encode(body))
+
+
+def _not_allowed(ex: Exchange, allow: bytes) -> None:
+    """405 with `Allow` (RFC 9110 §15.5.6): the route exists, the method is not one it takes."""
+    msg = f"{ex.method.decode('latin-1')} is not allowed on {ex.path.decode('latin-1')}: use {allow.decode()}"
+    ex.send_error(405, msg, "invalid_request_error", "method_not_allowed", None, [(b"allow", allow)])
 
 
 def _priority(value: bytes) -> int:

@@ -33,9 +33,11 @@ from casola.wire import (
     error_name,
 )
 
-__all__ = ["HelloHandler", "MemoryDialer", "Refused", "accept_memory", "dial_tcp", "serve_tcp"]
+__all__ = ["BACKLOG", "HelloHandler", "MemoryDialer", "Refused", "accept_memory", "dial_tcp", "serve_tcp"]
 
 log = logging.getLogger("casola.net")
+
+BACKLOG = 2048  # the listen queue: asyncio's default of 100 overflowed at 256 clients dialing at once
 
 HelloHandler = Callable[[LinkBase, Frame], None]
 
@@ -154,9 +156,11 @@ async def serve_tcp(
     limits: Limits = DEFAULT_LIMITS,
     auto_credit: bool = True,
     ssl: SSLContext | None = None,
+    backlog: int = BACKLOG,
 ) -> asyncio.Server:
     """Listen for links; each new one's HELLO goes to `on_hello` (see module doc). With `ssl`, TLS
-    is negotiated first (within the handshake timeout of `limits`)."""
+    is negotiated first (within the handshake timeout of `limits`). `backlog`: connections the kernel
+    queues before they are accepted (asyncio's 100 overflows when hundreds dial at once)."""
     loop = asyncio.get_running_loop()
     refusals = RateLimitedLog(log)
     route = _acceptor_router(on_hello, refusals)
@@ -167,7 +171,7 @@ async def serve_tcp(
         return proto
 
     tls: dict[str, Any] = {} if ssl is None else {"ssl": ssl, "ssl_handshake_timeout": limits.handshake_timeout}
-    return await loop.create_server(factory, host, port, reuse_address=True, **tls)
+    return await loop.create_server(factory, host, port, reuse_address=True, backlog=backlog, **tls)
 
 
 MemoryDialer = Callable[..., Awaitable[LinkBase]]

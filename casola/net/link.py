@@ -157,6 +157,18 @@ class LinkBase:
             self.conn.goaway(code, message[:200])
         self.close()
 
+    def shut_down(self, message: str = "shutting down") -> None:
+        """End the connection because this role stops (SPEC §6.5): GOAWAY(NO_ERROR) unless sent
+        already, SHUTTING_DOWN (retryable elsewhere) on every stream still open, then close; the
+        peer learns why instead of reading a bare EOF."""
+        conn = self.conn
+        if conn.state is ConnState.OPEN or conn.state is ConnState.DRAINING:
+            if not conn.goaway_sent:
+                conn.goaway(ErrorCode.NO_ERROR, message[:200])
+            for sid in conn.stream_ids():
+                conn.reset(sid, ErrorCode.SHUTTING_DOWN, message[:200])
+        self.close()
+
     def close(self) -> None:
         """Flush what is queued (a GOAWAY, say), then close."""
         self._flush()

@@ -77,11 +77,11 @@ class Redialer:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"redial {self.name}")
 
     async def stop(self) -> None:
-        """Stop redialling and close the current link."""
+        """Stop redialling and end the current link (GOAWAY, SHUTTING_DOWN on its open streams)."""
         self._stopping = True
         self._stopped.set()
         if self.link is not None:
-            self.link.close()
+            self.link.shut_down()
         if self._task is not None:
             self._task.cancel()
             try:

@@ -45,6 +45,7 @@ class Call:
         "t_dispatch",
         "t_queued",
         "t_recv",
+        "t_req_end",
         "timer",
         "w_sid",
         "wait",
@@ -68,6 +69,7 @@ class Call:
         self.meta = meta
         self.model = model
         self.t_recv = now
+        self.t_req_end = now  # when the request direction ended here (its END frame, or REQUEST's FLAG_END)
         self.t_queued = 0.0
         self.t_dispatch = 0.0
         self.wait = 0.0
@@ -116,10 +118,12 @@ class Call:
         if ft is FrameType.DATA:
             return Frame(ft, self.ing_sid, None, frame.payload, frame.flags)
         assert isinstance(meta, ResponseMeta | EndMeta | ErrorMeta)
-        timing = self.timing(t_answer, now, None)
-        timing.update(meta.timing)
-        if self.filter is not None:
-            timing["filter"] = self.filter.dur_ms
+        timing: dict[str, float] = {}
+        if self.meta.trace:  # SPEC §4.3: timings are collected and returned only when asked
+            timing = self.timing(t_answer, now, None)
+            timing.update(meta.timing)
+            if self.filter is not None:
+                timing["filter"] = self.filter.dur_ms
         out: ResponseMeta | EndMeta | ErrorMeta
         if isinstance(meta, ResponseMeta):
             out = ResponseMeta(meta.content_type, meta.headers, timing)
@@ -129,13 +133,30 @@ class Call:
             out = ErrorMeta(meta.code, meta.message, meta.retry_after_ms, meta.param, timing)
         return Frame(ft, self.ing_sid, out, frame.payload, frame.flags)
 
+    def refusal_timing(self, now: float) -> dict[str, float]:
+        """The stages of a request the node answers itself (refused, expired, aborted), if traced."""
+        if not self.meta.trace:
+            return {}
+        upload = max(0.0, min(now, self.t_req_end) - self.t_recv) if self.req_done else now - self.t_recv
+        wait, held = max(0.0, self.wait - upload), max(0.0, self.held_s - upload)
+        t = {"queue-overhead": max(0.0, now - self.t_recv - upload - wait - held) * 1000, "wait": wait * 1000}
+        if self.filter is not None:
+            t["filter"] = self.filter.dur_ms
+        return t
+
     def timing(self, t_answer: float, now: float, work: float | None) -> dict[str, float]:
         """Stage durations in milliseconds, in Server-Timing order: the worker's answer arrived at
-        `t_answer` and is forwarded `now`; `work` is what the worker reported (ms), if it did."""
-        rtt = t_answer - self.t_dispatch
-        wait = self.wait
+        `t_answer` and is forwarded `now`; `work` is what the worker reported (ms), if it did.
+
+        The stages count from when the request was complete here (DESIGN "Timing users can see"):
+        the time its body was still arriving is the client's `upload` (the ingress reports it), so
+        a wait or a worker round trip that overlapped it counts only its part after."""
+        upload = self.t_req_end - self.t_recv
+        wait = max(0.0, self.wait - upload)
+        held = max(0.0, self.held_s - upload)
+        rtt = t_answer - max(self.t_dispatch, self.t_req_end)
         t = {
-            "queue-overhead": max(0.0, (now - self.t_recv) - wait - rtt - self.held_s) * 1000,
+            "queue-overhead": max(0.0, (now - self.t_req_end) - wait - rtt - held) * 1000,
             "wait": wait * 1000,
             "worker-rtt": rtt * 1000,
         }

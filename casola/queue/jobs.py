@@ -249,6 +249,8 @@ class Jobs:
         resume = job.checkpoint or b""
         meta = RequestMeta(
             job.model,
+            trace=True,  # the worker's `work` becomes the job's inference_ms
+            request_id=job.id,  # a dispatch's log lines name the job
             content_type=job.content_type,
             params=job.params,
             tenant=job.tenant,

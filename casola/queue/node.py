@@ -131,7 +131,7 @@ class QueueNode:
         if self._server is not None:
             self._server.close()
         for link in list(self._links):
-            link.close()
+            link.shut_down("the queue node is stopping")
         if self._server is not None:
             await self._server.wait_closed()
         await self.gate.stop()
@@ -248,6 +248,8 @@ class QueueNode:
 
     def _on_request_data(self, call: Call, frame: Frame) -> None:
         call.req_done = frame.end
+        if frame.end:
+            call.t_req_end = perf_counter()  # the stages count from here (Call.timing)
         kept = call.keep(frame) if not call.head_seen else True
         if call.worker is not None:
             w = call.worker
@@ -262,8 +264,14 @@ class QueueNode:
 
     def _ingress_stream_failed(self, link: LinkBase, ev: Event, exc: Exception) -> None:
         sid = getattr(ev, "stream_id", 0)
-        log.error("ingress stream %d failed in the queue node; ending that stream only", sid, exc_info=exc)
         item = link.tag.pop(sid, None)
+        rid = item.meta.request_id if type(item) is Call else ""
+        log.error(
+            "ingress stream %d failed in the queue node; ending that stream only",
+            sid,
+            exc_info=exc,
+            extra={"request_id": rid},
+        )
         try:
             if type(item) is Call:
                 self.abort_call(item, ErrorCode.INTERNAL, "internal error in the queue node")
@@ -366,9 +374,10 @@ class QueueNode:
             else:
                 lines.remove(line)
 
-    def _retry(self, call: Call, failed: WorkerEntry, why: str) -> None:
+    def _retry(self, call: Call, failed: WorkerEntry, why: str, code: int) -> None:
+        """Run `call` again elsewhere after its worker failed it with `code` before answering."""
         self.stats["retries"] += 1
-        log.info("retrying %s on another worker: %s", call.meta.model, why)
+        log.info("retrying %s on another worker: %s", call.meta.model, why, extra={"request_id": call.meta.request_id})
         call.attempt += 1
         call.worker = None
         other = call.model.pick(exclude=failed)
@@ -378,6 +387,8 @@ class QueueNode:
             call.t_queued = perf_counter()
             call.model.pending.push(call, front=True)  # it has waited already: first in line
             self._arm(call, call.t_queued)
+        elif code == ErrorCode.SHUTTING_DOWN:  # not processed: the client may retry it as it is
+            self._fail(call, code, f"{why}; no other worker to run it", self.config.retry_after_ms)
         else:
             self._fail(call, ErrorCode.WORKER_FAILED, f"{why}; no other worker to retry on")
 
@@ -459,8 +470,10 @@ class QueueNode:
 
     def _worker_event_failed(self, worker: WorkerEntry, ev: Event, exc: Exception) -> None:
         sid = getattr(ev, "stream_id", 0)
-        log.error("worker %s stream %d failed in the queue node; ending it only", worker.node_id, sid, exc_info=exc)
         call = worker.calls.pop(sid, None)
+        rid = call.meta.request_id if call is not None else ""
+        what = f"worker {worker.node_id} stream {sid} failed in the queue node; ending it only"
+        log.error(what, exc_info=exc, extra={"request_id": rid})
         job = worker.jobs.get(sid)
         try:
             if call is not None:
@@ -483,7 +496,7 @@ class QueueNode:
             worker.calls.pop(call.w_sid, None)
             code = frame.meta.code
             if call.retryable and error_info(code).retryable and code not in _NOT_RETRIED:
-                return self._retry(call, worker, f"worker {worker.node_id} failed: {frame.meta.message}")
+                return self._retry(call, worker, f"worker {worker.node_id} failed: {frame.meta.message}", code)
         call.ing.send_if_open(call.answer(frame, t_answer, perf_counter()))
         if frame.end or t is ERROR:
             self._done(call)
@@ -506,7 +519,7 @@ class QueueNode:
     def _worker_stream_failed(self, call: Call, worker: WorkerEntry, code: int, message: str) -> None:
         self.stats["worker_failures"] += 1
         if call.retryable and (code == ErrorCode.SHUTTING_DOWN or error_info(code).retryable):
-            self._retry(call, worker, f"worker {worker.node_id}: {message}")
+            self._retry(call, worker, f"worker {worker.node_id}: {message}", code)
         else:
             self._fail(call, ErrorCode.WORKER_FAILED, f"worker failed mid-request: {message}")
 
@@ -535,10 +548,7 @@ class QueueNode:
 
     def _fail(self, call: Call, code: int, message: str, retry_after_ms: int = 0) -> None:
         self.stats["refused"] += 1
-        now = perf_counter()
-        timing = {"queue-overhead": (now - call.t_recv - call.wait - call.held_s) * 1000, "wait": call.wait * 1000}
-        if call.filter is not None:
-            timing["filter"] = call.filter.dur_ms
+        timing = call.refusal_timing(perf_counter())
         call.ing.send_if_open(Frame(ERROR, call.ing_sid, ErrorMeta(code, message, retry_after_ms, timing=timing)))
         self._done(call)
 

@@ -7,8 +7,9 @@ worker whose lease was taken over cannot overwrite the job (SPEC §3.14).
 
 The input arrives as the queue node forwarded it (REQUEST payload, then DATA frames); the answer
 leaves as RESPONSE (+ DATA*) + END, or as one RESPONSE frame with FLAG_END when the handler answers
-in one piece (`respond`). `work` (milliseconds) is reported in the last frame: the time the handler
-ran, or what the handler set in `work_ms` (e.g. the GPU time alone).
+in one piece (`respond`). `work` (milliseconds) is reported in the last frame when the request asked
+for timings (`trace`): the time the handler ran since its input was complete (waiting for input bytes
+is not work), or what the handler set in `work_ms` (e.g. the GPU time alone).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class WorkCall:
         self.finished = False
         self.cancelled = False
         self.job_id = meta.job_id  # "" for a sync request
+        self.request_id = meta.request_id  # the client's X-Request-Id, or the one the ingress made
+        # W3C Trace Context of the caller ("" when none), for a handler that continues the trace.
+        self.traceparent = meta.traceparent
+        self.tracestate = meta.tracestate
         self.fence = meta.fence
         self.attempt = meta.attempt
         self._seq = 0  # CHECKPOINTs sent on this stream
@@ -101,7 +106,9 @@ class WorkCall:
         """The runtime hands over a DATA/END payload."""
         if len(payload):
             self._take(payload)
-        self._input_done = self._input_done or end
+        if end and not self._input_done:
+            self._input_done = True
+            self.t_start = time.perf_counter()  # `work` starts when the handler has its input
         if self._more is not None and not self._more.done():
             self._more.set_result(None)
 
@@ -154,7 +161,7 @@ class WorkCall:
         """Answer in one frame (RESPONSE with FLAG_END) and finish."""
         self._check()
         self.started = True
-        meta = ResponseMeta(content_type, headers or {}, {"work": self._work()})
+        meta = ResponseMeta(content_type, headers or {}, self._timing())
         self._send_last(Frame(FrameType.RESPONSE, self.sid, meta, payload, FLAG_END))
 
     def start(self, content_type: str = "", headers: dict[str, str] | None = None) -> None:
@@ -176,7 +183,7 @@ class WorkCall:
         if not self.started:
             self.start()
         self._check()
-        self._send_last(Frame(FrameType.END, self.sid, EndMeta({"work": self._work()}, self.fence, trailers or {})))
+        self._send_last(Frame(FrameType.END, self.sid, EndMeta(self._timing(), self.fence, trailers or {})))
 
     async def checkpoint(self, state: Buffer, progress: float = 0.0) -> None:
         """Record progress of an async job: `state` is what a redispatch would `resume()` from.
@@ -194,8 +201,12 @@ class WorkCall:
         """End the stream with an error (used by the runtime when a handler raises)."""
         if self.finished or not self.link.conn.is_open(self.sid):
             return
-        meta = ErrorMeta(code, message[:1000], 0, param, {"work": self._work()})
+        meta = ErrorMeta(code, message[:1000], 0, param, self._timing())
         self._send_last(Frame(FrameType.ERROR, self.sid, meta))
+
+    def _timing(self) -> dict[str, float]:
+        """The worker's stage for the last frame: `work`, when the request asked for timings."""
+        return {"work": self._work()} if self.meta.trace else {}
 
     def _work(self) -> float:
         if self.work_ms is not None:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
+from casola.logs import REQUEST_ID
 from casola.net.handshake import dial_tcp
 from casola.net.link import LinkBase
 from casola.net.pool import Redialer
@@ -181,6 +182,7 @@ class WorkerRuntime:
         return None
 
     async def _run(self, model: Model, call: WorkCall) -> None:
+        REQUEST_ID.set(call.request_id)  # this task's log lines (the handler's too) name the request
         try:
             async with self._slots:
                 await model(call)
