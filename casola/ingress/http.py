@@ -262,7 +262,7 @@ class HttpProtocol(asyncio.Protocol):
         if p.should_upgrade():
             raise RequestError(400, "bad_request", "protocol upgrades (and CONNECT) are not supported")
         url = self._url
-        if (absolute := absolute_target(url)) is not None:  # RFC 9112 §3.2.2: its authority is the Host
+        if url[:1] != b"/" and (absolute := absolute_target(url)) is not None:  # RFC 9112 §3.2.2
             authority, url = absolute
             ex.headers = [h for h in ex.headers if h[0] != b"host"]
             ex.headers.append((b"host", authority))

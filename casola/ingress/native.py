@@ -254,7 +254,8 @@ class RunExchange:
     def upload_s(self, now: float) -> float:
         """Time the client took to send its body after its head: the client's, not ours (`upload`)."""
         ex = self.ex
-        return max(0.0, (ex.t_body or now) - ex.t_head)
+        d = (ex.t_body or now) - ex.t_head
+        return d if d > 0.0 else 0.0
 
     def _stages(self, now: float, upstream: Mapping[str, float] | None) -> bytes:
         """The Server-Timing value at `now`: upload, ingress, then the queue node's stages."""
@@ -265,12 +266,13 @@ class RunExchange:
         """Our own residence: from the head's first byte, less the client's upload and the time the
         queue node had the request (counted from when its body was complete: before that, the
         node's stages are the client's upload too)."""
-        if upload is None:
-            upload = self.upload_s(now)
-        waited = 0.0
-        if self.t_sent:
-            waited = max(0.0, self.t_answer - max(self.t_sent, self.ex.t_body or self.t_sent))
-        return max(0.0, (now - self.t0) - upload - waited) * 1000
+        t = (now - self.t0) - (self.upload_s(now) if upload is None else upload)
+        if sent := self.t_sent:
+            body = self.ex.t_body
+            waited = self.t_answer - (sent if sent > body else body)
+            if waited > 0.0:
+                t -= waited
+        return t * 1000 if t > 0.0 else 0.0
 
     def _content_type(self) -> str:
         meta = self.rmeta

@@ -145,13 +145,13 @@ def _send(
         return
     tenant = caller.tenant if ing.verifier is not None else ""
     try:
-        meta, run_async = ing.request_meta(ex, model, tenant, caller.filter, content_type)
+        head = ing.request_head(ex, model, tenant, caller.filter, content_type)
     except ValueError as exc:
         ex.send_error(400, str(exc), "invalid_request_error", "bad_request")
         return
     if params:
-        meta.params.update(params)  # the form's fields win over X-Casola-Param- headers
-    rx = ing.dispatch(ex, meta, run_async, caller)
+        head.meta.params.update(params)  # the form's fields win over X-Casola-Param- headers
+    rx = ing.dispatch(ex, head, caller)
     if rx is None:
         return
     view = memoryview(payload)

@@ -50,7 +50,8 @@ class RequestIds:
         """The request's id: the client's, when it sent a well-formed one, else a new one."""
         if client_value is not None and _ID.fullmatch(client_value) is not None:
             return client_value.decode("ascii")
-        return self.new()
+        self._n += 1
+        return f"{self._prefix}{self._n:x}"
 
 
 def trace_context(traceparent: bytes | None, tracestate: bytes | None) -> tuple[str, str]:

@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from time import perf_counter
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -53,6 +53,14 @@ _FIXED_ROUTES: dict[bytes, tuple[bytes, ...]] = {
     b"/metrics": _GET,
     b"/v1/signals": _GET,
 }
+
+
+class RequestHead(NamedTuple):
+    """What a request's headers ask for (`Ingress.request_head`)."""
+
+    meta: RequestMeta  # for the queue node
+    run_async: bool  # X-Casola-Async / Prefer: respond-async: submit a job
+    trace: bool  # Server-Timing on the answer: X-Casola-Trace, or [ingress] trace
 
 
 class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -211,8 +219,9 @@ class Ingress:
                 origin = value
             elif name == b"content-encoding":
                 encoding = value
-        ex.request_id = self.request_ids.of(rid)
-        ex.common = b"X-Request-Id: %b\r\n%b" % (ex.request_id.encode(), self.cors.lines(origin))
+        ex.request_id = request_id = self.request_ids.of(rid)
+        cors = self.cors.timing_any if origin is None else self.cors.lines(origin)
+        ex.common = b"X-Request-Id: " + request_id.encode() + b"\r\n" + cors
         return origin, encoding
 
     def _fixed(self, ex: Exchange, path: bytes) -> None:
@@ -241,15 +250,16 @@ class Ingress:
         # With auth off a sync request carries no tenant; a job needs one (`caller.tenant`).
         tenant = caller.tenant if self.verifier is not None else ""
         try:
-            meta, run_async = self.request_meta(ex, model_b.decode(), tenant, caller.filter)
+            head = self.request_head(ex, model_b.decode(), tenant, caller.filter)
         except ValueError as exc:
             return ex.send_error(400, str(exc), "invalid_request_error", "bad_request")
-        self.dispatch(ex, meta, run_async, caller)
+        self.dispatch(ex, head, caller)
 
-    def dispatch(self, ex: Exchange, meta: RequestMeta, run_async: bool, caller: Caller) -> RunExchange | None:
+    def dispatch(self, ex: Exchange, head: RequestHead, caller: Caller) -> RunExchange | None:
         """Send one authorized request upstream (sync, or as an async job); the returned exchange takes
         the request body (already set as the exchange's body callbacks). None: refused and answered."""
-        if run_async:
+        meta = head.meta
+        if head.run_async:
             return asyncapi.submit(self, ex, meta, caller)
         if meta.priority > caller.max_priority:
             why = caller.priority_refusal(meta.priority) or ""
@@ -265,7 +275,7 @@ class Ingress:
         if isinstance(ticket, Refusal):
             send_wire_error(ex, ErrorCode.OVERLOADED, ticket.message, ticket.retry_after_ms)
             return None
-        return RunExchange(self, ex, link, meta, self.wants_timing(ex), ticket)
+        return RunExchange(self, ex, link, meta, head.trace, ticket)
 
     def admit(self, caller: Caller) -> Ticket | Refusal:
         """Count a request in, per tenant and key (casola.ingress.admission), or say why not."""
@@ -278,18 +288,17 @@ class Ingress:
         self.admission.release(ticket, perf_counter())
         self.metrics.in_flight = self.admission.total
 
-    def request_meta(
+    def request_head(
         self,
         ex: Exchange,
         model: str,
         tenant: str,
         filter: FilterPolicy = "",
         content_type: str | None = None,
-    ) -> tuple[RequestMeta, bool]:
-        """The request head from the headers, in one pass; True when it asks to run async.
-        `content_type`, when given (the OpenAI surface: a file part's type), wins over the header.
-        The meta always asks the queue node for timings (the metrics count every stage); whether the
-        client sees them (Server-Timing) is `wants_timing(ex)`.
+    ) -> RequestHead:
+        """The request head from the headers, in one pass. `content_type`, when given (the OpenAI
+        surface: a file part's type), wins over the header. The meta always asks the queue node for
+        timings (the metrics count every stage); whether the client sees them is `trace`.
 
         Raises:
             ValueError: a header value is not acceptable (BadField: a content type with control
@@ -298,6 +307,7 @@ class Ingress:
         params: dict[str, Any] = {}
         deadline = self.config.default_deadline_ms
         run_async = False
+        trace = self.config.trace
         priority = 0
         header_ctype = ""
         parent = state = None
@@ -316,6 +326,8 @@ class Ingress:
                 run_async = run_async or value.lower() in _TRUE
             elif name == b"prefer":
                 run_async = run_async or b"respond-async" in value.lower()
+            elif name == b"x-casola-trace":
+                trace = trace or value.lower() in _TRUE
             elif name == b"traceparent":
                 parent = value
             elif name == b"tracestate":
@@ -323,7 +335,7 @@ class Ingress:
         ctype = content_type if content_type is not None else header_ctype
         if ctype:
             field_value(ctype, "Content-Type")  # it may come back as the answer's: no control characters
-        traceparent, tracestate = trace_context(parent, state)
+        traceparent, tracestate = trace_context(parent, state) if parent is not None else ("", "")
         meta = RequestMeta(
             model,
             deadline,
@@ -337,14 +349,7 @@ class Ingress:
             traceparent=traceparent,
             tracestate=tracestate,
         )
-        return meta, run_async
-
-    def wants_timing(self, ex: Exchange) -> bool:
-        """Whether the answer carries Server-Timing: `[ingress] trace`, or `X-Casola-Trace: 1`."""
-        if self.config.trace:
-            return True
-        value = ex.header(b"x-casola-trace")
-        return value is not None and value.lower() in _TRUE
+        return RequestHead(meta, run_async, trace)
 
     def finished(self, rx: RunExchange, status: int, timing: dict[str, float] | None, ingress_ms: float) -> None:
         """One request is over (any outcome): free its place and count it. Once per exchange."""

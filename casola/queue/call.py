@@ -151,12 +151,16 @@ class Call:
         The stages count from when the request was complete here (DESIGN "Timing users can see"):
         the time its body was still arriving is the client's `upload` (the ingress reports it), so
         a wait or a worker round trip that overlapped it counts only its part after."""
-        upload = self.t_req_end - self.t_recv
-        wait = max(0.0, self.wait - upload)
-        held = max(0.0, self.held_s - upload)
-        rtt = t_answer - max(self.t_dispatch, self.t_req_end)
+        start = self.t_req_end
+        wait, held = self.wait, self.held_s
+        if upload := start - self.t_recv:
+            wait = wait - upload if wait > upload else 0.0
+            held = held - upload if held > upload else 0.0
+        dispatched = self.t_dispatch
+        rtt = t_answer - (dispatched if dispatched > start else start)
+        overhead = (now - start) - wait - rtt - held
         t = {
-            "queue-overhead": max(0.0, (now - self.t_req_end) - wait - rtt - held) * 1000,
+            "queue-overhead": overhead * 1000 if overhead > 0.0 else 0.0,
             "wait": wait * 1000,
             "worker-rtt": rtt * 1000,
         }
