@@ -372,9 +372,13 @@ async def _worker(args: argparse.Namespace, config: Config, state_dir: Path) -> 
     try:
         if args.metrics:
             split_address(args.metrics)  # before the models load: that may take minutes
+    except ValueError as exc:
+        print(f"casola worker: --metrics: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
         models = [_load_model(name, config) for name in names]
     except (ValueError, OSError) as exc:  # SpecError, a device or file problem: say which model
-        print(f"casola worker: {'--metrics: ' if 'host:port' in str(exc) else ''}{exc}", file=sys.stderr)
+        print(f"casola worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     wc = WorkerConfig(
         queue=args.queue or [config.queue.listen],

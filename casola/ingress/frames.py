@@ -25,7 +25,7 @@ from casola.auth import SCOPE_RUN, AuthError
 from casola.ingress.admission import Refusal, Ticket
 from casola.ingress.fields import BadField, field_value
 from casola.ingress.jobs import Caller, caller_of
-from casola.ingress.requestid import trace_context, well_formed_id
+from casola.ingress.requestid import trace_context
 from casola.ingress.upstream import Upstream
 from casola.net.handshake import Refused, serve_tcp
 from casola.net.link import LinkBase
@@ -222,9 +222,7 @@ class FrameListener:
         assert up is not None and isinstance(ticket, Ticket)
         # The key's tenant and filter policy overwrite whatever the client sent (it may not pick its own).
         deadline = meta.deadline_ms or ing.config.default_deadline_ms
-        rid = meta.request_id
-        if not well_formed_id(rid.encode()):
-            rid = ing.request_ids.new()
+        rid = ing.request_ids.of(meta.request_id.encode())
         parent, state = trace_context(meta.traceparent.encode(), meta.tracestate.encode())
         wants = meta.trace
         meta = msgspec.structs.replace(

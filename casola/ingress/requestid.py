@@ -17,7 +17,7 @@ import os
 import re
 from typing import Final
 
-__all__ = ["MAX_TRACESTATE", "RequestIds", "trace_context", "well_formed_id"]
+__all__ = ["MAX_TRACESTATE", "RequestIds", "trace_context"]
 
 _ID: Final = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # version "-" trace-id "-" parent-id "-" flags; a later version may append "-" and more fields.
@@ -26,11 +26,6 @@ _PRINTABLE: Final = re.compile(rb"[\x20-\x7e]*")
 _ZERO_TRACE: Final = b"0" * 32
 _ZERO_PARENT: Final = b"0" * 16
 MAX_TRACESTATE: Final = 512
-
-
-def well_formed_id(value: bytes) -> bool:
-    """Whether a client's `X-Request-Id` may be used as it is."""
-    return _ID.fullmatch(value) is not None
 
 
 class RequestIds:
@@ -50,8 +45,7 @@ class RequestIds:
         """The request's id: the client's, when it sent a well-formed one, else a new one."""
         if client_value is not None and _ID.fullmatch(client_value) is not None:
             return client_value.decode("ascii")
-        self._n += 1
-        return f"{self._prefix}{self._n:x}"
+        return self.new()
 
 
 def trace_context(traceparent: bytes | None, tracestate: bytes | None) -> tuple[str, str]:

@@ -137,12 +137,23 @@ class Call:
         """The stages of a request the node answers itself (refused, expired, aborted), if traced."""
         if not self.meta.trace:
             return {}
-        upload = max(0.0, min(now, self.t_req_end) - self.t_recv) if self.req_done else now - self.t_recv
-        wait, held = max(0.0, self.wait - upload), max(0.0, self.held_s - upload)
-        t = {"queue-overhead": max(0.0, now - self.t_recv - upload - wait - held) * 1000, "wait": wait * 1000}
+        end = self.t_req_end
+        start = (end if end < now else now) if self.req_done else now  # all of it upload until the END
+        wait, held = self._after(start)
+        overhead = now - start - wait - held
+        t = {"queue-overhead": overhead * 1000 if overhead > 0.0 else 0.0, "wait": wait * 1000}
         if self.filter is not None:
             t["filter"] = self.filter.dur_ms
         return t
+
+    def _after(self, start: float) -> tuple[float, float]:
+        """The wait for a slot and the filter's hold that fall after `start`: before it the client
+        was still sending the body (its `upload`, which the ingress reports)."""
+        wait, held = self.wait, self.held_s
+        if upload := start - self.t_recv:
+            wait = wait - upload if wait > upload else 0.0
+            held = held - upload if held > upload else 0.0
+        return wait, held
 
     def timing(self, t_answer: float, now: float, work: float | None) -> dict[str, float]:
         """Stage durations in milliseconds, in Server-Timing order: the worker's answer arrived at
@@ -152,10 +163,7 @@ class Call:
         the time its body was still arriving is the client's `upload` (the ingress reports it), so
         a wait or a worker round trip that overlapped it counts only its part after."""
         start = self.t_req_end
-        wait, held = self.wait, self.held_s
-        if upload := start - self.t_recv:
-            wait = wait - upload if wait > upload else 0.0
-            held = held - upload if held > upload else 0.0
+        wait, held = self._after(start)
         dispatched = self.t_dispatch
         rtt = t_answer - (dispatched if dispatched > start else start)
         overhead = (now - start) - wait - rtt - held
