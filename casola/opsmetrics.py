@@ -260,7 +260,7 @@ async def serve_metrics(
         if ex.path != b"/metrics":
             return ex.send_error(404, "only GET /metrics here", "invalid_request_error", "not_found")
         if ex.method not in (b"GET", b"HEAD"):
-            return ex.send_error(405, "use GET", "invalid_request_error", "method_not_allowed")
+            return ex.not_allowed(b"GET, HEAD")
         answer_metrics(ex, scrape, verifier, require_key)
 
     # A scrape is a GET with a few headers and no body: anything bigger is not a Prometheus server.

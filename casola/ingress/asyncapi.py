@@ -162,9 +162,7 @@ def jobs_route(ing: Ingress, ex: Exchange) -> None:
         ex.send_error(404, msg, "invalid_request_error", "not_found")
         return
     if not ok:
-        msg = f"use {allow.decode()}"
-        ex.send_error(405, msg, "invalid_request_error", "method_not_allowed", None, [(b"allow", allow)])
-        return
+        return ex.not_allowed(allow)
     reply = NativeReply(ing, ex, op)
     caller = authorize(ing, ex, reply.http_error)
     if caller is None:

@@ -451,6 +451,13 @@ class Exchange:
         hdrs = [(b"Content-Type", JSON_CT), *headers]
         self.respond(status, hdrs, error_body(message, type, code, param))
 
+    def not_allowed(self, allow: bytes) -> None:
+        """405 with `Allow` (RFC 9110 §15.5.6): the route exists, the method is not one it takes;
+        `allow` lists those it does, e.g. b"GET, HEAD"."""
+        where = f"{self.method.decode('latin-1')} is not allowed on {self.path.decode('latin-1')}"
+        self.send_error(405, f"{where}: use {allow.decode()}", "invalid_request_error", "method_not_allowed",
+                        None, [(b"allow", allow)])  # fmt: skip
+
     def abort(self) -> None:
         """Give up on the response: close the connection without ending the body (the client sees it
         truncated). Idempotent; ignored once the response has ended. Raises nothing."""

@@ -192,13 +192,13 @@ class Ingress:
             )
         if path.startswith(_RUN):
             if method != b"POST":
-                return _not_allowed(ex, b"POST")
+                return ex.not_allowed(b"POST")
             return self._run(ex, path[len(_RUN) :])
         if path.startswith(asyncapi.JOBS_PREFIX):
             return asyncapi.jobs_route(self, ex)
         if (allow := _FIXED_ROUTES.get(path)) is not None:
             if method not in allow:
-                return _not_allowed(ex, b", ".join(allow))
+                return ex.not_allowed(b", ".join(allow))
             return self._fixed(ex, path)
         if path.startswith(openai.PREFIX):
             return openai.route(self, ex)
@@ -386,12 +386,6 @@ class Ingress:
         if self.queue_snapshot is not None:
             body["models"] = self.queue_snapshot()
         ex.respond(200 if body["status"] == "ok" else 503, [(b"content-type", JSON_CT)], msgspec.json.encode(body))
-
-
-def _not_allowed(ex: Exchange, allow: bytes) -> None:
-    """405 with `Allow` (RFC 9110 §15.5.6): the route exists, the method is not one it takes."""
-    msg = f"{ex.method.decode('latin-1')} is not allowed on {ex.path.decode('latin-1')}: use {allow.decode()}"
-    ex.send_error(405, msg, "invalid_request_error", "method_not_allowed", None, [(b"allow", allow)])
 
 
 def _priority(value: bytes) -> int:

@@ -87,6 +87,10 @@ def test_a_standalone_queue_node_and_worker_serve_metrics(tmp_path: Path) -> Non
         status, text = _get(f"http://127.0.0.1:{worker_metrics}/metrics")
         assert status == 200 and "casola_worker_slots 64.0" in text and 'casola_worker_model{model="echo"} 1.0' in text
         assert 'node_id="w-ops"' in text and "casola_worker_busy 0.0" in text
+        post = urllib.request.Request(f"http://127.0.0.1:{worker_metrics}/metrics", data=b"", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(post, timeout=5)
+        assert refused.value.code == 405 and refused.value.headers["Allow"] == "GET, HEAD"
     finally:
         for p in (w, q):
             p.send_signal(signal.SIGTERM)
