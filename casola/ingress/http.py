@@ -23,7 +23,7 @@ import httptools
 
 from casola.ingress.exchange import Exchange, error_response
 from casola.ingress.httplimits import HttpLimits, RequestError
-from casola.ingress.httpsyntax import SIZE_LINE_MAX, absolute_target, declared_chunk_size
+from casola.ingress.httpsyntax import TAIL, absolute_target, declared_chunk_size
 from casola.net.gate import WriteGate
 
 __all__ = ["Exchange", "Handler", "HttpLimits", "HttpProtocol", "RequestError", "serve_http"]
@@ -171,7 +171,7 @@ class HttpProtocol(asyncio.Protocol):
             if ex is not None and size is not None and ex._rx - self._chunk_seen + size > self._max_body:
                 self._reject(RequestError(413, "request_too_large", f"the request body exceeds {self._max_body} bytes"))
                 return
-        self._tail = data[-SIZE_LINE_MAX:] if len(data) >= SIZE_LINE_MAX else (self._tail + data)[-SIZE_LINE_MAX:]
+        self._tail = data[-TAIL:] if len(data) >= TAIL else (self._tail + data)[-TAIL:]
 
     def eof_received(self) -> bool:
         # The client closed its side: it is gone, as uvicorn and nginx take it (a half-closed client that
@@ -264,6 +264,8 @@ class HttpProtocol(asyncio.Protocol):
         url = self._url
         if url[:1] != b"/" and (absolute := absolute_target(url)) is not None:  # RFC 9112 §3.2.2
             authority, url = absolute
+            if not authority:  # RFC 9110 §4.2.1: an http(s) URI with no host is invalid
+                raise RequestError(400, "bad_request", "an absolute-form target must name a host")
             ex.headers = [h for h in ex.headers if h[0] != b"host"]
             ex.headers.append((b"host", authority))
         i = url.find(b"?")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["SIZE_LINE_MAX", "absolute_target", "declared_chunk_size"]
+__all__ = ["SIZE_LINE_MAX", "TAIL", "absolute_target", "declared_chunk_size"]
 
 _SCHEMES: Final = (b"http://", b"https://")
 SIZE_LINE_MAX: Final = 256  # longer size lines (long chunk extensions) are not read back
+TAIL: Final = SIZE_LINE_MAX + 3  # kept of the previous reads: the LF before a size line, it, its CRLF
 
 
 def absolute_target(url: bytes) -> tuple[bytes, bytes] | None:
@@ -40,21 +41,19 @@ def absolute_target(url: bytes) -> tuple[bytes, bytes] | None:
 
 def declared_chunk_size(before: bytes, data: bytes, taken_after: int) -> int | None:
     """The size the last chunk header in `data` declared, when the parser just took that header and
-    then `taken_after` bytes of the chunk's data, which end `data`. `before` is the end of the
-    previous read (a size line may be split across reads). None when it cannot be read back."""
-    end = len(data) - taken_after - 2  # the size line's CRLF
-    if end < 0 or data[end : end + 2] != b"\r\n":
+    then `taken_after` bytes of the chunk's data, which end `data`. `before`: the last TAIL bytes
+    read before `data` (a size line, its CRLF included, may be split across reads, down to one byte
+    a read). None when it cannot be read back."""
+    stop = len(data) - taken_after  # just after the size line's LF
+    lo = stop - TAIL
+    buf = data[lo:stop] if lo >= 0 else before + data[:stop]  # at most 2 x TAIL bytes copied
+    end = len(buf) - 2
+    if end < 0 or buf[end:] != b"\r\n":
         return None
-    start = data.rfind(b"\n", max(0, end - SIZE_LINE_MAX), end) + 1
-    if start:
-        line = data[start:end]
-    else:  # the line began in the previous read (or is too long to read back)
-        joined = before + data[:end]
-        start = joined.rfind(b"\n", max(0, len(joined) - SIZE_LINE_MAX)) + 1
-        if not start:
-            return None
-        line = joined[start:]
-    digits = line.partition(b";")[0].strip(b" \t")
+    start = buf.rfind(b"\n", 0, end) + 1  # the LF before the line: the head's, or the last chunk's
+    if not start:
+        return None  # longer than SIZE_LINE_MAX
+    digits = buf[start:end].partition(b";")[0].strip(b" \t")
     try:
         return int(digits, 16)
     except ValueError:

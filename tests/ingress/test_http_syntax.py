@@ -99,3 +99,26 @@ def test_chunks_up_to_the_limit_still_arrive_whole(kind: str) -> None:
             await c.close()
 
     run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_size_line_sent_a_byte_at_a_time_is_read_back(kind: str) -> None:
+    async def main() -> None:
+        async with serving(echo, LIMITS) as s:
+            pieces = [HEAD] + [bytes([c]) for c in b"3e9;ext=1\r\n"]  # CR and LF in reads of their own
+            assert await _refused_at_once(s.port, pieces) < 2.0
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_an_absolute_form_target_without_a_host_is_refused(kind: str) -> None:
+    async def main() -> None:
+        async with serving(host_echo) as s:
+            c = await Client.open(s.port)
+            await c.send(b"GET http:///v1/run/echo HTTP/1.1\r\nHost: h\r\n\r\n")
+            resp = await c.response()
+            assert resp.status == 400 and resp.error()["code"] == "bad_request"
+            await c.close()
+
+    run(kind, main)
