@@ -8,7 +8,7 @@ errors included, says which headers the page may read (`Server-Timing`, `X-Reque
 `PerformanceServerTiming` entries cross-origin). No origin is allowed by default. Keys go in the
 `Authorization` header, never in cookies, so credentialed requests (`Allow-Credentials`) are not offered.
 
-The answer headers for an origin are joined once and kept (a page calls from few origins).
+The answer headers of each configured origin are joined once, at start.
 """
 
 from __future__ import annotations
@@ -29,49 +29,35 @@ ALLOWED_HEADERS: Final = frozenset(
 _ALLOWED_PREFIXES: Final = (b"x-casola-", b"x-fal-", b"x-stainless-", b"openai-")
 EXPOSED_HEADERS: Final = b"server-timing, x-request-id, retry-after"
 MAX_AGE: Final = b"600"  # seconds a browser may keep a preflight's answer (Chromium caps it at 7200)
-_CACHE_MAX: Final = 256  # origins whose joined answer headers are kept
 
 
 class Cors:
-    """The ingress's cross-origin policy: which origins, and the header lines each one gets."""
+    """The ingress's cross-origin policy: which origins, and the header lines each one gets (joined
+    once, at start: the configured origins are all there are)."""
 
-    __slots__ = ("_any", "_lines", "_origins", "_vary", "enabled", "timing_any")
+    __slots__ = ("_denied", "_lines", "_star", "timing_any")
 
     def __init__(self, origins: Sequence[str], timing_allow_origin: str = "") -> None:
-        self._any = "*" in origins
-        self._origins = frozenset(o.rstrip("/").encode() for o in origins if o != "*")
-        self.enabled = self._any or bool(self._origins)
-        # Per-origin answers differ by Origin: caches must know (RFC 9110 §12.5.5).
-        self._vary = b"Vary: Origin\r\n" if self._origins and not self._any else b""
         # `[ingress] timing_allow_origin` (e.g. "*"): timing readable by those origins, CORS or not.
         tao = timing_allow_origin.encode()
         self.timing_any = b"Timing-Allow-Origin: %b\r\n" % tao if tao else b""
-        self._lines: dict[bytes, bytes] = {}
+        listed = [o.rstrip("/").encode() for o in origins if o != "*"]
+        star = "*" in origins
+        # Per-origin answers differ by Origin: caches must know (RFC 9110 §12.5.5).
+        vary = b"Vary: Origin\r\n" if listed and not star else b""
+        self._lines = {o: _allowed(o, vary) for o in listed}
+        self._star = _allowed(b"*", b"") if star else None
+        self._denied = vary + self.timing_any  # another origin: no CORS, but caches are told
 
     def allows(self, origin: bytes) -> bool:
-        return self._any or origin in self._origins
+        return self._star is not None or origin in self._lines
 
     def lines(self, origin: bytes | None) -> bytes:
         """The header lines (CRLF-ended) every answer to a request with this `Origin` carries."""
-        if origin is None or not self.enabled:
+        if origin is None:
             return self.timing_any
-        got = self._lines.get(origin)
-        if got is not None:
-            return got
-        if not self.allows(origin):
-            return self._vary + self.timing_any
-        allow = b"*" if self._any else origin
-        got = b"".join(
-            [
-                b"Access-Control-Allow-Origin: %b\r\n" % allow,
-                b"Access-Control-Expose-Headers: %b\r\n" % EXPOSED_HEADERS,
-                b"Timing-Allow-Origin: %b\r\n" % allow,
-                self._vary,
-            ]
-        )
-        if len(self._lines) < _CACHE_MAX:
-            self._lines[origin] = got
-        return got
+        got = self._lines.get(origin) or self._star
+        return self._denied if got is None else got
 
     def preflight(self, ex: Exchange, origin: bytes | None) -> None:
         """Answer `OPTIONS`: a preflight from an allowed origin gets 204 and what it may send; one from
@@ -88,12 +74,24 @@ class Cors:
                 "origin_not_allowed",
             )
         asked = ex.header(b"access-control-request-headers") or b""
-        granted = b", ".join(h for h in (p.strip().lower() for p in asked.split(b",")) if h and _allowed(h))
+        granted = b", ".join(h for h in (p.strip().lower() for p in asked.split(b",")) if h and _may_send(h))
         headers = [(b"access-control-allow-methods", METHODS), (b"access-control-max-age", MAX_AGE)]
         if granted:
             headers.append((b"access-control-allow-headers", granted))
         ex.respond(204, headers)
 
 
-def _allowed(name: bytes) -> bool:
+def _allowed(origin: bytes, vary: bytes) -> bytes:
+    """The answer header lines for an allowed origin (`*`: any)."""
+    return b"".join(
+        [
+            b"Access-Control-Allow-Origin: %b\r\n" % origin,
+            b"Access-Control-Expose-Headers: %b\r\n" % EXPOSED_HEADERS,
+            b"Timing-Allow-Origin: %b\r\n" % origin,
+            vary,
+        ]
+    )
+
+
+def _may_send(name: bytes) -> bool:
     return name in ALLOWED_HEADERS or name.startswith(_ALLOWED_PREFIXES)
