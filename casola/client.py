@@ -203,6 +203,16 @@ class Client:
         )
         return self._open(meta, payload)
 
+    def request(self, meta: RequestMeta, payload: Buffer = b"") -> Stream:
+        """Send a request whose head the caller built in full (a platform component speaking for a
+        client: its tenant, filter policy, deadline). Raises like `stream`."""
+        return self._open(meta, payload)
+
+    def cancel(self, stream: Stream) -> None:
+        """Stop a request whose answer is no longer wanted (the stream's worker sees CANCEL)."""
+        if not stream._ended:
+            self._cancel(stream.sid)
+
     def _open(self, meta: RequestMeta, payload: Buffer) -> Stream:
         link = self._link
         if not link.is_up:

@@ -2,9 +2,11 @@
 
 A HELLO is checked against its credential and the role it claims: a worker key registers workers,
 a node key connects ingresses, and the node's own in-process links (the model classifier's) carry a
-secret that only this process knows. The keys of connected peers stay watched: one revoked or
-expired ends its link (GOAWAY `UNAUTHENTICATED`) within a second, a worker being deregistered as it
-goes like any worker that is lost.
+secret that only this process knows. Members of the node's own process that act like any peer
+(the workflow engine: a worker serving the workflows, and a client whose step requests are
+filtered and scheduled like an ingress's) carry a second secret. The keys of connected peers
+stay watched: one revoked or expired ends its link (GOAWAY `UNAUTHENTICATED`) within a second, a
+worker being deregistered as it goes like any worker that is lost.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Gate:
     def __init__(self, verifier: Verifier | None) -> None:
         self._verifier = verifier
         self.internal_secret = secrets.token_urlsafe(32)  # the node's own in-process links (classifier)
+        self.member_secret = secrets.token_urlsafe(32)  # in-process peers treated like any other (workflows)
         self._watch = CredentialWatch(verifier) if verifier is not None else None
         self._watched: dict[LinkBase, int] = {}
 
@@ -42,15 +45,16 @@ class Gate:
                 claims, or a role a queue node does not take (FORBIDDEN_ROLE); a worker that
                 serves no model (BAD_META).
         """
+        member = isinstance(link, MemoryEnd) and hello.credential == self.member_secret
         if hello.role == "worker":
             kind: PeerKind = "worker"
-            claims = self._authenticate(hello, SCOPE_WORKER)
+            claims = None if member else self._authenticate(hello, SCOPE_WORKER)
             if not hello.models:
                 raise Refused(ErrorCode.BAD_META, "a worker must serve at least one model")
         elif hello.role == "ingress":
             if hello.credential == self.internal_secret and isinstance(link, MemoryEnd):
                 return "internal"  # the node's own: not authenticated, not filtered
-            kind, claims = "ingress", self._authenticate(hello, SCOPE_INGRESS)
+            kind, claims = "ingress", None if member else self._authenticate(hello, SCOPE_INGRESS)
         else:
             raise Refused(ErrorCode.FORBIDDEN_ROLE, f"role {hello.role!r} may not connect to a queue node")
         if claims is not None and self._watch is not None:

@@ -107,6 +107,13 @@ class QueueNode:
         self._server = await serve_tcp(host, int(port), self.on_hello, limits=LINK_LIMITS)
         self.gate.start()
 
+    async def connect_member(self, hello: HelloMeta, on_events: Any, on_lost: Any, **kw: Any) -> LinkBase:
+        """The front door for a member of this process (the workflow engine): a link like any
+        worker's or ingress's (`hello.role`), admitted without a key, its requests filtered,
+        scheduled and refused like an ingress's. The node knows nothing more about workflows."""
+        hello = msgspec.structs.replace(hello, credential=self.gate.member_secret)
+        return await self.memory_dialer(hello, on_events, on_lost, **kw)
+
     async def _connect_internal(self, on_events: Any, on_lost: Any) -> LinkBase:
         """An in-process ingress link of the node's own (the model classifier's requests travel on it)."""
         hello = HelloMeta("ingress", credential=self.gate.internal_secret, node_id=f"{self.config.node_id}/internal")

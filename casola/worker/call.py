@@ -62,6 +62,8 @@ class WorkCall:
         self.sid = sid
         self.t_start = time.perf_counter()
         self.work_ms: float | None = None
+        # More stages for the last frame's timing, after `work` (a workflow's `step.<name>`, ...).
+        self.stages: dict[str, float] | None = None
         self.started = False
         self.finished = False
         self.cancelled = False
@@ -206,7 +208,11 @@ class WorkCall:
 
     def _timing(self) -> dict[str, float]:
         """The worker's stage for the last frame: `work`, when the request asked for timings."""
-        return {"work": self._work()} if self.meta.trace else {}
+        if not self.meta.trace:
+            return {}
+        if self.stages is None:
+            return {"work": self._work()}
+        return {"work": self._work(), **self.stages}
 
     def _work(self) -> float:
         if self.work_ms is not None:

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -51,12 +51,23 @@ class WorkerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_interval: float = 1.0
 
 
+# Dials one queue node in-process (QueueNode.connect_member) instead of over TCP.
+Dial = Callable[..., Awaitable[LinkBase]]
+
+
 class WorkerRuntime:
     def __init__(
-        self, config: WorkerConfig, models: Sequence[Model], credential: str, limits: Limits | None = None
+        self,
+        config: WorkerConfig,
+        models: Sequence[Model],
+        credential: str,
+        limits: Limits | None = None,
+        dial: Dial | None = None,
     ) -> None:
-        """`limits`: this worker's receive limits (advertised in HELLO); the default pings every second."""
+        """`limits`: this worker's receive limits (advertised in HELLO); the default pings every second.
+        `dial`: the one queue node of this process to register with, in memory (`config.queue` unused)."""
         self.config = config
+        self._dial_member = dial
         self.models: dict[str, Model] = {m.name: m for m in models}
         self.node_id = config.node_id or f"worker-{os.getpid()}"
         # A streaming handler holds one thread for its whole answer (casola.worker.model._Pieces), so
@@ -95,8 +106,9 @@ class WorkerRuntime:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.set_default_executor(self.executor)
-        for address in self.config.queue:
+        if self._dial_member is None:
+            loop.set_default_executor(self.executor)  # a worker process's own loop; not a host's
+        for address in self.config.queue if self._dial_member is None else ["memory:0"]:
             host, _, port = address.rpartition(":")
             r = Redialer(functools.partial(self._dial, host, int(port)), name=f"{self.node_id}->{address}")
             self._redialers.append(r)
@@ -120,6 +132,10 @@ class WorkerRuntime:
             max_meta=self._limits.max_meta,
             max_payload=self._limits.max_payload,
         )
+        if self._dial_member is not None:
+            return await self._dial_member(
+                hello, self._on_events, self._on_lost, dial_limits=self._limits, dial_auto_credit=False
+            )
         link = await dial_tcp(host, port, hello, self._on_events, self._on_lost, limits=self._limits, auto_credit=False)
         log.info("%s registered with %s:%d (models %s)", self.node_id, host, port, list(self.models))
         return link
