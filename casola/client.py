@@ -13,7 +13,7 @@ Errors come back as `RequestFailed` with the wire code, whether it may be retrie
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from ssl import SSLContext
 from types import TracebackType
 
@@ -74,6 +74,9 @@ class Stream:
         self._ended = False
         self._error: BaseException | None = None
         self._wake: asyncio.Future[None] | None = None
+        # Called once, as the last frame (END, ERROR, a reset, the link's loss) arrives: a caller
+        # timing the request sees its end when it happens, not when it has read the last piece.
+        self.on_done: Callable[[], None] | None = None
 
     def _push(self, frame: Frame) -> None:
         ft, meta = frame.type, frame.meta
@@ -98,6 +101,9 @@ class Stream:
         self._poke()
 
     def _poke(self) -> None:
+        if self._ended and (done := self.on_done) is not None:
+            self.on_done = None
+            done()
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
@@ -212,6 +218,7 @@ class Client:
         """Stop a request whose answer is no longer wanted (the stream's worker sees CANCEL)."""
         if not stream._ended:
             self._cancel(stream.sid)
+            stream._fail(RequestFailed(ErrorCode.CANCELLED, "cancelled by the client"))
 
     def _open(self, meta: RequestMeta, payload: Buffer) -> Stream:
         link = self._link

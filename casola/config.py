@@ -83,6 +83,12 @@ capacity = 64                    # requests each runs at once
 pool = "shared"                  # sync | async | shared (shared: both, sync first)
 threads = 4                      # thread pool for blocking handlers
 
+# Workflows (docs/workflows.md): pipelines of steps run inside the queue node, e.g.
+# [workflows.voice-agent]
+# deadline_ms = 15000            # the whole run's, when the request names none (0 = none)
+# max_concurrent = 64            # runs at once
+# steps = [{ name = "asr", kind = "model", model = "asr" }, ...]
+
 # Per model, optional: what its directory's casola.json says, overridden (docs/models.md).
 # [models.chat]
 # kind = "llm"                   # whisper | llm | tts | classify
@@ -103,6 +109,7 @@ from typing import Any, Final
 
 import msgspec
 
+from casola.flow.spec import WorkflowConfig, WorkflowError, check_workflows
 from casola.ingress.server import IngressConfig
 from casola.logs import LOG_FORMATS, LOG_LEVELS
 from casola.queue.node import QueueConfig
@@ -146,6 +153,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     workers: list[WorkerSpec] = msgspec.field(default_factory=_default_workers)
     models: dict[str, ModelConfig] = {}
+    workflows: dict[str, WorkflowConfig] = {}  # docs/workflows.md
 
     def __post_init__(self) -> None:
         # Checked at load, naming the key (msgspec reports a ValueError as a ValidationError): the
@@ -182,6 +190,11 @@ def load_config(path: str | Path | None) -> Config:
     for i, spec in enumerate(config.workers, 1):
         if problem := _worker_problem(spec):
             raise ConfigError(f"{path}: [[workers]] #{i}: {problem}")
+    served = {*config.queue.models, *(m for spec in config.workers for m in spec.models), *config.models}
+    try:
+        check_workflows(config.workflows, served)
+    except WorkflowError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return config
 
 

@@ -26,6 +26,7 @@ from casola.banner import banner, try_hint
 from casola.certs import DEFAULT_HOSTS, make_dev_certs
 from casola.config import Config, WorkerSpec, check_worker_models
 from casola.files import write_atomic
+from casola.flow.spec import describe
 from casola.net.loop import loop_name
 from casola.net.loop import run as run_loop
 from casola.opsmetrics import process_registry, render, serve_metrics, split_address, write_queue, write_worker
@@ -35,6 +36,7 @@ from casola.worker import Echo, Model, Steps, WorkerConfig, WorkerRuntime
 
 if TYPE_CHECKING:
     from casola.auth import Verifier
+    from casola.flow import Engine
     from casola.ingress.server import Ingress
     from casola.ingress.upstream import Upstream
 
@@ -108,6 +110,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     worker_key = ks.ensure_key("worker-key", "_workers", [SCOPE_WORKER], "local workers")
     node = QueueNode(_queue_config(config.queue, state_dir), verifier)
     await start_or_explain(node.start(), config.queue.listen)
+    engine = await _start_workflows(config, node)
     upstream = Upstream(config.ingress.queue_nodes, _ingress_credential(ks), config.ingress.node_id)
     upstream.add_memory(node.memory_dialer, config.queue.region)
     ingress = _up_ingress(config, verifier, upstream, node)
@@ -116,6 +119,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
         await start_or_explain(ingress.start(), config.ingress.http, config.ingress.frames)
     except StartupError:
         await upstream.stop()
+        await _stop_workflows(engine)
         await node.stop()
         raise
     queue_addr = f"{config.queue.listen.rpartition(':')[0]}:{node.port}"
@@ -141,8 +145,25 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
         await workers.stop()
         await ingress.stop()
         await upstream.stop()
+        await _stop_workflows(engine)
         await node.stop()
     return 0
+
+
+async def _start_workflows(config: Config, node: QueueNode) -> Engine | None:
+    """The workflow engine of this queue node's process, when the config declares workflows."""
+    if not config.workflows:
+        return None
+    from casola.flow import Engine
+
+    engine = Engine(config.workflows, node.connect_member, config.queue.node_id, config.queue.outbound_allow)
+    await engine.start()
+    return engine
+
+
+async def _stop_workflows(engine: Engine | None) -> None:
+    if engine is not None:
+        await engine.stop()
 
 
 def _up_ingress(config: Config, verifier: Verifier, upstream: Upstream, node: QueueNode) -> Ingress:
@@ -155,6 +176,7 @@ def _up_ingress(config: Config, verifier: Verifier, upstream: Upstream, node: Qu
     ingress.metrics.queue_stats = node.snapshot
     ingress.metrics.served = node.registry.models  # label values: the models the node knows, looked up live
     ingress.metrics.require_key = config.metrics_key
+    ingress.workflows = [describe(name, wf) for name, wf in config.workflows.items()]
     ingress.required_models = sorted({*config.queue.models, *(m for spec in config.workers for m in spec.models)})
     return ingress
 
@@ -292,6 +314,7 @@ async def _ingress(args: argparse.Namespace, config: Config, state_dir: Path) ->
         nodes = [QueueNodeSpec(address=config.queue.listen)]
     upstream = Upstream(nodes, _ingress_credential(ks), config.ingress.node_id)
     ingress = Ingress(config.ingress, ks.verifier(), upstream)
+    ingress.workflows = [describe(name, wf) for name, wf in config.workflows.items()]
     ingress.metrics.require_key = config.metrics_key
     ingress.metrics.serve(config.queue.models)  # the rest: once a queue node answers for them (2xx)
     await upstream.start(wait=2.0)
@@ -316,6 +339,7 @@ async def _queue(args: argparse.Namespace, config: Config, state_dir: Path) -> i
     verifier = ks.verifier()
     node = QueueNode(_queue_config(config.queue, state_dir), verifier)
     await start_or_explain(node.start(), config.queue.listen)
+    engine = await _start_workflows(config, node)
     metrics: asyncio.Server | None = None
     if config.queue.metrics:  # off unless configured: the node's own GET /metrics
         process = process_registry()
@@ -326,6 +350,7 @@ async def _queue(args: argparse.Namespace, config: Config, state_dir: Path) -> i
         try:
             metrics = await _listen_metrics(scrape, config.queue.metrics, verifier, config.metrics_key)
         except StartupError:
+            await _stop_workflows(engine)
             await node.stop()
             raise
     log.info(
@@ -336,6 +361,7 @@ async def _queue(args: argparse.Namespace, config: Config, state_dir: Path) -> i
     finally:
         if metrics is not None:
             metrics.close()
+        await _stop_workflows(engine)
         await node.stop()
     return 0
 

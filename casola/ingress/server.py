@@ -42,6 +42,7 @@ __all__ = ["Ingress", "IngressConfig"]
 log = logging.getLogger("casola.ingress")
 
 _RUN = b"/v1/run/"
+_WORKFLOWS = b"/v1/workflows"
 _PARAM = b"x-casola-param-"
 _TRUE = (b"1", b"true", b"on", b"yes")
 _GET = (b"GET", b"HEAD")
@@ -111,6 +112,7 @@ class Ingress:
         self.loop: asyncio.AbstractEventLoop  # set in start()
         self.queue_snapshot: Any = None
         self.queue_signals: Any = None  # the in-process queue node's signals (`casola up`)
+        self.workflows: list[dict[str, Any]] = []  # GET /v1/workflows: the config's, described
         self.required_models: list[str] = []  # /readyz: models that must have a worker (`casola up`)
         self.draining = False  # set when the process is stopping: /readyz answers 503
         self._servers: list[asyncio.Server] = []
@@ -196,6 +198,8 @@ class Ingress:
             return self._run(ex, path[len(_RUN) :])
         if path.startswith(asyncapi.JOBS_PREFIX):
             return asyncapi.jobs_route(self, ex)
+        if path == _WORKFLOWS or path.startswith(_WORKFLOWS + b"/"):
+            return self._workflows(ex, path[len(_WORKFLOWS) + 1 :])
         if (allow := _FIXED_ROUTES.get(path)) is not None:
             if method not in allow:
                 return ex.not_allowed(b", ".join(allow))
@@ -238,6 +242,19 @@ class Ingress:
         if self.verifier is None:
             return None
         return self.verifier.verify(token, time.time(), scope)
+
+    def _workflows(self, ex: Exchange, name: bytes) -> None:
+        """`GET /v1/workflows`: those declared; `POST /v1/workflows/{name}`: run one (as /v1/run)."""
+        if not name:
+            if ex.method not in _GET:
+                return ex.not_allowed(b", ".join(_GET))
+            if authorize(self, ex, ex.send_error) is None:
+                return None
+            body = msgspec.json.encode({"object": "list", "data": self.workflows})
+            return ex.respond(200, [(b"content-type", JSON_CT)], body)
+        if ex.method != b"POST":
+            return ex.not_allowed(b"POST")
+        return self._run(ex, name)
 
     def _run(self, ex: Exchange, model_b: bytes) -> None:
         caller = authorize(self, ex, ex.send_error)

@@ -1,0 +1,208 @@
+"""The workflow engine (DESIGN "Workflows"): runs in the queue node's process as a client of the
+node's own dispatch, and never reaches into it.
+
+It meets the node only through its front door (`QueueNode.connect_member`), twice:
+- as a worker serving one model per workflow name (casola.worker.WorkerRuntime on an in-memory
+  link): a REQUEST for a workflow's name is scheduled, filtered, timed and refused like any other,
+  and handed to the engine; an async one is a job like any other, leased, fenced, redispatched;
+- as an ingress (casola.flow.frontdoor), on which every step is an ordinary request.
+
+A run streams its steps into each other (casola.flow.stages), under one deadline; its answer is the
+last step's output, streamed, with `step.<name>`, `flow-overhead` and `first-byte` in its timings
+(casola.flow.clock). An async run checkpoints each completed step's output (the job's CHECKPOINT);
+redispatched after a crash, it resumes after the last completed step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from time import perf_counter
+from typing import Any
+
+import msgspec
+
+from casola.flow.frontdoor import Connect, FrontDoor
+from casola.flow.llm import LlmStage
+from casola.flow.run import Run, StepFailed
+from casola.flow.spec import StepConfig, WorkflowConfig, check_workflows, describe
+from casola.flow.stages import TEXT, Given, Item, Kept, ModelStage, PerSentence, Sentences, Source
+from casola.flow.tools import Tool, tool_stage
+from casola.flow.wav import WavFormatError
+from casola.net.outbound import OutboundPolicy
+from casola.wire import ErrorCode
+from casola.worker.call import HandlerError, WorkCall
+from casola.worker.runtime import WorkerConfig, WorkerRuntime
+
+__all__ = ["Engine", "Workflow"]
+
+log = logging.getLogger("casola.flow")
+
+
+class _Checkpoint(msgspec.Struct, array_like=True):
+    step: int  # the last completed step (index)
+    content_type: str
+    items: list[Any]  # bytes (msgpack bin) or str, as the step gave them
+
+
+_encode_checkpoint = msgspec.msgpack.Encoder().encode
+_decode_checkpoint = msgspec.msgpack.Decoder(_Checkpoint).decode
+
+
+def stage_names(config: WorkflowConfig) -> list[str]:
+    """The timing stages, in pipeline order: each step, an llm step's tools right after it."""
+    out: list[str] = []
+    for step in config.steps:
+        out.append(step.name)
+        out += [f"{step.name}.{t}" for t in step.tools] if step.kind == "llm" else []
+    return out
+
+
+class Workflow:
+    """One declared workflow, as the model the engine's worker serves under its name."""
+
+    def __init__(self, name: str, config: WorkflowConfig, door: FrontDoor, tools: dict[str, Tool]) -> None:
+        self.name, self.config, self._door, self.tools = name, config, door, tools
+        self._stages = stage_names(config)
+        self.active = 0
+        self.stats = dict.fromkeys(("runs", "failed", "resumed", "steps_completed"), 0)
+
+    async def __call__(self, call: WorkCall) -> None:
+        if self.active >= self.config.max_concurrent:
+            msg = f"workflow {self.name!r} runs {self.active} at once already (max_concurrent)"
+            raise HandlerError(msg, ErrorCode.OVERLOADED)
+        self.active += 1
+        self.stats["runs"] += 1
+        try:
+            await self._run(call)
+        except HandlerError:
+            self.stats["failed"] += 1
+            raise
+        finally:
+            self.active -= 1
+
+    async def _run(self, call: WorkCall) -> None:
+        resumed = await call.resume()
+        body = await call.body()
+        run = Run(self.name, call.meta, self.config.deadline_ms, self._stages, self._door)
+        src: Source = Given(call.meta.content_type, [body])
+        start = 0
+        if resumed:
+            cp = _decode_checkpoint(resumed)
+            src, start = Given(cp.content_type, cp.items), cp.step + 1
+            self.stats["resumed"] += 1
+            steps = len(self.config.steps)
+            log.info("workflow %s: job %s resumes at step %d of %d", self.name, call.job_id, start + 1, steps)
+        src = self._pipeline(run, src, start, call if call.job_id else None)
+        loop = asyncio.get_running_loop()
+        at = loop.time() + (run.deadline - perf_counter()) if run.deadline else None
+        try:
+            async with asyncio.timeout_at(at) as limit:
+                await _serve(call, run, src)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            exc = run.expired()
+            raise HandlerError(exc.message, exc.code) from None
+        except StepFailed as exc:
+            raise HandlerError(exc.message, exc.code, exc.param) from None
+        except WavFormatError as exc:
+            raise HandlerError(f"workflow {self.name!r}: {exc}", ErrorCode.WORKER_FAILED) from None
+        finally:
+            run.cancel_all()
+
+    def _pipeline(self, run: Run, src: Source, start: int, job: WorkCall | None) -> Source:
+        steps = self.config.steps
+        for i in range(start, len(steps)):
+            step = steps[i]
+            before = steps[i - 1] if i else None
+            src = self._stage(run, step, before, src)
+            if job is not None and i < len(steps) - 1:
+                src = Kept(step.name, src, self._checkpointer(job, i))
+        return src
+
+    def _stage(self, run: Run, step: StepConfig, before: StepConfig | None, src: Source) -> Source:
+        kind = step.kind
+        if kind == "model":
+            if before is not None and before.kind == "sentences":
+                return PerSentence(run, step, src, before.filter)
+            return ModelStage(run, step, src)
+        if kind == "llm":
+            return LlmStage(run, step, self.tools, src)
+        if kind == "tool":
+            return tool_stage(run, step, self.tools[step.tool], src)
+        return Sentences(step, src)
+
+    def _checkpointer(self, job: WorkCall, index: int) -> Any:
+        n = len(self.config.steps)
+
+        async def checkpoint(name: str, content_type: str, items: list[Item]) -> None:
+            self.stats["steps_completed"] += 1
+            state = _encode_checkpoint(_Checkpoint(index, content_type, list(items)))
+            await job.checkpoint(state, (index + 1) / n)
+
+        return checkpoint
+
+
+async def _serve(call: WorkCall, run: Run, src: Source) -> None:
+    """Stream the last step's output as the run's answer; its stages go in the END's timings."""
+    started = False
+    async with contextlib.aclosing(src.items()) as items:  # type: ignore[type-var]
+        async for item in items:
+            data = item.encode() if isinstance(item, str) else item
+            if not data:
+                continue
+            if not started:
+                run.clock.first_byte = perf_counter() - run.t0
+                call.start(src.content_type or TEXT)
+                started = True
+            await call.write(data)
+    now = perf_counter()
+    stages = run.clock.stages(now)
+    stages["first-byte"] = run.clock.first_byte * 1000
+    call.work_ms = (now - run.t0) * 1000  # what the stages add up to
+    call.stages = stages
+    if started:
+        call.end()
+    else:
+        call.respond(b"", src.content_type or TEXT)
+
+
+class Engine:
+    """Every `[workflows.*]` of the config, served through the node's front door (`connect`)."""
+
+    def __init__(
+        self, workflows: dict[str, WorkflowConfig], connect: Connect, node_id: str, outbound_allow: Iterable[str] = ()
+    ) -> None:
+        """Raises WorkflowError for a declaration that cannot run (the config loader checks first)."""
+        check_workflows(workflows)
+        policy = OutboundPolicy(outbound_allow)
+        self.door = FrontDoor(connect, f"{node_id}/workflows")
+        self.workflows = {
+            name: Workflow(name, wf, self.door, {t: Tool(t, c, policy) for t, c in wf.tools.items()})
+            for name, wf in workflows.items()
+        }
+        capacity = sum(wf.max_concurrent for wf in workflows.values())
+        config = WorkerConfig(models=list(workflows), capacity=capacity, node_id=f"{node_id}/workflows", threads=1)
+        self.runtime = WorkerRuntime(config, list(self.workflows.values()), "", dial=connect)
+
+    async def start(self) -> None:
+        await self.door.start()
+        await self.runtime.start()
+        await self.runtime.wait_registered()
+        log.info("workflows served: %s", ", ".join(self.workflows))
+
+    async def stop(self) -> None:
+        await self.runtime.stop()
+        await self.door.stop()
+        for wf in self.workflows.values():
+            for tool in wf.tools.values():
+                await tool.aclose()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [describe(name, wf.config) for name, wf in self.workflows.items()]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {name: {"active": wf.active, **wf.stats} for name, wf in self.workflows.items()}

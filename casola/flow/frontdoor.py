@@ -1,0 +1,51 @@
+"""The engine's way in to the queue node: one in-process link through the node's front door, on
+which every step is an ordinary request (DESIGN "Workflows": scheduled in its pool, filtered,
+timed, retried before its first byte and refused like a request from outside). Nothing here knows
+the queue node's internals: `Connect` is `QueueNode.connect_member`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from casola.client import Client, Stream
+from casola.net.link import LinkBase
+from casola.wire import Buffer, Event, HelloMeta, RequestMeta
+
+__all__ = ["Connect", "FrontDoor"]
+
+# QueueNode.connect_member: (hello, on_events, on_lost, **dial options) -> a link admitted as `hello.role`
+Connect = Callable[..., Awaitable[LinkBase]]
+
+
+class FrontDoor:
+    def __init__(self, connect: Connect, node_id: str) -> None:
+        self._connect, self._node_id = connect, node_id
+        self._client: Client | None = None
+
+    async def start(self) -> None:
+        box: list[Client] = []
+
+        def on_events(link: LinkBase, events: list[Event]) -> None:
+            box[0]._on_events(events)
+
+        def on_lost(link: LinkBase, exc: BaseException | None) -> None:
+            if box:
+                box[0]._on_lost(exc)
+
+        link = await self._connect(HelloMeta("ingress", node_id=self._node_id), on_events, on_lost)
+        box.append(Client(link))
+        self._client = box[0]
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    def open(self, meta: RequestMeta, payload: Buffer) -> Stream:
+        """Send one step request. Raises ConnectionLost, RequestFailed (no stream credit)."""
+        assert self._client is not None, "FrontDoor.start() first"
+        return self._client.request(meta, payload)
+
+    def cancel(self, stream: Stream) -> None:
+        if self._client is not None:
+            self._client.cancel(stream)

@@ -1,0 +1,150 @@
+"""The `llm` step: a streamed chat completion with a tool-call loop.
+
+Round after round, the model is asked (OpenAI chat.completions body, `"stream": true`, to an `llm`
+worker); its text deltas are passed on as they arrive (the next step starts on the first usable
+piece), and the tool calls it makes run, in parallel, as the workflow's tools. A call to a tool
+the step does not list, or with arguments its schema rejects, never runs: the model is told why in
+its result. The results go back as messages (`tool_results = "messages"`: role "tool"), or as one
+plain user message (`"text"`: small models loop on tool turns, MODELS.md §7.1), and the next round
+starts. The round after `max_rounds` offers no tools, so the model answers in words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from casola.client import Stream
+from casola.flow.run import Run, StepFailed, typed
+from casola.flow.spec import StepConfig
+from casola.flow.stages import TEXT, Item, Source, whole_text
+from casola.flow.tools import Tool
+
+__all__ = ["LlmStage"]
+
+log = logging.getLogger("casola.flow")
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+class _Round:
+    """What one streamed answer held besides its text: the tool calls, merged by index."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.calls: dict[int, dict[str, str]] = {}
+
+    def take(self, delta: dict[str, Any]) -> str:
+        for c in delta.get("tool_calls") or ():
+            slot = self.calls.setdefault(int(c.get("index", len(self.calls))), {"id": "", "name": "", "arguments": ""})
+            fn = c.get("function") or {}
+            slot["id"] = c.get("id") or slot["id"]
+            slot["name"] += fn.get("name") or ""
+            slot["arguments"] += fn.get("arguments") or ""
+        text = delta.get("content") or ""
+        if text:
+            self.text.append(text)
+        return text
+
+
+async def _sse_deltas(stream: Stream) -> AsyncIterator[dict[str, Any]]:
+    """The `delta` of each `chat.completion.chunk` event of a streamed answer."""
+    buf = b""
+    async for chunk in stream:
+        buf += bytes(chunk)
+        while (end := buf.find(b"\n\n")) >= 0:
+            event, buf = buf[:end], buf[end + 2 :]
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                doc = _decode(data)
+                for choice in doc.get("choices") or ():
+                    yield choice.get("delta") or {}
+
+
+class LlmStage:
+    content_type = TEXT
+
+    def __init__(self, run: Run, step: StepConfig, tools: dict[str, Tool], upstream: Source) -> None:
+        self.run, self.step, self.upstream = run, step, upstream
+        self.tools = {name: tools[name] for name in step.tools}
+        self.rounds = 0
+        self.rejected = 0  # tool calls refused before running (unknown tool, bad arguments)
+
+    async def items(self) -> AsyncIterator[Item]:
+        step = self.step
+        question = (await whole_text(self.upstream, f"step {step.name!r}", self.run)).strip()
+        messages: list[dict[str, Any]] = [{"role": "system", "content": step.system}] if step.system else []
+        messages.append({"role": "user", "content": question})
+        for round_no in range(step.max_rounds + 1):
+            offer = bool(self.tools) and round_no < step.max_rounds
+            answer = _Round()
+            async for text in self._ask(messages, offer, answer):
+                yield text
+            if not answer.calls:
+                return
+            results = await self._run_calls(list(answer.calls.values()))
+            messages += self._history(answer, results, question)
+
+    async def _ask(self, messages: list[dict[str, Any]], offer: bool, answer: _Round) -> AsyncIterator[str]:
+        step, run = self.step, self.run
+        self.rounds += 1
+        body: dict[str, Any] = {k: typed(v) for k, v in step.params.items()}
+        body.update({k: typed(v) for k, v in run.params.get(step.name, {}).items()})
+        body.update(messages=messages, stream=True)
+        if offer:
+            body["tools"] = [t.schema for t in self.tools.values()]
+        what = f"step {step.name!r} (round {self.rounds})"
+        async with run.request(step.name, what, step.model, _encode(body), "application/json", {}) as stream:
+            async for delta in _sse_deltas(stream):
+                if text := answer.take(delta):
+                    yield text
+
+    async def _run_calls(self, calls: list[dict[str, str]]) -> list[str]:
+        """Each call's result as text for the model; the valid ones run at once, in parallel."""
+
+        async def one(call: dict[str, str]) -> str:
+            tool = self.tools.get(call["name"])
+            if tool is None:
+                self.rejected += 1
+                known = ", ".join(self.tools) or "none"
+                log.info("%s: rejected a call to unknown tool %r", self.step.name, call["name"])
+                return f"error: there is no tool named {call['name']!r} (tools: {known}); answer without it"
+            args, why = tool.check(call["arguments"])
+            if why:
+                self.rejected += 1
+                log.info("%s: rejected a call: %s", self.step.name, why)
+                return f"error: {why}; the tool did not run"
+            try:
+                out = await tool.call(self.run, f"{self.step.name}.{tool.name}", args)
+            except StepFailed as exc:  # the model is told, and answers without it
+                return f"error: {exc.message}"
+            return bytes(out).decode(errors="replace")
+
+        return list(await asyncio.gather(*(one(c) for c in calls)))
+
+    def _history(self, answer: _Round, results: list[str], question: str) -> list[dict[str, Any]]:
+        calls = list(answer.calls.values())
+        if self.step.tool_results == "text":
+            lines = [f"{c['name']}({c['arguments']}) returned: {r}" for c, r in zip(calls, results, strict=True)]
+            prompt = "\n".join(lines) + f"\n\nUsing these results, answer in one or two short sentences: {question}"
+            return [{"role": "user", "content": prompt}]
+        ids = [c["id"] or f"call_{self.rounds}_{i}" for i, c in enumerate(calls)]
+        assistant = {
+            "role": "assistant",
+            "content": "".join(answer.text) or None,
+            "tool_calls": [
+                {"id": i, "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for i, c in zip(ids, calls, strict=True)
+            ],
+        }
+        tool_turns = [{"role": "tool", "tool_call_id": i, "content": r} for i, r in zip(ids, results, strict=True)]
+        return [assistant, *tool_turns]

@@ -1,0 +1,65 @@
+"""`[workflows.<name>]` is checked when the config loads, and every error names the step or tool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from casola.config import ConfigError, load_config
+
+GOOD = """
+[[workers]]
+models = ["echo"]
+
+[workflows.agent]
+deadline_ms = 5000
+steps = [
+  { name = "asr", kind = "model", model = "asr" },
+  { name = "think", kind = "llm", model = "chat", tools = ["get_weather"] },
+  { name = "split", kind = "sentences" },
+  { name = "speak", kind = "model", model = "tts" },
+]
+
+[workflows.agent.tools.get_weather]
+model = "tools"
+description = "The weather in a city"
+parameters = { type = "object", properties = { city = { type = "string" } }, required = ["city"] }
+"""
+
+
+def _load(tmp_path: Path, text: str) -> object:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return load_config(p)
+
+
+def test_a_valid_workflow_loads(tmp_path: Path) -> None:
+    config = _load(tmp_path, GOOD)
+    assert [s.name for s in config.workflows["agent"].steps] == ["asr", "think", "split", "speak"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('kind = "sentences"', 'kind = "sentencez"'), "step 'split': kind must be one of"),
+        (('tools = ["get_weather"]', 'tools = ["get_wether"]'), "step 'think': tool 'get_wether' is not declared"),
+        (('{ name = "asr", kind = "model", model = "asr" }', '{ name = "asr", kind = "model" }'), "step 'asr': a model step names its model"),
+        (('name = "speak"', 'name = "asr"'), "step 'asr': two steps have this name"),
+        (('model = "tools"', 'model = "tools"\nurl = "https://x.example/t"'), "tool 'get_weather': give exactly one of"),
+        (("type = \"object\", properties", "type = \"objekt\", properties"), "tool 'get_weather': parameters is not a JSON schema"),
+        (('{ name = "think", kind = "llm", model = "chat", tools = ["get_weather"] },', ""), "step 'split': a sentences step follows an llm step"),
+        (("[workflows.agent]", "[workflows.echo]"), "workflow 'echo': a served model has the same name"),
+    ],
+)
+def test_a_bad_declaration_is_refused_naming_the_step(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    text = GOOD.replace(*change)
+    if change[0] == "[workflows.agent]":
+        text = text.replace("[workflows.agent.tools", "[workflows.echo.tools")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        _load(tmp_path, text)
+
+
+def test_an_unknown_key_in_a_step_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="lookahaed"):
+        _load(tmp_path, GOOD.replace('kind = "sentences" }', 'kind = "sentences", lookahaed = 3 }'))
