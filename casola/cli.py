@@ -1,4 +1,4 @@
-"""The `casola` command: `up`, `ingress`, `queue`, `worker`, `keys`, `certs`, `models`.
+"""The `casola` command: `up`, `ingress`, `queue`, `worker`, `keys`, `certs`, `models`, `workflows`.
 
 `casola up` is what a new user runs first: the ingress and a queue node in this process (joined by
 the in-memory link), local worker processes from the config (with no config: one `echo` worker), a
@@ -22,6 +22,7 @@ from pathlib import Path
 from casola import __version__
 from casola.auth.cli import add_keys_parser, run_keys
 from casola.config import WORKER_POOLS, Config, ConfigError, load_config
+from casola.flow.cli import add_workflows_parser, run_workflows
 from casola.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 from casola.models_cli import add_models_parser, run_models
 
@@ -37,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="casola", description="low-latency inference router")
     p.add_argument("--version", action="version", version=f"casola {__version__}", help="print the version and exit")
     p.add_argument("--state-dir", default=None, help="keys and runtime state (default: ./.casola or the config's)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{up,ingress,queue,worker,keys,certs,models}")
+    roles = "{up,ingress,queue,worker,keys,certs,models,workflows}"
+    sub = p.add_subparsers(dest="command", required=True, metavar=roles)
 
     up = sub.add_parser("up", help="ingress + queue node in one process, plus local workers")
     _common(up)
@@ -93,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     add_keys_parser(sub)
     _certs_parser(sub)
     add_models_parser(sub)
+    add_workflows_parser(sub)
     return p
 
 
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_keys(args)
     if args.command == "models":
         return run_models(args)
+    if args.command == "workflows":
+        return run_workflows(args)
     if args.command == "certs":
         return _run_certs(Path(args.out) if args.out else Path(args.state_dir or ".casola") / "certs", args)
     if argv is None and not os.environ.get("MALLOC_TOP_PAD_") and not os.environ.get("CASOLA_NO_MALLOC_TUNE"):

@@ -70,6 +70,7 @@ class Stream:
         self._client, self.sid = client, sid
         self.head: ResponseMeta | None = None
         self.timing: dict[str, float] = {}
+        self.trailers: dict[str, str] = {}  # the END's (a workflow's timeline, ...)
         self._items: list[Buffer] = []
         self._ended = False
         self._error: BaseException | None = None
@@ -86,6 +87,7 @@ class Stream:
         elif ft is FrameType.END:
             assert isinstance(meta, EndMeta)
             self.timing.update(meta.timing)
+            self.trailers = dict(meta.trailers)
         elif ft is FrameType.ERROR:
             assert isinstance(meta, ErrorMeta)
             self._fail(RequestFailed(meta.code, meta.message, meta.retry_after_ms, dict(meta.timing)))

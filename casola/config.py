@@ -91,7 +91,7 @@ threads = 4                      # thread pool for blocking handlers
 
 # Per model, optional: what its directory's casola.json says, overridden (docs/models.md).
 # [models.chat]
-# kind = "llm"                   # whisper | llm | tts | classify
+# kind = "llm"                   # whisper | llm | tts | classify | tools
 # path = ""                      # "" = <models_dir>/chat
 # device = "auto"                # auto (CUDA when CTranslate2 sees a GPU) | cpu | cuda
 # compute_type = "auto"          # auto: int8_float16 on CUDA, int8 on CPU; or any CTranslate2 type

@@ -24,6 +24,7 @@ HANDLERS = {
     "llm": "workers.llm:LLMModel",
     "tts": "workers.tts:TTSModel",
     "classify": "workers.classify:ClassifyModel",
+    "tools": "workers.tools:ToolsModel",
 }
 
 

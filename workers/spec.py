@@ -3,7 +3,7 @@
 A model directory holds the CTranslate2 files (model.bin, config.json, vocabulary, tokenizer.json,
 optional chat_template.jinja) and `casola.json`, the manifest that names the handler:
 
-    {"kind": "whisper" | "llm" | "tts" | "classify",
+    {"kind": "whisper" | "llm" | "tts" | "classify" | "tools",
      "description": "...", "source": "where the weights came from",
      "files": {"model.bin": "<sha256>", ...},      # optional; `casola models list --verify` checks them
      "options": {...}}                              # per kind, see each handler's module
@@ -22,7 +22,7 @@ from typing import Any
 __all__ = ["KINDS", "MANIFEST", "ModelSpec", "SpecError", "read_manifest"]
 
 MANIFEST = "casola.json"
-KINDS = ("whisper", "llm", "tts", "classify")
+KINDS = ("whisper", "llm", "tts", "classify", "tools")
 
 
 class SpecError(ValueError):
@@ -33,7 +33,7 @@ class SpecError(ValueError):
 class ModelSpec:
     name: str
     kind: str
-    path: Path | None  # None for engines without model files (tts)
+    path: Path | None  # None without a directory (engines without model files may have none: tts, tools)
     device: str = "auto"  # auto | cpu | cuda
     compute_type: str = "auto"  # auto, or any CTranslate2 compute type (int8, float16, int8_float16...)
     threads: int = 0  # intra_threads for CTranslate2 on CPU (0: its default)

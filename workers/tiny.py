@@ -2,13 +2,15 @@
 
 Each builder writes an ordinary model directory (model.bin, config.json, vocabulary.json, a tokenizer.json
 matching the vocabulary id for id, and the `casola.json` manifest), so workers take the same code path as
-with real converted models. No torch, no transformers, no download: the whole set builds in about 0.06 s
-(after importing ctranslate2, about 0.3 s).
+with real converted models. No torch, no transformers, no download: the whole set builds in about 0.2 s on
+2 CPU cores, plus about 0.3 s to import ctranslate2.
 
 With `script=`, a decoder is deterministic: it answers ANY input with that text, then its end token. All
 decoder sub-layers are zeroed so the residual stream carries only the token embedding; embeddings are
 orthogonal zero-mean Hadamard rows (which LayerNorm/RMSNorm leave as they are) and the output projection
 maps each script chunk to the next one, a bigram. Without a script, weights are random (seeded).
+An LM may have a second script, `after_tool=`, that it answers once the conversation ends with a tool
+result: the one-round tool loop of an agent (see `build_tiny_lm`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from workers.spec import MANIFEST
 
 __all__ = [
+    "AGENT_ANSWER",
+    "AGENT_CHAT_TEMPLATE",
     "CHAT_TEMPLATE",
+    "TOOL_RESULT_TOKEN",
     "WHISPER_LANGS",
     "build_bpe_tokenizer",
     "build_tiny_encoder",
@@ -52,7 +57,7 @@ _SOURCE: Final = "casola workers.tiny (numpy, seeded; no download)"
 # ChatML with Hermes/Qwen-style tools, after Qwen2.5's template. The explicit `{{- '...' }}` style makes the
 # output independent of the environment's trim_blocks/lstrip_blocks. `bos_token` is emitted by the template
 # (the HF convention), so a caller renders with bos_token and does not prepend it again.
-CHAT_TEMPLATE: Final = """\
+_CHAT_TURNS: Final = """\
 {{- bos_token if bos_token is defined and bos_token else '' }}
 {%- set ns = namespace(system=none, start=0) %}
 {%- if messages and messages[0].role == 'system' %}
@@ -92,8 +97,17 @@ CHAT_TEMPLATE: Final = """\
         {{- raise_exception('unknown chat role: ' + message.role) }}
     {%- endif %}
 {%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
 """
+CHAT_TEMPLATE: Final = _CHAT_TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n"
+
+# The template of a test model with an `after_tool` script: the same, except that a generation prompt after
+# a tool result ends with TOOL_RESULT_TOKEN, so the prompt's last token says which script to answer.
+TOOL_RESULT_TOKEN: Final = "<|tool_result|>"
+AGENT_CHAT_TEMPLATE: Final = (
+    _CHAT_TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if messages and messages[-1].role == 'tool' %}{{- '" + TOOL_RESULT_TOKEN + "' }}{%- endif %}"
+    "{%- endif %}\n"
+)
 
 _CHAT_TOKENS: Final = ("<|im_start|>", "<|im_end|>")  # special in the tiny LM vocab, as in real ChatML models
 
@@ -131,21 +145,30 @@ def write_manifest(
 
 
 # --------------------------------------------------------------------------- tokenizer
-def script_chunks(text: str) -> list[str]:
+def script_chunks(text: str, taken: Iterable[str] = ()) -> list[str]:
     """Word chunks of `text` (leading whitespace kept), all distinct so a bigram can replay them.
 
-    A repeated word is merged with the word(s) after it.
+    A repeated word, or one in `taken` (the chunks of another script of the same model), is merged with
+    the word(s) after it.
+
+    Raises:
+        ValueError: the text ends in words that cannot be made distinct.
     """
+    used = set(taken)
     chunks: list[str] = []
     cur = ""
     for word in re.findall(r"\s*\S+", text):
         cur += word
-        if cur not in chunks:
+        if cur not in used:
             chunks.append(cur)
+            used.add(cur)
             cur = ""
     if cur:
+        if not chunks:
+            raise ValueError(f"cannot split {text!r} into chunks distinct from {sorted(used)}")
+        used.discard(chunks[-1])
         chunks[-1] += cur
-        if chunks.count(chunks[-1]) != 1:
+        if chunks[-1] in used:
             raise ValueError(f"cannot split {text!r} into distinct chunks")
     return chunks
 
@@ -226,22 +249,37 @@ def _hadamard(n: int) -> np.ndarray:
     return h
 
 
-def _script_bigram(emb: np.ndarray, proj: np.ndarray, script_ids: list[int], end_id: int) -> None:
+def _script_bigram(
+    emb: np.ndarray,
+    proj: np.ndarray,
+    script_ids: list[int],
+    end_id: int,
+    branch: tuple[int, list[int]] | None = None,
+) -> None:
     """Sets `emb`/`proj` so greedy decoding emits the script token after each script token, then `end_id`.
 
-    Any other last token maps to the first script token. Row 0 of the Hadamard matrix is skipped: it is
-    not zero-mean, so a norm layer would change it.
+    Any other last token maps to the first script token. With `branch` = (trigger id, script ids), the
+    trigger token maps to that second script's first token, which is replayed the same way. Row 0 of the
+    Hadamard matrix is skipped: it is not zero-mean, so a norm layer would change it.
+
+    Raises:
+        ValueError: tokens shared by the scripts (or the trigger), or a d_model too small or not a power of 2.
     """
     d = emb.shape[1]
-    if len(set(script_ids)) != len(script_ids):
-        raise ValueError("script tokens must be distinct (see script_chunks)")
-    if d & (d - 1) or len(script_ids) + 2 > d:
-        raise ValueError(f"script has {len(script_ids)} chunks; use a power-of-2 d_model >= {len(script_ids) + 2}")
+    links = list(zip(script_ids, [*script_ids[1:], end_id], strict=True))
+    if branch is not None:
+        trigger, ids = branch
+        links += [(trigger, ids[0]), *zip(ids, [*ids[1:], end_id], strict=True)]
+    tokens = [token for token, _ in links]
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("script tokens must be distinct, within and across scripts (see script_chunks)")
+    if d & (d - 1) or len(links) + 2 > d:
+        raise ValueError(f"scripts have {len(links)} tokens; use a power-of-2 d_model >= {len(links) + 2}")
     h = _hadamard(d)
     emb[:] = h[1]
     proj[:] = 0.0
     proj[script_ids[0]] += h[1]
-    for i, (token, nxt) in enumerate(zip(script_ids, [*script_ids[1:], end_id], strict=True)):
+    for i, (token, nxt) in enumerate(links):
         emb[token] = h[i + 2]
         proj[nxt] += h[i + 2]
 
@@ -355,14 +393,39 @@ def build_tiny_lm(
     bpe_vocab: int = 400,
     seed: int = 0,
     script: str | None = None,
+    after_tool: str | None = None,
     quantization: str | None = None,
     chat_template: str | None = CHAT_TEMPLATE,
     options: dict[str, Any] | None = None,
 ) -> Path:
-    """A decoder-only LM directory; with `script`, greedy decoding answers ANY prompt with it, then </s>."""
+    """A decoder-only LM directory; with `script`, greedy decoding answers ANY prompt with it, then </s>.
+
+    With `after_tool` as well, the model answers that second script instead when the conversation's last
+    message is a tool result, and `script` otherwise: script a tool call, then the answer the tool's result
+    leads to, and a tool loop has a model to run. A bigram model sees only the prompt's last token, so the
+    branch has to be made visible there: this is a test model, and its chat template (AGENT_CHAT_TEMPLATE,
+    used instead of the default CHAT_TEMPLATE) ends the generation prompt after a tool message with the
+    special token TOOL_RESULT_TOKEN, which maps to `after_tool`'s first chunk. A real model reads the
+    tool result; this one only reacts to the marker, whatever the result says. The two scripts' chunks are
+    kept distinct from each other (script_chunks' `taken`). A `chat_template` of your own must emit the
+    marker the same way.
+
+    Raises:
+        ValueError: `after_tool` without `script`, a template without the marker, or scripts too long for
+            `d_model` (together at most d_model - 3 chunks).
+    """
     out = Path(out_dir)
     chunks = script_chunks(script) if script else []
-    tok, vocab = build_bpe_tokenizer(bpe_vocab, ["<unk>", "<s>", "</s>", *_CHAT_TOKENS], text_tokens=chunks)
+    after = script_chunks(after_tool, taken=chunks) if after_tool else []
+    specials = ["<unk>", "<s>", "</s>", *_CHAT_TOKENS]
+    if after_tool:
+        if not script:
+            raise ValueError("after_tool needs a script for the first round")
+        chat_template = AGENT_CHAT_TEMPLATE if chat_template == CHAT_TEMPLATE else chat_template
+        if not chat_template or TOOL_RESULT_TOKEN not in chat_template:
+            raise ValueError(f"an after_tool model needs a chat template that emits {TOOL_RESULT_TOKEN}")
+        specials.append(TOOL_RESULT_TOKEN)
+    tok, vocab = build_bpe_tokenizer(bpe_vocab, specials, text_tokens=[*chunks, *after])
     w = _Weights(seed, std=0.0) if script else _Weights(seed)
     # llama layout (RMSNorm, RoPE, SwiGLU, grouped-query attention), like SmolLM2 and most chat models
     kv_heads = max(1, heads // 2)
@@ -392,13 +455,16 @@ def build_tiny_lm(
     w.norm(dec.layer_norm, d_model)
     if script:
         emb, proj = np.zeros((len(vocab), d_model), np.float32), np.zeros((len(vocab), d_model), np.float32)
-        _script_bigram(emb, proj, [vocab.index(c) for c in chunks], vocab.index("</s>"))
+        branch = (vocab.index(TOOL_RESULT_TOKEN), [vocab.index(c) for c in after]) if after else None
+        _script_bigram(emb, proj, [vocab.index(c) for c in chunks], vocab.index("</s>"), branch)
         dec.embeddings.weight, dec.projection.weight = emb, proj
     spec.register_vocabulary(vocab)
     spec.config.bos_token, spec.config.eos_token, spec.config.unk_token = "<s>", "</s>", "<unk>"
     spec.config.layer_norm_epsilon = 1e-5
     _save(spec, out, quantization, tok, {"chat_template.jinja": chat_template} if chat_template else {})
     what = f"scripted {script!r}" if script else "random weights"
+    if after_tool:
+        what += f", after a tool result {after_tool!r}"
     write_manifest(
         out,
         "llm",
@@ -467,7 +533,23 @@ def build_tiny_encoder(
 
 
 # --------------------------------------------------------------------------- the set
-_TOOL_CALL: Final = '<tool_call>\n{"name": "set_lights", "arguments": {"on": true}}\n</tool_call>'
+def _call(name: str, arguments: str) -> str:
+    """One Hermes-format tool call, as Qwen/SmolLM2/Hermes models write it."""
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+
+
+_TOOL_CALL: Final = _call("set_lights", '{"on": true}')
+_WEATHER_PARIS: Final = _call("get_weather", '{"city": "Paris"}')
+_WEATHER_LONDON: Final = _call("get_weather", '{"city": "London"}')
+# Abbreviations and a decimal inside, so a sentence splitter downstream is put to the test.
+AGENT_ANSWER: Final = (
+    " It is 18 degrees and sunny in Paris. Dr. Smith says 3.5 hours of sun remain, so enjoy it."
+    " Have a lovely afternoon!"
+)
+# chat-agent has 8 layers (the others 2) so that a token takes ~1.3-2 ms through workers.llm on 2 CPU cores
+# (2 layers: ~0.7 ms, 4: ~0.9 ms) and a test can see by timestamps that the answer streams. Its zero layers
+# cost no disk (CTranslate2 saves identical weights once) and leave the scripted answers exact.
+_AGENT_LAYERS: Final = 8
 
 
 def build_tiny_set(out_dir: str | Path) -> dict[str, Path]:
@@ -477,9 +559,21 @@ def build_tiny_set(out_dir: str | Path) -> dict[str, Path]:
     asr-en       scripted English-only Whisper -> " hello world"
     chat         scripted llama LM: any prompt -> " Sure, turning on the lights now." then </s>
     chat-tools   scripted llama LM answering a Hermes-format <tool_call> for set_lights(on=true)
+    chat-agent   a one-round tool loop (AGENT_CHAT_TEMPLATE): a <tool_call> for get_weather(city="Paris"),
+                 and after a tool result AGENT_ANSWER, three sentences with "Dr." and "3.5" inside;
+                 8 layers, so that a token takes ~1-3 ms on a CPU
+    chat-agent2  two <tool_call>s in one answer, get_weather for Paris and for London; after the tool
+                 results " It is sunny in Paris and rainy in London. Take an umbrella to London!"
+    chat-badtool a <tool_call> for launch_rockets, a tool that does not exist; after a tool result
+                 " I cannot launch rockets."
+    chat-badargs a <tool_call> for get_weather with {"city": 42}, which its schema refuses; after a tool
+                 result " I could not get the weather."
     chat-random  random-weight llama LM, int8, that never stops early (for long generations)
     classify     BERT-style encoder + classifier head, labels ok / violence / spam
     tts          espeak-ng, no model files
+    tools        the example tools get_weather and set_timer (workers.tools), no model files
+
+    The chat models end with </s>, the tool-loop ones in both rounds.
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -488,17 +582,46 @@ def build_tiny_set(out_dir: str | Path) -> dict[str, Path]:
         "asr-en": build_tiny_whisper(root / "asr-en", multilingual=False, script=" hello world"),
         "chat": build_tiny_lm(root / "chat", script=" Sure, turning on the lights now."),
         "chat-tools": build_tiny_lm(root / "chat-tools", script=_TOOL_CALL),
+        "chat-agent": build_tiny_lm(
+            root / "chat-agent", script=_WEATHER_PARIS, after_tool=AGENT_ANSWER, layers=_AGENT_LAYERS
+        ),
+        "chat-agent2": build_tiny_lm(
+            root / "chat-agent2",
+            script=_WEATHER_PARIS + "\n" + _WEATHER_LONDON,
+            after_tool=" It is sunny in Paris and rainy in London. Take an umbrella to London!",
+        ),
+        "chat-badtool": build_tiny_lm(
+            root / "chat-badtool",
+            script=_call("launch_rockets", '{"count": 3}'),
+            after_tool=" I cannot launch rockets.",
+        ),
+        "chat-badargs": build_tiny_lm(
+            root / "chat-badargs",
+            script=_call("get_weather", '{"city": 42}'),
+            after_tool=" I could not get the weather.",
+        ),
         "chat-random": build_tiny_lm(
             root / "chat-random", quantization="int8", options={"end_tokens": ["</s>"], "ignore_eos": True}
         ),
         "classify": build_tiny_encoder(root / "classify"),
     }
-    tts = root / "tts"
-    if tts.exists():
-        shutil.rmtree(tts)
-    tts.mkdir()
-    write_manifest(
-        tts, "tts", description="espeak-ng speech (no model files)", source="espeak-ng", options={"engine": "espeak-ng"}
+    dirs["tts"] = _engine_dir(
+        root / "tts", "tts", "espeak-ng speech (no model files)", "espeak-ng", {"engine": "espeak-ng"}
     )
-    dirs["tts"] = tts
+    dirs["tools"] = _engine_dir(
+        root / "tools",
+        "tools",
+        "example tools get_weather and set_timer (no model files)",
+        "casola workers.tools (fixed local data)",
+        {},
+    )
     return dirs
+
+
+def _engine_dir(directory: Path, kind: str, description: str, source: str, options: dict[str, Any]) -> Path:
+    """A model directory without model files: only its manifest."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir()
+    write_manifest(directory, kind, description=description, source=source, options=options)
+    return directory

@@ -40,6 +40,8 @@ __all__ = ["Engine", "Workflow"]
 
 log = logging.getLogger("casola.flow")
 
+TIMELINE = "x-casola-flow-timeline"  # END trailer of a traced run: when each step request was sent and answered
+
 
 class _Checkpoint(msgspec.Struct, array_like=True):
     step: int  # the last completed step (index)
@@ -52,10 +54,11 @@ _decode_checkpoint = msgspec.msgpack.Decoder(_Checkpoint).decode
 
 
 def stage_names(config: WorkflowConfig) -> list[str]:
-    """The timing stages, in pipeline order: each step, an llm step's tools right after it."""
+    """The timing stages, in pipeline order: each step that sends requests, an llm step's tools right
+    after it. A `sentences` step sends none: its own time is the platform's (`flow-overhead`)."""
     out: list[str] = []
     for step in config.steps:
-        out.append(step.name)
+        out += [] if step.kind == "sentences" else [step.name]
         out += [f"{step.name}.{t}" for t in step.tools] if step.kind == "llm" else []
     return out
 
@@ -96,14 +99,13 @@ class Workflow:
             steps = len(self.config.steps)
             log.info("workflow %s: job %s resumes at step %d of %d", self.name, call.job_id, start + 1, steps)
         src = self._pipeline(run, src, start, call if call.job_id else None)
-        loop = asyncio.get_running_loop()
-        at = loop.time() + (run.deadline - perf_counter()) if run.deadline else None
+        expiry = _arm(run)
         try:
-            async with asyncio.timeout_at(at) as limit:
-                await _serve(call, run, src)
-        except TimeoutError:
-            if not limit.expired():
+            await _serve(call, run, src)
+        except asyncio.CancelledError:
+            if run.late is None:  # cancelled from outside (the caller went away): not ours to answer
                 raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
             exc = run.expired()
             raise HandlerError(exc.message, exc.code) from None
         except StepFailed as exc:
@@ -111,6 +113,8 @@ class Workflow:
         except WavFormatError as exc:
             raise HandlerError(f"workflow {self.name!r}: {exc}", ErrorCode.WORKER_FAILED) from None
         finally:
+            if expiry is not None:
+                expiry.cancel()
             run.cancel_all()
 
     def _pipeline(self, run: Run, src: Source, start: int, job: WorkCall | None) -> Source:
@@ -146,6 +150,21 @@ class Workflow:
         return checkpoint
 
 
+def _arm(run: Run) -> asyncio.TimerHandle | None:
+    """The run's deadline: when it passes, the steps still running are noted (the error names them)
+    and the run is cancelled, which cancels every step in flight."""
+    if not run.deadline:
+        return None
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+
+    def expire() -> None:
+        run.late = run.clock.in_flight()
+        task.cancel()
+
+    return loop.call_at(loop.time() + (run.deadline - perf_counter()), expire)
+
+
 async def _serve(call: WorkCall, run: Run, src: Source) -> None:
     """Stream the last step's output as the run's answer; its stages go in the END's timings."""
     started = False
@@ -165,7 +184,7 @@ async def _serve(call: WorkCall, run: Run, src: Source) -> None:
     call.work_ms = (now - run.t0) * 1000  # what the stages add up to
     call.stages = stages
     if started:
-        call.end()
+        call.end({TIMELINE: run.waterfall()} if run.meta.trace else None)
     else:
         call.respond(b"", src.content_type or TEXT)
 

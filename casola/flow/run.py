@@ -23,9 +23,10 @@ from casola.wire.meta import FilterPolicy, Param
 
 __all__ = ["Run", "StepFailed", "step_params"]
 
-# The run's own deadline falls this much before the queue node's for the workflow call, so that it
-# is the engine that notices, and names the step that was running.
+# The run's own deadline falls this much before the queue node's for the workflow call, and a step's
+# this much after the run's: the run's timer fires first, and names the steps that were running.
 _MARGIN_S = 0.002
+_STEP_SLACK_MS = 2
 
 
 class StepFailed(Exception):
@@ -67,6 +68,9 @@ class Run:
         self.params = step_params(meta.params)
         self.stage_of = {name: i for i, name in enumerate(stages)}
         self._open: set[Stream] = set()
+        # [stage, sent, last frame] per step request, seconds from t0: the run's waterfall
+        self.timeline: list[list[Any]] = []
+        self.late: list[str] | None = None  # the stages in flight when the deadline passed
 
     def fail(self, code: int, what: str, message: str, retry_after_ms: int = 0) -> StepFailed:
         return StepFailed(code, f"workflow {self.workflow!r}: {what}: {message}", retry_after_ms)
@@ -81,16 +85,17 @@ class Run:
             return 0
         left = int((self.deadline - perf_counter()) * 1000)
         if left < 1:
-            why = f"the workflow's deadline of {self.budget_ms} ms passed first"
+            why = f"the workflow's deadline of {self.budget_ms} ms passed before it could start"
             raise self.fail(ErrorCode.DEADLINE_EXCEEDED, what, why)
-        return left
+        return left + _STEP_SLACK_MS
 
     def expired(self) -> StepFailed:
         """The error for a run whose deadline passed while steps were in flight."""
-        running = ", ".join(self.clock.in_flight()) or "none"
+        late = self.late if self.late is not None else self.clock.in_flight()
+        running = ", ".join(repr(s) for s in late) or "none (between steps)"
         return StepFailed(
             ErrorCode.DEADLINE_EXCEEDED,
-            f"workflow {self.workflow!r}: deadline of {self.budget_ms} ms exceeded (steps in flight: {running})",
+            f"workflow {self.workflow!r}: deadline of {self.budget_ms} ms exceeded; still running: step {running}",
         )
 
     def open(
@@ -133,9 +138,13 @@ class Run:
         except (RequestFailed, ConnectionLost) as exc:
             raise self.failed(what, exc) from None
         index, clock, streams = self.stage_of[stage], self.clock, self._open
+        entry = [stage, perf_counter() - self.t0, 0.0]
+        self.timeline.append(entry)
 
         def done() -> None:
-            clock.end(index, perf_counter())
+            now = perf_counter()
+            clock.end(index, now)
+            entry[2] = now - self.t0
             streams.discard(stream)
 
         clock.begin(index, perf_counter())
@@ -159,11 +168,20 @@ class Run:
     def timed(self, stage: str) -> Iterator[None]:
         """Work of `stage` done outside the front door (an HTTP tool's call) counted for it."""
         index = self.stage_of[stage]
+        entry = [stage, perf_counter() - self.t0, 0.0]
+        self.timeline.append(entry)
         self.clock.begin(index, perf_counter())
         try:
             yield
         finally:
-            self.clock.end(index, perf_counter())
+            now = perf_counter()
+            self.clock.end(index, now)
+            entry[2] = now - self.t0
+
+    def waterfall(self) -> str:
+        """The timeline as the `x-casola-flow-timeline` trailer: JSON [[stage, sent_ms, done_ms], ...]."""
+        rows = [[s, round(a * 1000, 3), round(b * 1000, 3)] for s, a, b in self.timeline]
+        return json.dumps(rows, separators=(",", ":"))
 
     def cancel_all(self) -> None:
         """Every step request still unanswered is cancelled (the run ended: done, failed, or cancelled)."""

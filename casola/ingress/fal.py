@@ -24,7 +24,10 @@ Routes, for any path whose first segment is not one of casola's own (`RESERVED`)
 Errors carry fal's `{"detail": ..., "error_type": ...}` with the status the native API would use, and
 `x-fal-request-id` when there is a job (fal-client then never takes a 502/503/504 for its own
 ingress failing). `Authorization: Key <csk_...>` (what fal-client sends) and `Bearer` both work.
-Not implemented: the SSE status stream (`.../status/stream`), fal's `workflows/`/`comfy/` namespaces,
+- fal's `workflows/{owner}/{app}` namespace: the same routes under `/workflows`, `{app}` naming a
+  workflow (`[workflows.<app>]`, docs/workflows.md); the URLs that come back keep the prefix.
+
+Not implemented: the SSE status stream (`.../status/stream`), fal's `comfy/` namespace,
 `X-Fal-Request-Timeout` and `X-Fal-Runner-Hint` (ignored).
 
 What this follows, from reading fal-client 1.0.3's source (fal_client/client.py, auth.py, _headers.py):
@@ -84,6 +87,7 @@ if TYPE_CHECKING:
 __all__ = ["RESERVED", "FalReply", "route", "status_document"]
 
 # First path segments that belong to casola's own APIs, never to a fal owner.
+_WORKFLOWS: Final = b"workflows"
 RESERVED: Final = frozenset({b"v1", b"openai", b".well-known", b"healthz", b"metrics"})
 _REQUESTS: Final = b"requests"
 _OCTET_B: Final = b"application/octet-stream"
@@ -189,7 +193,10 @@ def route(ing: Ingress, ex: Exchange) -> bool:
     segs = ex.path[1:].split(b"/")
     if len(segs) < 2 or segs[0] in RESERVED or not all(segs):
         return False
-    owner, app = segs[0].decode("latin-1"), segs[1].decode("latin-1")
+    namespace = b""
+    if segs[0] == _WORKFLOWS and len(segs) >= 3:  # fal's workflows/{owner}/{app}: {app} is a workflow's name
+        namespace, segs = _WORKFLOWS + b"/", segs[1:]
+    owner, app = (namespace + segs[0]).decode("latin-1"), segs[1].decode("latin-1")
     if len(segs) == 2 or segs[2] != _REQUESTS:
         if ex.method != b"POST":
             return False

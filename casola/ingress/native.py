@@ -227,7 +227,7 @@ class RunExchange:
             else:
                 if len(frame.payload):
                     self._write(frame.payload)
-                self._finish_stream(t, meta.timing)
+                self._finish_stream(t, meta.timing, meta.trailers)
         elif ft is _ERROR:
             meta = frame.meta
             assert isinstance(meta, ErrorMeta)
@@ -341,12 +341,14 @@ class RunExchange:
         if self.sse and len(payload):
             self.tail = (self.tail + bytes(payload[-2:]))[-2:]
 
-    def _finish_stream(self, t: float, timing: dict[str, float] | None) -> None:
+    def _finish_stream(self, t: float, timing: dict[str, float] | None, more: Mapping[str, str] | None = None) -> None:
         self.done = True
         self.t_answer = t
         now = perf_counter()
         ingress_ms = self._ingress_ms(now)
         trailers = [(b"server-timing", self._stages(now, timing))] if self.trace else []
+        if more:  # the answer's own (a workflow's timeline): names and values as the wire limits them
+            trailers += _trailers(more)
         self.ex.end(trailers)
         self.ing.finished(self, 200, timing, ingress_ms)
 
@@ -375,3 +377,14 @@ class RunExchange:
         self.ex.write(b"%bevent: error\ndata: %b\n\n" % (sep, body))
         trailers = [(b"server-timing", self._stages(now, timing))] if self.trace else []
         self.ex.end(trailers)
+
+
+def _trailers(fields: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """An answer's own trailer fields as HTTP trailers; one that is not a valid field is left out."""
+    out = []
+    for name, value in fields.items():
+        try:
+            out.append((field_name(name), field_value(value, f"trailer {name}")))
+        except BadField:
+            log.warning("an answer's trailer %r is not a valid HTTP field; not sent", name[:80])
+    return out

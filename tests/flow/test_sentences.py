@@ -71,4 +71,6 @@ def test_a_long_run_without_an_ending_is_cut_at_a_clause_so_speech_can_start() -
 def test_blank_lines_and_ideographic_marks_end_sentences() -> None:
     s = SentenceSplitter(min_chars=1)
     assert s.feed("A list follows\n\nFirst item here") == ["A list follows"]
-    assert s.feed("\u4eca\u65e5\u306f\u6674\u308c\u3002\u660e\u65e5") == ["First item here\u4eca\u65e5\u306f\u6674\u308c\u3002"]
+    assert s.feed("\u4eca\u65e5\u306f\u6674\u308c\u3002\u660e\u65e5") == [
+        "First item here\u4eca\u65e5\u306f\u6674\u308c\u3002"
+    ]

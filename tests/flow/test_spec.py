@@ -44,11 +44,23 @@ def test_a_valid_workflow_loads(tmp_path: Path) -> None:
     [
         (('kind = "sentences"', 'kind = "sentencez"'), "step 'split': kind must be one of"),
         (('tools = ["get_weather"]', 'tools = ["get_wether"]'), "step 'think': tool 'get_wether' is not declared"),
-        (('{ name = "asr", kind = "model", model = "asr" }', '{ name = "asr", kind = "model" }'), "step 'asr': a model step names its model"),
+        (
+            ('{ name = "asr", kind = "model", model = "asr" }', '{ name = "asr", kind = "model" }'),
+            "step 'asr': a model step names its model",
+        ),
         (('name = "speak"', 'name = "asr"'), "step 'asr': two steps have this name"),
-        (('model = "tools"', 'model = "tools"\nurl = "https://x.example/t"'), "tool 'get_weather': give exactly one of"),
-        (("type = \"object\", properties", "type = \"objekt\", properties"), "tool 'get_weather': parameters is not a JSON schema"),
-        (('{ name = "think", kind = "llm", model = "chat", tools = ["get_weather"] },', ""), "step 'split': a sentences step follows an llm step"),
+        (
+            ('model = "tools"', 'model = "tools"\nurl = "https://x.example/t"'),
+            "tool 'get_weather': give exactly one of",
+        ),
+        (
+            ('type = "object", properties', 'type = "objekt", properties'),
+            "tool 'get_weather': parameters is not a JSON schema",
+        ),
+        (
+            ('{ name = "think", kind = "llm", model = "chat", tools = ["get_weather"] },', ""),
+            "step 'split': a sentences step follows an llm step",
+        ),
         (("[workflows.agent]", "[workflows.echo]"), "workflow 'echo': a served model has the same name"),
     ],
 )

