@@ -156,7 +156,7 @@ class ToolServer:
         calls = self.calls = []  # type: ignore[var-annotated]
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 calls.append(self.rfile.read(int(self.headers["Content-Length"])))
                 body = b'{"temperature_c": 18}'
                 self.send_response(200)
@@ -277,7 +277,7 @@ def test_two_tool_calls_run_in_parallel(up: Up) -> None:
     a = up.run("two-calls", b"What is the weather in Paris and London?")
     calls = [(sent, done) for stage, sent, done in a.timeline() if stage == "think.get_weather"]
     assert len(calls) == 2
-    (s1, d1), (s2, d2) = sorted(calls)
+    (_, d1), (s2, _) = sorted(calls)
     assert s2 < d1  # the second started before the first (300 ms each) was answered
     assert a.timing()["step.think.get_weather"] < 550  # about one 300 ms call, not two
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from casola.flow.sentences import SentenceSplitter
 
-ANSWER = " It is 18 degrees and sunny in Paris. Dr. Smith says 3.5 hours of sun remain, so enjoy it. Have a lovely afternoon!"
+ANSWER = (
+    " It is 18 degrees and sunny in Paris. Dr. Smith says 3.5 hours of sun remain, so enjoy it."
+    " Have a lovely afternoon!"
+)
 
 
 def _stream(text: str, splitter: SentenceSplitter, piece: int) -> list[tuple[int, str]]:
