@@ -53,7 +53,8 @@ def test_a_client_that_goes_away_cancels_every_step_in_flight(tmp_path: Path, ti
             stack.worker_key,
         )
         echo = Echo()
-        tts = WorkerRuntime(WorkerConfig(queue=[stack.queue_addr], models=["echo"], capacity=4), [echo], stack.worker_key)
+        speak_config = WorkerConfig(queue=[stack.queue_addr], models=["echo"], capacity=4)
+        tts = WorkerRuntime(speak_config, [echo], stack.worker_key)
         engine = Engine({"talk": msgspec.convert(WORKFLOW, WorkflowConfig)}, stack.node.connect_member, "q")
         try:
             for rt in (llm, tts):
@@ -61,7 +62,8 @@ def test_a_client_that_goes_away_cancels_every_step_in_flight(tmp_path: Path, ti
                 await rt.wait_registered()
             await engine.start()
             client = await HttpClient.connect(stack.http_port)
-            await client.send("POST", "/v1/workflows/talk", b"Tell me a long story.", {"Authorization": f"Bearer {stack.api_key}"})
+            auth = {"Authorization": f"Bearer {stack.api_key}"}
+            await client.send("POST", "/v1/workflows/talk", b"Tell me a long story.", auth)
             await _until(lambda: echo.started >= 1, 20, "no sentence reached the speak step")
             assert llm.active == 1  # the LLM is still generating
             client.writer.close()  # the client goes away
