@@ -345,3 +345,21 @@ def test_a_workflow_over_frames_and_as_an_async_job(up: Up) -> None:
     body, timing, async_body = asyncio.run(main())
     assert body == async_body and b"umbrella" in body
     assert "step.think" in timing and "flow-overhead" in timing
+
+
+def test_fal_workflows_namespace_runs_a_workflow_as_a_job(up: Up) -> None:
+    auth = {"Authorization": f"Key {up.key}", "Content-Type": "application/json"}
+    base = f"http://127.0.0.1:{up.http}"
+    req = urllib.request.Request(f"{base}/workflows/me/two-calls", b'{"question": "weather?"}', auth)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        submitted = json.loads(r.read())
+    assert submitted["status_url"].startswith(f"{base}/workflows/me/two-calls/requests/")
+    end = time.monotonic() + 20
+    while True:
+        with urllib.request.urlopen(urllib.request.Request(submitted["status_url"], headers=auth), timeout=10) as r:
+            if json.loads(r.read())["status"] == "COMPLETED":
+                break
+        assert time.monotonic() < end, "the fal job did not complete"
+        time.sleep(0.05)
+    with urllib.request.urlopen(urllib.request.Request(submitted["response_url"], headers=auth), timeout=10) as r:
+        assert b"umbrella" in r.read()
