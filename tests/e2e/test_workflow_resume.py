@@ -67,7 +67,7 @@ def _config(path: Path, tool_port: int) -> Path:
         for s in STEPS
     )
     path.write_text(
-        "[queue]\nworker_ping_timeout = 2.0\noutbound_allow = [\"127.0.0.1/32\"]\n\n"
+        '[queue]\nworker_ping_timeout = 2.0\noutbound_allow = ["127.0.0.1/32"]\n\n'
         "[queue.jobs]\nlease_s = 1.0\nsweep_interval = 0.2\nmax_attempts = 5\n\n"
         f"[workflows.four]\nsteps = [{steps}]\n\n{tools}"
     )
