@@ -40,6 +40,7 @@ __all__ = ["Engine", "Workflow"]
 
 log = logging.getLogger("casola.flow")
 
+_BUSY_RETRY_MS = 1000  # Retry-After of a run refused by max_concurrent
 TIMELINE = "x-casola-flow-timeline"  # END trailer of a traced run: when each step request was sent and answered
 
 
@@ -75,7 +76,7 @@ class Workflow:
     async def __call__(self, call: WorkCall) -> None:
         if self.active >= self.config.max_concurrent:
             msg = f"workflow {self.name!r} runs {self.active} at once already (max_concurrent)"
-            raise HandlerError(msg, ErrorCode.OVERLOADED)
+            raise HandlerError(msg, ErrorCode.OVERLOADED, retry_after_ms=_BUSY_RETRY_MS)
         self.active += 1
         self.stats["runs"] += 1
         try:
@@ -109,7 +110,7 @@ class Workflow:
             exc = run.expired()
             raise HandlerError(exc.message, exc.code) from None
         except StepFailed as exc:
-            raise HandlerError(exc.message, exc.code, exc.param) from None
+            raise HandlerError(exc.message, exc.code, exc.param, exc.retry_after_ms) from None
         except WavFormatError as exc:
             raise HandlerError(f"workflow {self.name!r}: {exc}", ErrorCode.WORKER_FAILED) from None
         finally:

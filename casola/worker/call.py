@@ -37,11 +37,12 @@ __all__ = ["AnswerClosed", "HandlerError", "WorkCall"]
 
 
 class HandlerError(Exception):
-    """Raised by a handler to refuse a request with a wire error code (BAD_REQUEST by default)."""
+    """Raised by a handler to refuse a request with a wire error code (BAD_REQUEST by default);
+    `retry_after_ms`: when the client may try again (a refusal for load)."""
 
-    def __init__(self, message: str, code: int = ErrorCode.BAD_REQUEST, param: str = "") -> None:
+    def __init__(self, message: str, code: int = ErrorCode.BAD_REQUEST, param: str = "", retry_after_ms: int = 0):
         super().__init__(message)
-        self.code, self.message, self.param = code, message, param
+        self.code, self.message, self.param, self.retry_after_ms = code, message, param, retry_after_ms
 
 
 class AnswerClosed(RuntimeError):
@@ -199,11 +200,11 @@ class WorkCall:
         self.link.send(Frame(FrameType.CHECKPOINT, self.sid, meta, state))
         await self.link.drain()
 
-    def fail(self, code: int, message: str, param: str = "") -> None:
+    def fail(self, code: int, message: str, param: str = "", retry_after_ms: int = 0) -> None:
         """End the stream with an error (used by the runtime when a handler raises)."""
         if self.finished or not self.link.conn.is_open(self.sid):
             return
-        meta = ErrorMeta(code, message[:1000], 0, param, self._timing())
+        meta = ErrorMeta(code, message[:1000], retry_after_ms, param, self._timing())
         self._send_last(Frame(FrameType.ERROR, self.sid, meta))
 
     def _timing(self) -> dict[str, float]:

@@ -207,7 +207,7 @@ class WorkerRuntime:
         except asyncio.CancelledError:
             call.cancelled = True
         except HandlerError as exc:
-            call.fail(exc.code, exc.message, exc.param)
+            call.fail(exc.code, exc.message, exc.param, exc.retry_after_ms)
         except AnswerClosed as exc:
             log.error("handler %s wrote after its answer was complete: %s", call.meta.model, exc)
         except Exception as exc:

@@ -75,3 +75,13 @@ def test_a_bad_declaration_is_refused_naming_the_step(tmp_path: Path, change: tu
 def test_an_unknown_key_in_a_step_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="lookahaed"):
         _load(tmp_path, GOOD.replace('kind = "sentences" }', 'kind = "sentences", lookahaed = 3 }'))
+
+
+def test_the_documented_and_example_workflows_load(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "workflows.md").read_text()
+    block = doc.split("```toml", 1)[1].split("```", 1)[0]
+    assert [s.name for s in _load(tmp_path, block).workflows["voice-agent"].steps] == ["asr", "think", "split", "speak"]  # type: ignore[attr-defined]
+    example = load_config(root / "examples" / "voice-agent.toml")
+    think = example.workflows["voice-agent"].steps[1]
+    assert (think.model, think.tools, think.tool_results) == ("agent", ["get_weather", "set_timer"], "text")
