@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, NamedTuple
 from casola.wire import ErrorCode
 
 if TYPE_CHECKING:
-    from casola.queue.call import Call
     from casola.queue.config import QueueConfig
-    from casola.queue.registry import ModelEntry
+    from casola.queue.records import Call, ModelEntry
 
 __all__ = ["Refusal", "full", "refusal", "retry_after"]
 

@@ -1,4 +1,5 @@
-"""The queue node's configuration (`[queue]`, with `[queue.jobs]` and `[queue.filter]`)."""
+"""The queue node's configuration (`[queue]`, with `[queue.jobs]` and `[queue.filter]`): plain
+values that every part of the node reads; it imports none of them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,21 @@ import msgspec
 from casola.filter import FilterConfig
 from casola.net.outbound import OutboundPolicy
 from casola.opsmetrics import split_address
-from casola.queue.jobs import JobsConfig
 
-__all__ = ["QueueConfig"]
+__all__ = ["JobsConfig", "QueueConfig"]
+
+
+class JobsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    store: str = ""  # sqlite:///path.db or postgresql://...; "" = `casola up`'s <state_dir>/jobs.db
+    lease_s: float = 30.0  # a worker silent this long loses its job (HEARTBEATs renew)
+    max_attempts: int = 3  # dispatches per job; then it completes with error_type "worker_error"
+    retention_s: float = 7 * 86400.0  # completed jobs are deleted after this
+    sweep_interval: float = 1.0  # expired leases, webhooks due, other nodes' submits
+    max_input: int = 64 * 1024 * 1024  # bytes of one job's input
+    max_result: int = 64 * 1024 * 1024  # bytes of one job's result
+    max_wait_ms: int = 30_000  # longest long poll
+    webhook_key: str = ""  # Ed25519 key signing webhooks; "" = <state_dir>/webhook-key.pem
+    webhook_attempts: int = 8
 
 
 class QueueConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

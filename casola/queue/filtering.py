@@ -13,7 +13,10 @@ decides:
 
 A classifier answers at once (a small input through the rules) or later (an awaitable); nothing on
 the request's path awaits it. `Server-Timing` gets `filter;dur=...` when the verdict came before the
-response, and `filter;desc="pending"` (the `PENDING` value) when it had not.
+response, and `filter;desc="pending"` (`casola.queue.records.PENDING`) when it had not.
+
+Of the node it is given what a verdict acts on: `Enforce`, the two things a verdict may do to a
+request still in the node (abort it; dispatch a held one), and the node's id for audit record ids.
 """
 
 from __future__ import annotations
@@ -22,27 +25,23 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from time import perf_counter, time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 
 from casola.filter.base import Classifier, FilterConfig, Policy, Verdict
 from casola.filter.remote import Connect, ModelClassifier
 from casola.filter.rules import RuleClassifier
+from casola.queue.records import Call, FilterCheck
 from casola.stats import FastHistogram
 from casola.store import AuditRecord, JobStore
 from casola.wire import Buffer, ErrorCode, RequestMeta
 
-if TYPE_CHECKING:
-    from casola.queue.call import Call
-    from casola.queue.node import QueueNode
-
-__all__ = ["PENDING", "FilterCheck", "Filtering", "make_classifiers"]
+__all__ = ["Enforce", "Filtering", "make_classifiers"]
 
 log = logging.getLogger("casola.filter")
 audit_log = logging.getLogger("casola.audit")
 
-PENDING: Final = -1.0  # Server-Timing value of a filter that had not finished: rendered desc="pending"
 _FLUSH_S: Final = 0.05  # audit records are written in batches at most this old
 _POLICIES: Final = {p.value: p for p in Policy}
 _LIMIT: Final = "limit"  # the classifier named in the verdict on an input too large to classify
@@ -67,36 +66,30 @@ def make_classifiers(config: FilterConfig, connect: Connect) -> list[Classifier]
     return out
 
 
-class FilterCheck:
-    """One request's classification."""
+class Enforce(Protocol):
+    """What a verdict may do to a request still in the node (the node's dispatch does it)."""
 
-    __slots__ = ("call", "decided", "dur_ms", "parts", "policy", "size", "started", "t0", "waiting")
+    def abort_call(self, call: Call, code: int, message: str) -> None:
+        """Stop it (out of its line, or CANCEL to its worker); the client gets the error."""
 
-    def __init__(self, call: Call, policy: Policy) -> None:
-        self.call, self.policy = call, policy
-        self.parts: list[Buffer] = []
-        self.size = 0
-        self.started = self.decided = False
-        self.waiting = 0
-        self.t0 = 0.0
-        self.dur_ms = PENDING
-
-    def timing(self) -> float:
-        """The `filter` stage as the response reports it: ms, or PENDING."""
-        return self.dur_ms
+    def release_held(self, call: Call) -> None:
+        """A held (block) request's verdict is clean: dispatch it now."""
 
 
 class Filtering:
     def __init__(
         self,
-        node: QueueNode,
         config: FilterConfig,
         classifiers: list[Classifier],
         store: JobStore | None,
         spawn: Callable[[Awaitable[object]], None],
+        enforce: Enforce,
+        node_id: str,
     ) -> None:
-        self.node, self.config, self.classifiers = node, config, classifiers
+        """`store`: where audit records go (else the log only); `spawn`: runs a task the node owns."""
+        self.config, self.classifiers = config, classifiers
         self._store, self._spawn = store, spawn
+        self._enforce, self._node_id = enforce, node_id
         self.enabled = bool(classifiers)
         self._default = Policy(config.policy)  # as Policy members, also when built in Python with strs
         self._models = {m: Policy(p) for m, p in config.models.items()}
@@ -215,7 +208,7 @@ class Filtering:
         self._decide(check, v, violation)
 
     def _decide(self, check: FilterCheck, v: Verdict, violation: bool) -> None:
-        call, node = check.call, self.node
+        call = check.call
         live = not call.finished
         if violation:
             self.stats["flagged"] += 1
@@ -229,12 +222,12 @@ class Filtering:
                 msg = "the input was classified as violating the content policy"
                 if code == ErrorCode.PAYLOAD_TOO_LARGE:
                     msg = f"the input is too large to classify ({check.size} bytes; max {self.config.max_input})"
-                node.abort_call(call, code, f"{msg} (audit id {rec.id})")
+                self._enforce.abort_call(call, code, f"{msg} (audit id {rec.id})")
             return
         if v.error or self.config.audit_clean:
             self._record(check.call.meta, check.policy, check.dur_ms, v, "error" if v.error else "clean", before=live)
         if live and check.policy is Policy.BLOCK and call.held:
-            node.release_held(call)
+            self._enforce.release_held(call)
 
     # -- async jobs ----------------------------------------------------------------------------------
 
@@ -280,7 +273,7 @@ class Filtering:
     ) -> AuditRecord:
         self._seq += 1
         rec = AuditRecord(
-            id=f"{self.node.config.node_id}-{int(time() * 1000):x}-{self._seq}",
+            id=f"{self._node_id}-{int(time() * 1000):x}-{self._seq}",
             at=time(),
             tenant=meta.tenant,
             model=meta.model,

@@ -11,37 +11,43 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING
 
 from casola.jobview import JOB_VIEW_CT, JobLog, JobView, encode_view
 from casola.queue.jobs import Jobs
-from casola.store import Job, JobStatus, NewJob, StoreError
+from casola.store import AuditRecord, Job, JobStatus, NewJob, StoreError
 from casola.wire import FLAG_END, Buffer, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta
 from casola.wire.meta import is_field_value
 
 if TYPE_CHECKING:
     from casola.net.link import LinkBase
 
-__all__ = ["ANONYMOUS", "JobOp"]
+__all__ = ["ANONYMOUS", "JobOp", "Screen"]
 
 POSITION_MAX = 1000  # queued jobs of a model (as last counted) beyond which a submit gives no position
 log = logging.getLogger("casola.jobs")
 
 ANONYMOUS = "anonymous"  # the tenant of requests when authentication is off
 
+# Classifies a job's input before it is stored: the audit record of a violation, else None
+# (the node's `Filtering.check_job`).
+Screen = Callable[[RequestMeta, Buffer], Awaitable[AuditRecord | None]]
+
 
 class JobOp:
     """One job operation stream from an ingress. Lives in the ingress link's stream table next to
     sync calls; `feed` takes its REQUEST and the submit's DATA/END frames (other operations carry
-    no body) and runs the operation once the request direction ends."""
+    no body) and runs the operation once the request direction ends. `screen` classifies a
+    submit's input before it is stored."""
 
-    __slots__ = ("chunks", "jobs", "link", "meta", "sid", "size", "tenant")
+    __slots__ = ("chunks", "jobs", "link", "meta", "screen", "sid", "size", "tenant")
 
-    def __init__(self, jobs: Jobs, link: LinkBase, frame: Frame) -> None:
+    def __init__(self, jobs: Jobs, screen: Screen, link: LinkBase, frame: Frame) -> None:
         meta = frame.meta
         assert isinstance(meta, RequestMeta)
-        self.jobs, self.link, self.sid, self.meta = jobs, link, frame.stream_id, meta
+        self.jobs, self.screen, self.link, self.sid, self.meta = jobs, screen, link, frame.stream_id, meta
         self.tenant = meta.tenant or ANONYMOUS
         self.chunks: list[Buffer] = []
         self.size = 0
@@ -83,8 +89,7 @@ class JobOp:
 
     async def _submit(self) -> None:
         jobs, meta = self.jobs, self.meta
-        node = jobs.node
-        entry = node.registry.models.get(meta.model)
+        entry = jobs.models.get(meta.model)
         if entry is None:
             return self._error(ErrorCode.UNKNOWN_MODEL, f"model {meta.model!r} is not served here")
         if meta.content_type and not is_field_value(meta.content_type):  # SPEC §4.3: it may become a header
@@ -96,7 +101,7 @@ class JobOp:
                 raise ValueError(f"webhook URL refused: {exc}") from None
         payload = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks = []
-        if (rec := await node.filtering.check_job(meta, payload)) is not None:
+        if (rec := await self.screen(meta, payload)) is not None:
             msg = f"the input was classified as violating the content policy (audit id {rec.id})"
             return self._error(ErrorCode.CONTENT_POLICY_VIOLATION, msg)
         spec = NewJob(

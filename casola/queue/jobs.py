@@ -25,18 +25,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from time import perf_counter
-from typing import TYPE_CHECKING
-
-import msgspec
 
 from casola.net.outbound import OutboundPolicy
+from casola.queue.config import JobsConfig, QueueConfig
+from casola.queue.records import ModelEntry, RunningJob, WorkerEntry
 from casola.queue.scheduler import async_free, pick_async
 from casola.queue.webhooks import WebhookSender, WebhookSigner, webhook_body
 from casola.store import Job, JobStatus, JobStore, StoreError
 from casola.wire import (
     FLAG_END,
-    Buffer,
     CheckpointMeta,
     EndMeta,
     ErrorCode,
@@ -48,11 +47,7 @@ from casola.wire import (
 )
 from casola.wire.errors import error_info
 
-if TYPE_CHECKING:
-    from casola.queue.node import QueueNode
-    from casola.queue.registry import WorkerEntry
-
-__all__ = ["Jobs", "JobsConfig", "RunningJob"]
+__all__ = ["Jobs", "JobsConfig"]  # JobsConfig lives in casola.queue.config; named here too, as before
 
 log = logging.getLogger("casola.jobs")
 
@@ -60,52 +55,23 @@ REQUEST, DATA, END = FrameType.REQUEST, FrameType.DATA, FrameType.END
 _CLAIM_BATCH = 32  # claims in flight at once per model (the SQLite writer commits them as a group)
 
 
-class JobsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    store: str = ""  # sqlite:///path.db or postgresql://...; "" = `casola up`'s <state_dir>/jobs.db
-    lease_s: float = 30.0  # a worker silent this long loses its job (HEARTBEATs renew)
-    max_attempts: int = 3  # dispatches per job; then it completes with error_type "worker_error"
-    retention_s: float = 7 * 86400.0  # completed jobs are deleted after this
-    sweep_interval: float = 1.0  # expired leases, webhooks due, other nodes' submits
-    max_input: int = 64 * 1024 * 1024  # bytes of one job's input
-    max_result: int = 64 * 1024 * 1024  # bytes of one job's result
-    max_wait_ms: int = 30_000  # longest long poll
-    webhook_key: str = ""  # Ed25519 key signing webhooks; "" = <state_dir>/webhook-key.pem
-    webhook_attempts: int = 8
-
-
-class RunningJob:
-    """A job this node dispatched and has not seen the end of."""
-
-    __slots__ = (
-        "base_seq",
-        "chunks",
-        "content_type",
-        "fence",
-        "id",
-        "model",
-        "renewed",
-        "size",
-        "t0",
-        "w_sid",
-        "webhook",
-        "worker",
-    )
-
-    def __init__(self, job: Job, worker: WorkerEntry, w_sid: int, now: float) -> None:
-        self.id, self.fence, self.model = job.id, job.fence, job.model
-        self.webhook = bool(job.webhook_url)
-        self.base_seq = job.checkpoint_seq  # the worker counts from 1 on every dispatch
-        self.worker, self.w_sid = worker, w_sid
-        self.renewed = now
-        self.t0 = perf_counter()  # for the service time
-        self.chunks: list[Buffer] = []
-        self.size = 0
-        self.content_type = ""
-
-
 class Jobs:
-    def __init__(self, node: QueueNode, store: JobStore, config: JobsConfig, signer: WebhookSigner | None) -> None:
-        self.node, self.store, self.config = node, store, config
+    """The node's async jobs. What it is given of the node: its configuration, the registry's models
+    (live: workers come and go) and `serve_pending`, which hands a worker's free slots to waiting sync
+    requests first (called after a claim round held them)."""
+
+    def __init__(
+        self,
+        queue: QueueConfig,
+        store: JobStore,
+        signer: WebhookSigner | None,
+        models: Mapping[str, ModelEntry],
+        serve_pending: Callable[[WorkerEntry], None],
+    ) -> None:
+        config = queue.jobs
+        self.store, self.config, self.models = store, config, models
+        self._serve_pending = serve_pending
+        self._queue = queue  # lend_idle_sync, lend_reserve
         self.running: dict[str, RunningJob] = {}
         self.stats = {
             "submitted": 0,
@@ -121,7 +87,7 @@ class Jobs:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[object]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self.outbound = OutboundPolicy(node.config.outbound_allow)  # webhooks; submits are checked with it
+        self.outbound = OutboundPolicy(queue.outbound_allow)  # webhooks; submits are checked with it
         self.webhooks = (
             WebhookSender(
                 signer, policy=self.outbound, max_attempts=config.webhook_attempts, on_result=self._webhook_result
@@ -129,7 +95,7 @@ class Jobs:
             if signer is not None
             else None
         )
-        self._owner_prefix = f"{node.config.node_id}/"
+        self._owner_prefix = f"{queue.node_id}/"
 
     # -- life ----------------------------------------------------------------------------------------
 
@@ -140,7 +106,7 @@ class Jobs:
         taken = await self.store.release_owner(self._owner_prefix, time.time())
         if taken:
             log.warning("took back %d jobs leased before this node restarted", len(taken))
-        self.maybe_queued.update(self.node.registry.models)
+        self.maybe_queued.update(self.models)
         if self.webhooks is not None:
             self.webhooks.start()
         loop = asyncio.get_running_loop()
@@ -195,11 +161,11 @@ class Jobs:
 
         A claim holds the worker's slots while it runs, so a model whose claim came back short is
         known drained and not claimed for again until a submit or a requeue says otherwise."""
-        models = self.node.registry.models
+        models = self.models
         wanted = {m for m in self.maybe_queued if (e := models.get(m)) is not None and not e.pending}
         claims: list[tuple[list[str], WorkerEntry, int, asyncio.Future[list[Job]]]] = []
         lease_s = self.config.lease_s
-        lend, reserve = self.node.config.lend_idle_sync, self.node.config.lend_reserve
+        lend, reserve = self._queue.lend_idle_sync, self._queue.lend_reserve
         seen: set[int] = set()
         for name in wanted:
             for worker in models[name].workers:
@@ -230,7 +196,7 @@ class Jobs:
                 self.dispatch(job, worker)
             # Sync requests that arrived while the claim held the slots take what is left at once
             # (nothing else would wake them before the worker's next CREDIT).
-            self.node.serve_pending(worker)
+            self._serve_pending(worker)
         if failed is not None:
             raise StoreError(f"claim failed: {failed}") from failed
         return got
@@ -238,7 +204,7 @@ class Jobs:
     def dispatch(self, job: Job, worker: WorkerEntry) -> None:
         """Send a leased job to `worker` (its slot was reserved), or take the lease back at once."""
         link = worker.link
-        entry = self.node.registry.models.get(job.model)
+        entry = self.models.get(job.model)
         if not link.is_up or link.conn.send_credit <= 0:
             other = self.pick(job.model)
             if other is None:
@@ -345,15 +311,15 @@ class Jobs:
     def _forget(self, rj: RunningJob) -> None:
         if self.running.get(rj.id) is rj:  # not a later dispatch of the same job (a new fence)
             del self.running[rj.id]
-        if rj.worker.jobs.pop(rj.w_sid, None) is not None and (entry := self.node.registry.models.get(rj.model)):
+        if rj.worker.jobs.pop(rj.w_sid, None) is not None and (entry := self.models.get(rj.model)):
             entry.signals.finished(rj.worker.pool, perf_counter() - rj.t0)
 
     def pick(self, model: str) -> WorkerEntry | None:
         """A worker with a slot an async job may take (async or shared pool; sync when lending)."""
-        entry = self.node.registry.models.get(model)
+        entry = self.models.get(model)
         if entry is None:
             return None
-        return pick_async(entry.workers, self.node.config.lend_idle_sync, self.node.config.lend_reserve)
+        return pick_async(entry.workers, self._queue.lend_idle_sync, self._queue.lend_reserve)
 
     def cancel_dispatch(self, job_id: str, message: str) -> None:
         """The job was cancelled: CANCEL its worker's stream, if it runs here (its fence is stale)."""
@@ -483,7 +449,7 @@ class Jobs:
                 # The count also tells which models have jobs to claim: no claim round (which holds
                 # the workers' free slots while it runs) for a model with nothing queued.
                 depth = await self.store.queued_by_model()
-                for name, entry in self.node.registry.models.items():
+                for name, entry in self.models.items():
                     entry.signals.async_depth = n = depth.get(name, 0)
                     if n:
                         self.maybe_queued.add(name)

@@ -1,9 +1,12 @@
 """The queue node: accepts ingresses and workers, dispatches each request to a worker with a free
 slot, forwards both directions as the same payload buffers, retries once before the first response
 frame, cancels, and times every stage (DESIGN "The path of one request", "Timing users can see").
-Sync requests take their pool's capacity first and jump the async backlog (`scheduler`); one that
-cannot start within its deadline is refused at once; its input is classified in a race with the
-worker (`filtering`); what the autoscaler needs is measured per (model, pool) (`signals`).
+This module is the links: handshakes (`gate` says who may connect), the frames of each ingress and
+each worker, forwarding. A sync call's life from admission to its end is `dispatch`: sync requests
+take their pool's capacity first and jump the async backlog (`scheduler`); one that cannot start
+within its deadline is refused at once (`admission`); its input is classified in a race with the
+worker (`filtering`); what the autoscaler needs is measured per (model, pool) (`signals`); async
+jobs are `jobs` and `jobops`. Each of them is handed what it uses, never the node.
 
 Everything runs in link callbacks: no task, no await per request. The node never touches payload
 bytes; it re-labels frames with the other link's stream id and sends the same payload objects on.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -23,15 +27,17 @@ from casola.auth import Verifier
 from casola.filter import Policy
 from casola.net.handshake import MemoryDialer, accept_memory, serve_tcp
 from casola.net.link import LinkBase
-from casola.queue.admission import full, refusal, retry_after
-from casola.queue.call import RETAIN_MAX, Call
 from casola.queue.config import QueueConfig
+from casola.queue.dispatch import Dispatch
 from casola.queue.filtering import Filtering, make_classifiers
 from casola.queue.gate import Gate
 from casola.queue.jobops import JobOp
 from casola.queue.jobs import Jobs
-from casola.queue.registry import ModelEntry, Registry, WorkerEntry
+from casola.queue.records import RETAIN_MAX, Call, WorkerEntry
+from casola.queue.registry import Registry
+from casola.store import AuditRecord
 from casola.wire import (
+    Buffer,
     ErrorCode,
     ErrorMeta,
     Event,
@@ -73,12 +79,13 @@ class QueueNode:
         self.config = config
         self.registry = Registry(config.models)
         self.stats = dict.fromkeys(("requests", "retries", "refused", "deadline_refused", "worker_failures"), 0)
+        self.dispatch = Dispatch(config, self.registry.models, self.stats)  # a sync call's life
         self._server: asyncio.Server | None = None
         self._links: set[LinkBase] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.memory_dialer: MemoryDialer = accept_memory(self.on_hello, limits=LINK_LIMITS)
         self.jobs: Jobs | None = None  # async jobs, when a store is configured
-        self.filtering = Filtering(self, config.filter, [], None, self._spawn)  # off until start()
+        # The content filter is off until start() (its classifiers may dial the node).
+        self.filtering = Filtering(config.filter, [], None, self._spawn, self.dispatch, config.node_id)
         self._internal: set[LinkBase] = set()
         self._tasks: set[asyncio.Task[object]] = set()
         self.gate = Gate(verifier)  # who may connect, and the keys of those connected
@@ -90,20 +97,21 @@ class QueueNode:
             StoreError: the job store cannot be opened.
             OSError: the address cannot be bound.
         """
-        self._loop = asyncio.get_running_loop()
-        jc = self.config.jobs
+        self.dispatch.loop = asyncio.get_running_loop()
+        cfg, jc = self.config, self.config.jobs
         if jc.store:
             from casola.queue.webhooks import WebhookSigner
             from casola.store import open_store
 
             signer = WebhookSigner.load_or_create(Path(jc.webhook_key)) if jc.webhook_key else None
-            self.jobs = Jobs(self, open_store(jc.store), jc, signer)
+            self.jobs = Jobs(cfg, open_store(jc.store), signer, self.registry.models, self.dispatch.serve_pending)
             await self.jobs.start()
-        fc = self.config.filter
+        fc = cfg.filter
         store = self.jobs.store if self.jobs is not None else None
-        self.filtering = Filtering(self, fc, make_classifiers(fc, self._connect_internal), store, self._spawn)
+        classifiers = make_classifiers(fc, self._connect_internal)
+        self.filtering = Filtering(fc, classifiers, store, self._spawn, self.dispatch, cfg.node_id)
         await self.filtering.start()
-        host, _, port = self.config.listen.rpartition(":")
+        host, _, port = cfg.listen.rpartition(":")
         self._server = await serve_tcp(host, int(port), self.on_hello, limits=LINK_LIMITS)
         self.gate.start()
 
@@ -154,8 +162,8 @@ class QueueNode:
     def on_hello(self, link: LinkBase, frame: Frame) -> None:
         hello = frame.meta
         assert isinstance(hello, HelloMeta)
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+        if self.dispatch.loop is None:
+            self.dispatch.loop = asyncio.get_running_loop()
         kind = self.gate.admit(link, hello)  # raises Refused
         if kind == "worker":
             self._register_worker(link, hello)
@@ -183,7 +191,7 @@ class QueueNode:
         self._ack(link, credit=0)  # the queue node opens streams to the worker, never the reverse
         self.registry.add(worker)
         log.info("worker %s registered: models=%s capacity=%d", hello.node_id, hello.models, hello.credit)
-        self.serve_pending(worker)
+        self.dispatch.serve_pending(worker)
         if self.jobs is not None:
             for m in worker.models:
                 self.jobs.wake(m)
@@ -221,7 +229,7 @@ class QueueNode:
             if self.jobs is None:
                 msg = "async jobs are off: this queue node has no job store"
                 return self._refuse(link, sid, ErrorCode.BAD_REQUEST, msg)
-            op = link.tag[sid] = JobOp(self.jobs, link, frame)
+            op = link.tag[sid] = JobOp(self.jobs, self._screen_job, link, frame)
             op.feed(frame)
             return
         model = self.registry.models.get(meta.model)
@@ -238,20 +246,13 @@ class QueueNode:
         model.signals.arrival("sync", now)
         check = self.filtering.begin(call) if self.filtering.enabled and link not in self._internal else None
         if check is None:
-            return self._schedule(call, now)
+            return self.dispatch.schedule(call, now)
         call.filter = check
         if check.policy is Policy.BLOCK:
-            call.held = True  # dispatched by release_held() once the verdict is clean
+            call.held = True  # dispatched by Dispatch.release_held() once the verdict is clean
         else:
-            self._schedule(call, now)
+            self.dispatch.schedule(call, now)
         self.filtering.feed(check, frame.payload, frame.end)
-
-    def _schedule(self, call: Call, now: float) -> None:
-        worker = call.model.pick()
-        if worker is not None:
-            self._start(call, worker)
-        else:
-            self._enqueue(call, now)
 
     def _on_request_data(self, call: Call, frame: Frame) -> None:
         call.req_done = frame.end
@@ -262,12 +263,16 @@ class QueueNode:
             w = call.worker
             w.link.send_if_open(Frame(frame.type, call.w_sid, frame.meta, frame.payload, frame.flags))
         elif not kept:
-            self._fail(
+            self.dispatch.fail(
                 call, ErrorCode.PAYLOAD_TOO_LARGE, f"request bodies waiting for a slot are capped at {RETAIN_MAX} bytes"
             )
             return
         if call.filter is not None and not call.filter.started:
             self.filtering.feed(call.filter, frame.payload, frame.end)
+
+    def _screen_job(self, meta: RequestMeta, data: Buffer) -> Awaitable[AuditRecord | None]:
+        """A job submit's input through the content filter in place when the submit runs."""
+        return self.filtering.check_job(meta, data)
 
     def _ingress_stream_failed(self, link: LinkBase, ev: Event, exc: Exception) -> None:
         sid = getattr(ev, "stream_id", 0)
@@ -281,7 +286,7 @@ class QueueNode:
         )
         try:
             if type(item) is Call:
-                self.abort_call(item, ErrorCode.INTERNAL, "internal error in the queue node")
+                self.dispatch.abort_call(item, ErrorCode.INTERNAL, "internal error in the queue node")
             elif item is not None:
                 item.cancel()
         finally:
@@ -294,126 +299,6 @@ class QueueNode:
         for call in list(calls.values()):
             self._cancel(call, "the ingress went away")
         calls.clear()
-
-    # -- dispatch ----------------------------------------------------------------------------------
-
-    def _enqueue(self, call: Call, now: float) -> None:
-        """Wait for a slot, unless casola.queue.admission says it may not: then refuse at once, with
-        Retry-After from the measured drain rate. A full line makes room by the longest line first."""
-        model, line = call.model, call.model.pending
-        if not model.live_workers:  # every worker draining or unhealthy: nothing to wait for
-            msg = f"no worker for model {model.name!r} can serve ({len(model.workers)} connected)"
-            return self._fail(call, ErrorCode.NO_CAPACITY, msg, self.config.retry_after_ms)
-        refused = refusal(call, model, self.config, now)
-        if refused is None and len(line) >= self.config.max_pending:
-            victim = line.evict_for(call.meta.tenant)
-            if victim is None:
-                refused = full(model, call.meta.tenant, self.config)
-            else:
-                why = f"model {model.name!r}: its line is full; tenant {victim.meta.tenant!r} has the longest part"
-                self._fail(victim, ErrorCode.OVERLOADED, why, retry_after(model, victim.meta.tenant, self.config))
-        if refused is not None:
-            self.stats["deadline_refused"] += refused.late
-            self._fail(call, refused.code, refused.message, refused.retry_after_ms)
-            return
-        call.t_queued = now
-        line.push(call)
-        self._arm(call, now)
-
-    def _arm(self, call: Call, now: float) -> None:
-        """The call's one timer: while it waits, for the earlier of its deadline and wait bound;
-        once it runs, for its deadline."""
-        if call.timer is not None:
-            call.timer.cancel()
-            call.timer = None
-        at = call.deadline if call.worker is not None else call.start_limit
-        if at:
-            call.timer = self._loop.call_later(at - now, self._expire, call)  # type: ignore[union-attr]
-
-    def _start(self, call: Call, worker: WorkerEntry) -> None:
-        """Open the stream on the worker and forward every request frame seen so far."""
-        now = perf_counter()
-        if call.t_queued:
-            call.wait += now - call.t_queued
-            call.t_queued = 0.0
-        if not call.attempt:
-            call.model.signals.started("sync", call.wait)
-        meta = call.meta
-        if call.deadline:
-            remaining = int((call.deadline - now) * 1000)
-            if remaining <= 0:
-                return self._fail(call, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before a slot was free")
-            meta = msgspec.structs.replace(meta, deadline_ms=remaining, attempt=call.attempt)
-        elif call.attempt:
-            meta = msgspec.structs.replace(meta, attempt=call.attempt)
-        link = worker.link
-        sid = link.conn.next_stream_id()
-        frames = call.frames
-        first = frames[0]
-        link.conn.send(Frame(REQUEST, sid, meta, first.payload, first.flags))
-        for f in frames[1:]:
-            link.conn.send(Frame(f.type, sid, f.meta, f.payload, f.flags))
-        call.worker, call.w_sid = worker, sid
-        worker.calls[sid] = call
-        if call.timer is not None or call.deadline:
-            self._arm(call, now)  # from now on only the deadline counts, not the wait bound
-        # Dispatched = handed to the transport: the write syscall (which wakes the worker's side)
-        # is transmission, so it counts in worker-rtt, not in the node's own overhead.
-        call.t_dispatch = perf_counter()
-        link.flush()
-
-    def serve_pending(self, worker: WorkerEntry) -> None:
-        """A worker has free slots: give them to waiting requests, one per model in turn (a model
-        that is flooded takes its turn, not every slot of a worker it shares with others), each
-        model's line in its own (tenant round-robin) order."""
-        models = self.registry.models
-        lines = None  # built only when something waits (the common case allocates nothing)
-        for name in worker.models:
-            if models[name].pending:
-                lines = lines or []
-                lines.append(models[name].pending)
-        turn = 0
-        while lines and worker.free > 0:
-            line = lines[turn % len(lines)]
-            self._start(line.pop(), worker)
-            if line:
-                turn += 1
-            else:
-                lines.remove(line)
-
-    def _retry(self, call: Call, failed: WorkerEntry, why: str, code: int) -> None:
-        """Run `call` again elsewhere after its worker failed it with `code` before answering."""
-        self.stats["retries"] += 1
-        log.info("retrying %s on another worker: %s", call.meta.model, why, extra={"request_id": call.meta.request_id})
-        call.attempt += 1
-        call.worker = None
-        other = call.model.pick(exclude=failed)
-        if other is not None:
-            self._start(call, other)
-        elif any(w is not failed and w.serving for w in call.model.workers):
-            call.t_queued = perf_counter()
-            call.model.pending.push(call, front=True)  # it has waited already: first in line
-            self._arm(call, call.t_queued)
-        elif code == ErrorCode.SHUTTING_DOWN:  # not processed: the client may retry it as it is
-            self._fail(call, code, f"{why}; no other worker to run it", self.config.retry_after_ms)
-        else:
-            self._fail(call, ErrorCode.WORKER_FAILED, f"{why}; no other worker to retry on")
-
-    def _expire(self, call: Call) -> None:
-        call.timer = None
-        deadline_ms = (call.deadline - call.t_recv) * 1000
-        if call.worker is not None:
-            self._release_worker_stream(call, ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded")
-            return self._fail(call, ErrorCode.DEADLINE_EXCEEDED, f"deadline of {deadline_ms:.0f} ms exceeded")
-        model, tenant = call.model, call.meta.tenant
-        model.pending.remove(call)
-        if call.deadline and call.deadline <= call.start_limit:
-            return self._fail(call, ErrorCode.DEADLINE_EXCEEDED, f"deadline of {deadline_ms:.0f} ms exceeded")
-        msg = (
-            f"model {model.name!r}: waited {self.config.sync_wait_ms} ms for a slot without one (tenant"
-            f" {tenant!r} has {model.pending.depth(tenant)} more waiting)"
-        )
-        self._fail(call, ErrorCode.OVERLOADED, msg, retry_after(model, tenant, self.config))
 
     # -- from workers ------------------------------------------------------------------------------
 
@@ -439,13 +324,13 @@ class QueueNode:
                 elif type(ev) is StreamReset:
                     call = worker.calls.pop(ev.stream_id, None)
                     if call is not None:
-                        self._worker_stream_failed(call, worker, ev.code, ev.message)
+                        self.dispatch.worker_failed(call, worker, ev.code, ev.message)
                     elif (job := worker.jobs.get(ev.stream_id)) is not None:
                         self.jobs.on_worker_reset(job, ev.message)  # type: ignore[union-attr]
             except Exception as exc:  # one stream's failure is that stream's; the worker serves on
                 self._worker_event_failed(worker, ev, exc)
         if credit:
-            self.serve_pending(worker)
+            self.dispatch.serve_pending(worker)
             if self.jobs is not None and worker.free > 0:
                 for m in worker.models:
                     if m in self.jobs.maybe_queued:
@@ -471,7 +356,7 @@ class QueueNode:
         for name in worker.models:
             model = self.registry.models[name]
             if not model.live_workers:
-                self._fail_pending(
+                self.dispatch.fail_pending(
                     model, ErrorCode.NO_CAPACITY, f"no worker for model {name!r} can serve: the last {why}"
                 )
 
@@ -484,7 +369,7 @@ class QueueNode:
         job = worker.jobs.get(sid)
         try:
             if call is not None:
-                self._fail(call, ErrorCode.INTERNAL, "internal error in the queue node")
+                self.dispatch.fail(call, ErrorCode.INTERNAL, "internal error in the queue node")
             elif job is not None and self.jobs is not None:
                 self.jobs.on_worker_reset(job, "internal error in the queue node")
         finally:
@@ -503,10 +388,10 @@ class QueueNode:
             worker.calls.pop(call.w_sid, None)
             code = frame.meta.code
             if call.retryable and error_info(code).retryable and code not in _NOT_RETRIED:
-                return self._retry(call, worker, f"worker {worker.node_id} failed: {frame.meta.message}", code)
+                return self.dispatch.retry(call, worker, f"worker {worker.node_id} failed: {frame.meta.message}", code)
         call.ing.send_if_open(call.answer(frame, t_answer, perf_counter()))
         if frame.end or t is ERROR:
-            self._done(call)
+            self.dispatch.done(call)
 
     def _worker_lost(self, link: LinkBase, exc: BaseException | None) -> None:
         self._forget_link(link)
@@ -517,86 +402,28 @@ class QueueNode:
             self.jobs.on_worker_lost(worker)
         calls, worker.calls = list(worker.calls.values()), {}
         for call in calls:
-            self._worker_stream_failed(call, worker, ErrorCode.WORKER_FAILED, "the worker disconnected")
+            self.dispatch.worker_failed(call, worker, ErrorCode.WORKER_FAILED, "the worker disconnected")
         for name in worker.models:
             model = self.registry.models[name]
             if not model.live_workers:
-                self._fail_pending(model, ErrorCode.NO_CAPACITY, f"no worker for model {name!r} can serve")
-
-    def _worker_stream_failed(self, call: Call, worker: WorkerEntry, code: int, message: str) -> None:
-        self.stats["worker_failures"] += 1
-        if call.retryable and (code == ErrorCode.SHUTTING_DOWN or error_info(code).retryable):
-            self._retry(call, worker, f"worker {worker.node_id}: {message}", code)
-        else:
-            self._fail(call, ErrorCode.WORKER_FAILED, f"worker failed mid-request: {message}")
+                self.dispatch.fail_pending(model, ErrorCode.NO_CAPACITY, f"no worker for model {name!r} can serve")
 
     # -- endings -----------------------------------------------------------------------------------
 
-    def _cancel(self, call: Call | JobOp | None, message: str) -> None:
-        """The client no longer wants the answer: free its slot or its place in line."""
-        if call is None:
+    def _cancel(self, item: Call | JobOp | None, message: str) -> None:
+        """The client no longer wants the answer: a call's slot or place in line is freed, a job
+        operation dropped."""
+        if item is None:
             return
-        if type(call) is JobOp:
-            call.cancel()
+        if type(item) is JobOp:
+            item.cancel()
             return
-        assert isinstance(call, Call)
-        call.finished = True
-        if call.timer is not None:
-            call.timer.cancel()
-        if call.worker is None:
-            call.model.pending.remove(call)
-        else:
-            self._release_worker_stream(call, ErrorCode.CANCELLED, message)
-
-    def _release_worker_stream(self, call: Call, code: int, message: str) -> None:
-        worker = call.worker
-        if worker is not None and worker.calls.pop(call.w_sid, None) is not None:
-            worker.link.reset_if_open(call.w_sid, code, message)
-
-    def _fail(self, call: Call, code: int, message: str, retry_after_ms: int = 0) -> None:
-        self.stats["refused"] += 1
-        timing = call.refusal_timing(perf_counter())
-        call.ing.send_if_open(Frame(ERROR, call.ing_sid, ErrorMeta(code, message, retry_after_ms, timing=timing)))
-        self._done(call)
-
-    def _fail_pending(self, model: ModelEntry, code: int, message: str) -> None:
-        for call in model.pending.drain():
-            self._fail(call, code, message, self.config.retry_after_ms)
+        assert isinstance(item, Call)
+        self.dispatch.cancel(item, message)
 
     def _refuse(self, link: LinkBase, sid: int, code: int, message: str, retry_after_ms: int = 0) -> None:
         self.stats["refused"] += 1
         link.send_if_open(Frame(ERROR, sid, ErrorMeta(code, message, retry_after_ms)))
-
-    def _done(self, call: Call) -> None:
-        call.finished = True
-        if call.timer is not None:
-            call.timer.cancel()
-            call.timer = None
-        call.ing.tag.pop(call.ing_sid, None)
-        worker = call.worker
-        if worker is not None:
-            worker.calls.pop(call.w_sid, None)
-            call.model.signals.finished(worker.pool, perf_counter() - call.t_dispatch)
-
-    # -- what the content filter decides ---------------------------------------------------------------
-
-    def abort_call(self, call: Call, code: int, message: str) -> None:
-        """Stop a request that is still here: out of its line, or CANCEL to its worker; the client
-        gets the error (a stream ends with it)."""
-        if call.finished:
-            return
-        if call.worker is None:
-            call.model.pending.remove(call)
-        else:
-            self._release_worker_stream(call, code, message)
-        self._fail(call, code, message)
-
-    def release_held(self, call: Call) -> None:
-        """The verdict on a held (block) request is clean: dispatch it now."""
-        now = perf_counter()
-        call.held = False
-        call.held_s = now - call.t_recv
-        self._schedule(call, now)
 
     # -- what operators and the ingress read ---------------------------------------------------------
 

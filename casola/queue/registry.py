@@ -1,91 +1,20 @@
-"""Who can run what: the workers connected to this queue node and the models they serve.
+"""Who can run what: the workers connected to this queue node and the models they serve (their
+records are `casola.queue.records`), and what operators and the autoscaler read of them: per model
+live workers, slots and waiting requests (`snapshot`), per (model, pool) the signals (`signals`).
 
-A worker's free slots are its link's send credit (SPEC §7): the worker grants one CREDIT per slot
-that frees, so "has a free slot" is `link.conn.send_credit > 0`, kept by the core, never guessed.
-Each model keeps a bounded, tenant-fair line of sync requests waiting for a slot (`FairLine`);
-bounded, so overload is refused at once (OVERLOADED) instead of buffered. Which worker a request or a
-job gets follows its pool (`casola.queue.scheduler`).
+Each model's line of waiting sync requests is bounded, so overload is refused at once (OVERLOADED)
+instead of buffered. Which worker a request or a job gets follows its pool (`casola.queue.scheduler`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from casola.net.link import LinkBase
-from casola.queue.scheduler import FairLine, pick_sync
-from casola.queue.signals import ModelSignals, model_signals
+from casola.queue.records import ModelEntry, WorkerEntry
+from casola.queue.scheduler import POOLS
+from casola.stats import FastHistogram
 
-if TYPE_CHECKING:
-    from casola.queue.call import Call
-    from casola.queue.jobs import RunningJob
-
-__all__ = ["ModelEntry", "Registry", "WorkerEntry"]
-
-
-class WorkerEntry:
-    """One connected worker (one link)."""
-
-    __slots__ = (
-        "calls",
-        "capacity",
-        "healthy",
-        "jobs",
-        "link",
-        "load",
-        "models",
-        "node_id",
-        "pool",
-        "region",
-        "reserved",
-    )
-
-    def __init__(self, link: LinkBase, node_id: str, models: list[str], capacity: int, pool: str, region: str) -> None:
-        self.link = link
-        self.node_id = node_id
-        self.models = models
-        self.capacity = capacity
-        self.pool = pool or "shared"
-        self.region = region
-        self.healthy = True
-        self.load = 0.0
-        self.calls: dict[int, Call] = {}  # worker-side stream id -> call
-        self.jobs: dict[int, RunningJob] = {}  # worker-side stream id -> async job
-        self.reserved = 0  # slots promised to job claims still in flight
-
-    @property
-    def serving(self) -> bool:
-        """Takes new work: connected, not draining (its GOAWAY), healthy (its HEARTBEAT)."""
-        return self.link.is_up and self.healthy
-
-    @property
-    def free(self) -> int:
-        return self.link.conn.send_credit - self.reserved if self.serving else 0
-
-
-class ModelEntry:
-    """One model: its workers, its waiting sync requests and its signals."""
-
-    __slots__ = ("name", "pending", "signals", "workers")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.workers: list[WorkerEntry] = []
-        self.pending = FairLine()  # sync requests waiting for a slot
-        self.signals = ModelSignals()
-
-    def pick(self, exclude: WorkerEntry | None = None) -> WorkerEntry | None:
-        """A worker for a sync request (sync pool first, then shared, then async), or None."""
-        return pick_sync(self.workers, exclude)
-
-    @property
-    def slots(self) -> int:
-        """Slots of the live workers: what a waiting sync request may get (any pool)."""
-        return sum(w.capacity for w in self.workers if w.serving)
-
-    @property
-    def live_workers(self) -> int:
-        """Workers that take new work (see WorkerEntry.serving)."""
-        return sum(1 for w in self.workers if w.serving)
+__all__ = ["Registry", "model_signals"]
 
 
 class Registry:
@@ -126,3 +55,48 @@ class Registry:
             }
             for name, e in self.models.items()
         }
+
+
+def _hist(h: FastHistogram) -> dict[str, Any]:
+    return {
+        "count": h.count,
+        "sum_s": round(h.sum, 6),
+        "p50_le_s": h.quantile(0.5),
+        "p99_le_s": h.quantile(0.99),
+        "buckets": h.buckets(),
+    }
+
+
+def model_signals(entry: ModelEntry, now: float) -> list[dict[str, Any]]:
+    """The model's signals, one record per pool (sync, shared, async)."""
+    sig = entry.signals
+    slots = dict.fromkeys(POOLS, 0)
+    busy = dict.fromkeys(POOLS, 0)
+    workers = dict.fromkeys(POOLS, 0)
+    for w in entry.workers:
+        if not (w.link.is_up and w.healthy):
+            continue
+        pool = w.pool  # validated in HELLO; "" registers as shared
+        workers[pool] += 1
+        slots[pool] += w.capacity
+        busy[pool] += sum(1 for c in w.calls.values() if c.model is entry)
+        busy[pool] += sum(1 for j in w.jobs.values() if j.model == entry.name)
+    out = []
+    for pool in POOLS:
+        rec: dict[str, Any] = {
+            "model": entry.name,
+            "pool": pool,
+            "workers": workers[pool],
+            "slots": slots[pool],
+            "busy": busy[pool],
+            "service": _hist(sig.service[pool]),
+        }
+        if pool in sig.arrivals:
+            rec["arrival_rate"] = round(sig.arrivals[pool].rate(now), 3)
+            rec["arrived"] = sig.arrived[pool]
+            rec["queue_depth"] = len(entry.pending) if pool == "sync" else sig.async_depth
+            rec["wait"] = _hist(sig.wait[pool])
+        else:  # shared capacity has no queue of its own
+            rec["arrival_rate"], rec["arrived"], rec["queue_depth"], rec["wait"] = 0.0, 0, 0, None
+        out.append(rec)
+    return out

@@ -1,4 +1,12 @@
-"""One sync request as the queue node holds it: where it came from, where it runs, what it cost.
+"""What the queue node keeps in memory: a record per connected worker (`WorkerEntry`), per model
+(`ModelEntry`), per sync request in flight (`Call`), per request being classified (`FilterCheck`)
+and per async job it dispatched (`RunningJob`). The records point at each other, so they live
+together, below every module that acts on them: of the node's own modules only the line
+(`scheduler`) and the measurements (`signals`) are imported here.
+
+A worker's free slots are its link's send credit (SPEC §7): the worker grants one CREDIT per slot
+that frees, so "has a free slot" is `link.conn.send_credit > 0`, kept by the core, never guessed.
+Each model keeps a bounded, tenant-fair line of sync requests waiting for a slot (`FairLine`).
 
 A call lives in memory only (DESIGN "Two contracts": no store on the sync path). Until the worker's
 first response frame it keeps the request frames it forwarded, so that it can be retried once on
@@ -9,23 +17,96 @@ worker's answer received), `queue-overhead` (residence minus both), `work` (as t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from time import perf_counter
+from typing import TYPE_CHECKING, Final
 
-from casola.net.link import LinkBase
-from casola.wire import EndMeta, ErrorMeta, Frame, FrameType, RequestMeta, ResponseMeta
+from casola.queue.scheduler import FairLine, pick_sync
+from casola.queue.signals import ModelSignals
+from casola.wire import EndMeta, ErrorMeta, Frame, FrameType, ResponseMeta
 
 if TYPE_CHECKING:
     from asyncio import TimerHandle
 
-    from casola.queue.filtering import FilterCheck
-    from casola.queue.registry import ModelEntry, WorkerEntry
+    from casola.filter.base import Policy
+    from casola.net.link import LinkBase
+    from casola.store import Job
+    from casola.wire import Buffer, RequestMeta
 
-__all__ = ["RETAIN_MAX", "Call"]
+__all__ = ["PENDING", "RETAIN_MAX", "Call", "FilterCheck", "ModelEntry", "RunningJob", "WorkerEntry"]
 
+PENDING: Final = -1.0  # Server-Timing value of a filter that had not finished: rendered desc="pending"
 RETAIN_MAX = 64 * 1024 * 1024  # request bytes kept for a retry; a bigger request is not retried
 
 
+class WorkerEntry:
+    """One connected worker (one link)."""
+
+    __slots__ = (
+        "calls",
+        "capacity",
+        "healthy",
+        "jobs",
+        "link",
+        "load",
+        "models",
+        "node_id",
+        "pool",
+        "region",
+        "reserved",
+    )
+
+    def __init__(self, link: LinkBase, node_id: str, models: list[str], capacity: int, pool: str, region: str) -> None:
+        self.link = link
+        self.node_id = node_id
+        self.models = models
+        self.capacity = capacity
+        self.pool = pool or "shared"
+        self.region = region
+        self.healthy = True
+        self.load = 0.0
+        self.calls: dict[int, Call] = {}  # worker-side stream id -> call
+        self.jobs: dict[int, RunningJob] = {}  # worker-side stream id -> async job
+        self.reserved = 0  # slots promised to job claims still in flight
+
+    @property
+    def serving(self) -> bool:
+        """Takes new work: connected, not draining (its GOAWAY), healthy (its HEARTBEAT)."""
+        return self.link.is_up and self.healthy
+
+    @property
+    def free(self) -> int:
+        return self.link.conn.send_credit - self.reserved if self.serving else 0
+
+
+class ModelEntry:
+    """One model: its workers, its waiting sync requests and its signals."""
+
+    __slots__ = ("name", "pending", "signals", "workers")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.workers: list[WorkerEntry] = []
+        self.pending: FairLine[Call] = FairLine()  # sync requests waiting for a slot
+        self.signals = ModelSignals()
+
+    def pick(self, exclude: WorkerEntry | None = None) -> WorkerEntry | None:
+        """A worker for a sync request (sync pool first, then shared, then async), or None."""
+        return pick_sync(self.workers, exclude)
+
+    @property
+    def slots(self) -> int:
+        """Slots of the live workers: what a waiting sync request may get (any pool)."""
+        return sum(w.capacity for w in self.workers if w.serving)
+
+    @property
+    def live_workers(self) -> int:
+        """Workers that take new work (see WorkerEntry.serving)."""
+        return sum(1 for w in self.workers if w.serving)
+
+
 class Call:
+    """One sync request as the node holds it: where it came from, where it runs, what it cost."""
+
     __slots__ = (
         "attempt",
         "deadline",
@@ -175,3 +256,52 @@ class Call:
         if work is not None:
             t["work"] = work
         return t
+
+
+class FilterCheck:
+    """One request's classification."""
+
+    __slots__ = ("call", "decided", "dur_ms", "parts", "policy", "size", "started", "t0", "waiting")
+
+    def __init__(self, call: Call, policy: Policy) -> None:
+        self.call, self.policy = call, policy
+        self.parts: list[Buffer] = []
+        self.size = 0
+        self.started = self.decided = False
+        self.waiting = 0
+        self.t0 = 0.0
+        self.dur_ms = PENDING
+
+    def timing(self) -> float:
+        """The `filter` stage as the response reports it: ms, or PENDING."""
+        return self.dur_ms
+
+
+class RunningJob:
+    """A job this node dispatched and has not seen the end of."""
+
+    __slots__ = (
+        "base_seq",
+        "chunks",
+        "content_type",
+        "fence",
+        "id",
+        "model",
+        "renewed",
+        "size",
+        "t0",
+        "w_sid",
+        "webhook",
+        "worker",
+    )
+
+    def __init__(self, job: Job, worker: WorkerEntry, w_sid: int, now: float) -> None:
+        self.id, self.fence, self.model = job.id, job.fence, job.model
+        self.webhook = bool(job.webhook_url)
+        self.base_seq = job.checkpoint_seq  # the worker counts from 1 on every dispatch
+        self.worker, self.w_sid = worker, w_sid
+        self.renewed = now
+        self.t0 = perf_counter()  # for the service time
+        self.chunks: list[Buffer] = []
+        self.size = 0
+        self.content_type = ""
