@@ -120,7 +120,7 @@ class KeyStore:
             region: pin requests to this region; "" for none.
             ttl_s: lifetime in seconds; 0 never expires.
             name: a label for humans.
-            filter: content-filter policy for the key's requests: "off", "race" or "block"; "" for
+            filter: content-filter policy for the key's requests: "off", "race", "block" or "hold"; "" for
                 none (each model's policy applies; a model set to "block" is blocked whatever the key says).
             max_priority: the highest request priority the key may ask for (-128..127; lower ones
                 are always allowed).

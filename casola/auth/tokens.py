@@ -59,7 +59,7 @@ SCOPE_SIGNALS: Final = "signals"  # may read the scheduling signals (an autoscal
 SCOPE_METRICS: Final = "metrics"
 ALL_SCOPES: Final = (SCOPE_RUN, SCOPE_WORKER, SCOPE_INGRESS, SCOPE_SIGNALS, SCOPE_METRICS)
 # A key's content-filter policy; "" = none of its own (the queue node's per-model policy applies).
-FILTER_POLICIES: Final = ("", "off", "race", "block")
+FILTER_POLICIES: Final = ("", "off", "race", "block", "hold")
 
 TOKEN_PREFIX: Final = "csk_"
 _DOMAIN: Final = b"casola-key-v1\x00"

@@ -24,6 +24,7 @@ class Policy(enum.StrEnum):
     OFF = "off"  # no classification
     RACE = "race"  # classify while the worker runs; a violation that arrives first aborts
     BLOCK = "block"  # classify first, dispatch only a clean input (adds the classifier's latency)
+    HOLD = "hold"  # dispatch at once, racing; the answer leaves only once the input is found clean
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):

@@ -44,5 +44,5 @@ def run_workflows(args: argparse.Namespace) -> int:
 def _step(s: dict[str, object]) -> str:
     target = s.get("model") or s.get("tool") or ""
     tools = s.get("tools")
-    more = f" tools={','.join(tools)}" if isinstance(tools, list) and tools else ""  # type: ignore[arg-type]
+    more = f" tools={','.join(tools)}" if isinstance(tools, list) and tools else ""
     return f"{s['name']}({s['kind']}{':' + str(target) if target else ''}{more})"

@@ -23,20 +23,23 @@ from casola.flow.sentences import SentenceSplitter
 from casola.flow.spec import StepConfig
 from casola.flow.wav import WavJoin
 from casola.net.errors import ConnectionLost
+from casola.wire import Buffer
+from casola.wire.meta import FilterPolicy
 
 __all__ = ["TEXT", "Given", "Kept", "ModelStage", "PerSentence", "Sentences", "Source", "whole", "whole_text"]
 
-Item = bytes | str
+Item = Buffer | str
 TEXT = "text/plain; charset=utf-8"
 
 
 class Source(Protocol):
-    content_type: str
+    @property
+    def content_type(self) -> str: ...
 
     def items(self) -> AsyncIterator[Item]: ...
 
 
-async def whole(src: Source) -> bytes:
+async def whole(src: Source) -> Buffer:
     """Everything `src` produces, as one buffer."""
     parts = [p.encode() if isinstance(p, str) else p async for p in src.items()]
     return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -74,12 +77,12 @@ class ModelStage:
                 yield chunk
 
 
-async def _answer(stream: Stream, stage: Any) -> AsyncIterator[bytes]:
+async def _answer(stream: Stream, stage: Any) -> AsyncIterator[Buffer]:
     """A step answer's pieces; the stage's content type is set from its head before the first."""
     async for chunk in stream:
         if not stage.content_type and stream.head is not None:
             stage.content_type = stream.head.content_type
-        yield bytes(chunk) if not isinstance(chunk, bytes) else chunk
+        yield chunk
     if not stage.content_type and stream.head is not None:
         stage.content_type = stream.head.content_type
 
@@ -118,7 +121,7 @@ class Sentences:
                 finally:
                     if pending.done():
                         pending = None
-                for sentence in split.feed(delta if isinstance(delta, str) else delta.decode()):
+                for sentence in split.feed(delta if isinstance(delta, str) else bytes(delta).decode()):
                     self.count += 1
                     yield sentence
             if rest := split.flush():
@@ -172,7 +175,7 @@ class PerSentence:
                 n += 1
                 body = sentence.encode() if isinstance(sentence, str) else sentence
                 what = f"step {step.name!r} (sentence {n})"
-                hold = "hold" if self.filter else ""
+                hold: FilterPolicy = "hold" if self.filter else ""
                 stream = run.open(step.name, what, step.model, body, ctype, params, filter=hold)
                 await streams.put((n, stream))
         except Exception as exc:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import struct
 
+from casola.wire import Buffer
+
 __all__ = ["WavFormatError", "WavJoin"]
 
 _WAV_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
@@ -28,7 +30,7 @@ class WavJoin:
         self._head = bytearray()
         self._fmt: bytes | None = None
 
-    def feed(self, n: int, chunk: bytes, content_type: str) -> bytes:
+    def feed(self, n: int, chunk: Buffer, content_type: str) -> Buffer:
         """What to send on of sentence `n`'s next piece."""
         if content_type.partition(";")[0].strip().lower() not in _WAV_TYPES:
             return chunk

@@ -132,6 +132,11 @@ class Dispatch:
             else:
                 lines.remove(line)
 
+    def may_retry(self, call: Call, failed: WorkerEntry) -> bool:
+        """Whether another worker could run `call` (now or once a slot frees); else the failed
+        worker's own error is the answer (its code, message and Retry-After), not a retry's."""
+        return any(w is not failed and w.serving for w in call.model.workers)
+
     def retry(self, call: Call, failed: WorkerEntry, why: str, code: int) -> None:
         """Run `call` again elsewhere after its worker failed it with `code` before answering."""
         self.stats["retries"] += 1
@@ -219,11 +224,27 @@ class Dispatch:
         gets the error (a stream ends with it)."""
         if call.finished:
             return
+        if call.filter is not None:
+            call.filter.held = []  # a held answer is never sent
         if call.worker is None:
             call.model.pending.remove(call)
         else:
             self._release_worker_stream(call, code, message)
         self.fail(call, code, message)
+
+    def release_answer(self, call: Call) -> None:
+        """The verdict on a `hold` request is clean: what its worker answered so far goes on now
+        (the wait counts as the filter's, not the node's), the rest as it comes."""
+        check = call.filter
+        assert check is not None
+        frames, check.held = check.held, []
+        now = perf_counter()
+        if frames:
+            call.held_s += now - frames[0][1]
+        for frame, t_answer in frames:
+            call.ing.send_if_open(call.answer(frame, t_answer, now))
+            if frame.end or frame.type is ERROR:
+                self.done(call)
 
     def release_held(self, call: Call) -> None:
         """The verdict on a held (block) request is clean: dispatch it now."""

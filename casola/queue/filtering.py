@@ -43,6 +43,7 @@ log = logging.getLogger("casola.filter")
 audit_log = logging.getLogger("casola.audit")
 
 _FLUSH_S: Final = 0.05  # audit records are written in batches at most this old
+_VERDICT_FIRST: Final = frozenset({Policy.BLOCK, Policy.HOLD})  # no byte of the answer before a clean verdict
 _POLICIES: Final = {p.value: p for p in Policy}
 _LIMIT: Final = "limit"  # the classifier named in the verdict on an input too large to classify
 
@@ -74,6 +75,9 @@ class Enforce(Protocol):
 
     def release_held(self, call: Call) -> None:
         """A held (block) request's verdict is clean: dispatch it now."""
+
+    def release_answer(self, call: Call) -> None:
+        """A `hold` request's verdict is clean: what its worker answered so far goes on now."""
 
 
 class Filtering:
@@ -187,7 +191,7 @@ class Filtering:
             return True
         if not v.error:
             return False
-        return self.config.on_error == "block" or (v.classifier == _LIMIT and policy is Policy.BLOCK)
+        return self.config.on_error == "block" or (v.classifier == _LIMIT and policy in _VERDICT_FIRST)
 
     def _failed(self, model: str, v: Verdict) -> None:
         if v.error:
@@ -214,7 +218,8 @@ class Filtering:
             self.stats["flagged"] += 1
             outcome = "late"
             if live:
-                outcome = "blocked" if check.policy is Policy.BLOCK and call.worker is None else "aborted"
+                unsent = call.worker is None or check.policy is Policy.HOLD  # nothing of the answer left
+                outcome = "blocked" if check.policy in _VERDICT_FIRST and unsent else "aborted"
             self.stats[outcome] += 1
             rec = self._record(check.call.meta, check.policy, check.dur_ms, v, outcome, before=live)
             if live:
@@ -228,6 +233,8 @@ class Filtering:
             self._record(check.call.meta, check.policy, check.dur_ms, v, "error" if v.error else "clean", before=live)
         if live and check.policy is Policy.BLOCK and call.held:
             self._enforce.release_held(call)
+        elif live and check.policy is Policy.HOLD:
+            self._enforce.release_answer(call)
 
     # -- async jobs ----------------------------------------------------------------------------------
 

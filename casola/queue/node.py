@@ -33,7 +33,7 @@ from casola.queue.filtering import Filtering, make_classifiers
 from casola.queue.gate import Gate
 from casola.queue.jobops import JobOp
 from casola.queue.jobs import Jobs
-from casola.queue.records import RETAIN_MAX, Call, WorkerEntry
+from casola.queue.records import HOLD_MAX, RETAIN_MAX, Call, FilterCheck, WorkerEntry
 from casola.queue.registry import Registry
 from casola.store import AuditRecord
 from casola.wire import (
@@ -387,11 +387,23 @@ class QueueNode:
             assert worker is not None and isinstance(frame.meta, ErrorMeta)
             worker.calls.pop(call.w_sid, None)
             code = frame.meta.code
-            if call.retryable and error_info(code).retryable and code not in _NOT_RETRIED:
+            retryable = call.retryable and error_info(code).retryable and code not in _NOT_RETRIED
+            if retryable and self.dispatch.may_retry(call, worker):
                 return self.dispatch.retry(call, worker, f"worker {worker.node_id} failed: {frame.meta.message}", code)
+        check = call.filter
+        if check is not None and check.policy is Policy.HOLD and not check.decided:
+            return self._hold(call, check, frame, t_answer)  # released (or dropped) by the verdict
         call.ing.send_if_open(call.answer(frame, t_answer, perf_counter()))
         if frame.end or t is ERROR:
             self.dispatch.done(call)
+
+    def _hold(self, call: Call, check: FilterCheck, frame: Frame, t_answer: float) -> None:
+        """Policy `hold`: the answer waits here for a clean verdict (Dispatch.release_answer)."""
+        check.held.append((frame, t_answer))
+        check.held_bytes += len(frame.payload)
+        if check.held_bytes > HOLD_MAX:
+            msg = f"the answer grew past {HOLD_MAX} bytes before its input was classified"
+            self.dispatch.abort_call(call, ErrorCode.OVERLOADED, msg)
 
     def _worker_lost(self, link: LinkBase, exc: BaseException | None) -> None:
         self._forget_link(link)

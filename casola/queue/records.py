@@ -36,6 +36,7 @@ __all__ = ["PENDING", "RETAIN_MAX", "Call", "FilterCheck", "ModelEntry", "Runnin
 
 PENDING: Final = -1.0  # Server-Timing value of a filter that had not finished: rendered desc="pending"
 RETAIN_MAX = 64 * 1024 * 1024  # request bytes kept for a retry; a bigger request is not retried
+HOLD_MAX = 16 * 1024 * 1024  # answer bytes held for a verdict (policy hold); more ends the request
 
 
 class WorkerEntry:
@@ -261,10 +262,14 @@ class Call:
 class FilterCheck:
     """One request's classification."""
 
-    __slots__ = ("call", "decided", "dur_ms", "parts", "policy", "size", "started", "t0", "waiting")
+    __slots__ = (
+        "call", "decided", "dur_ms", "held", "held_bytes", "parts", "policy", "size", "started", "t0", "waiting"
+    )  # fmt: skip
 
     def __init__(self, call: Call, policy: Policy) -> None:
         self.call, self.policy = call, policy
+        self.held: list[tuple[Frame, float]] = []  # policy hold: the answer's frames and arrival, until the verdict
+        self.held_bytes = 0
         self.parts: list[Buffer] = []
         self.size = 0
         self.started = self.decided = False

@@ -48,7 +48,7 @@ Grant = Annotated[int, msgspec.Meta(ge=1, le=0x7FFF_FFFF)]
 Role = Literal["client", "ingress", "queue", "worker"]
 Pool = Literal["", "sync", "async", "shared"]
 JobOp = Literal["", "submit", "status", "result", "cancel"]
-FilterPolicy = Literal["", "off", "race", "block"]  # "": the caller's key sets none
+FilterPolicy = Literal["", "off", "race", "block", "hold"]  # "": the caller's key sets none
 Param = str | int | float | bool | None
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from casola.wire import ErrorCode
 from tests.e2e.procs import free_port
 from tests.e2e.stack import ROOT
 from tests.require import need_program
@@ -36,6 +37,12 @@ trace = true
 
 [queue]
 outbound_allow = ["127.0.0.1/32"]
+models = ["ghost"]
+
+[queue.filter]
+policy = "off"
+terms = ["smith"]
+models = { screened = "block" }
 
 [[workers]]
 models = ["asr", "chat-agent", "chat-agent2", "chat-badtool", "chat-badargs"]
@@ -63,6 +70,25 @@ steps = [
 model = "tools"
 description = "The current weather in a city"
 parameters = @WEATHER@
+
+[workflows.agent-filtered]
+steps = [
+  { name = "think", kind = "llm", model = "chat-agent", tools = ["get_weather"] },
+  { name = "split", kind = "sentences", filter = true },
+  { name = "speak", kind = "model", model = "tts" },
+]
+[workflows.agent-filtered.tools.get_weather]
+model = "tools"
+parameters = @WEATHER@
+
+[workflows.screened]
+steps = [{ name = "think", kind = "llm", model = "chat-agent2", tools = ["get_weather"] }]
+[workflows.screened.tools.get_weather]
+model = "tools"
+parameters = @WEATHER@
+
+[workflows.ghostly]
+steps = [{ name = "haunt", kind = "model", model = "ghost" }]
 
 [workflows.two-calls]
 steps = [{ name = "think", kind = "llm", model = "chat-agent2", tools = ["get_weather"] }]
@@ -363,3 +389,43 @@ def test_fal_workflows_namespace_runs_a_workflow_as_a_job(up: Up) -> None:
         time.sleep(0.05)
     with urllib.request.urlopen(urllib.request.Request(submitted["response_url"], headers=auth), timeout=10) as r:
         assert b"umbrella" in r.read()
+
+
+def test_a_violating_sentence_is_never_spoken(up: Up) -> None:
+    """AGENT_ANSWER's second sentence names Dr. Smith, and "smith" is a filter term here: sentence 1
+    is spoken, sentence 2's audio never leaves the queue node, and the run ends naming the step."""
+    import asyncio
+
+    from casola.client import Client, RequestFailed
+
+    async def main() -> tuple[bytes, RequestFailed | None]:
+        c = await Client.connect(f"127.0.0.1:{up.frames}", up.key)
+        got, err = b"", None
+        try:
+            async for piece in c.stream("agent-filtered", b"What's the weather in Paris?"):
+                got += bytes(piece)
+        except RequestFailed as exc:
+            err = exc
+        finally:
+            await c.close()
+        return got, err
+
+    got, err = asyncio.run(main())
+    assert err is not None and err.code == ErrorCode.CONTENT_POLICY_VIOLATION
+    assert "step 'speak' (sentence 2)" in err.message
+    _, samples = _wav_samples(got)
+    alone = up.run("agent", _speech("Paris weather?"), **{"Content-Type": "audio/wav"})
+    assert 0 < len(samples) < len(_wav_samples(alone.body)[1]) / 2  # sentence 1 only, of three
+
+
+def test_the_workflow_input_is_filtered_like_any_request(up: Up) -> None:
+    bad = up.run("screened", b"Ask Mr Smith about the weather")
+    assert bad.status == 400 and json.loads(bad.body)["error"]["code"] == "content_policy_violation"
+    assert up.run("screened", b"What is the weather?").status == 200
+
+
+def test_a_step_refused_for_capacity_keeps_its_code_and_retry_after(up: Up) -> None:
+    a = up.run("ghostly", b"boo")
+    assert a.status == 503, a.body  # the step's no_capacity, not a 502 of the engine "failing"
+    assert "step 'haunt'" in json.loads(a.body)["error"]["message"]
+    assert int(a.headers["retry-after"]) >= 1
