@@ -97,7 +97,7 @@ class LlmStage:
     async def _ask(self, messages: list[dict[str, Any]], offer: bool, answer: _Round) -> AsyncIterator[str]:
         step, run = self.step, self.run
         self.rounds += 1
-        body: dict[str, Any] = {k: typed(v) for k, v in step.params.items()}
+        body: dict[str, Any] = dict(step.params)  # typed already (TOML); a header's values are strings
         body.update({k: typed(v) for k, v in run.params.get(step.name, {}).items()})
         body.update(messages=messages, stream=True)
         if offer:
