@@ -1,5 +1,6 @@
-"""OpenAI chat.completions without the model: request validation, chat-template rendering, stop strings,
-Hermes tool calls and the response encoders (one JSON object, or `chat.completion.chunk` SSE events).
+"""OpenAI chat.completions without the model: request validation, chat-template rendering and the response
+encoders (one JSON object, or `chat.completion.chunk` SSE events). Stop strings and tool calls in the
+model's text are `workers.output`'s job (re-exported here).
 
 Everything here is pure Python (msgspec, jinja2), so the LLM handler (`workers.llm`) only adds the model.
 Invalid input raises `HandlerError(message, param=...)` with OpenAI's wording and parameter names, which
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Sequence
 from typing import Any, Final, cast
 
 import msgspec
@@ -21,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from casola.wire import Buffer
 from casola.worker.call import HandlerError
+from workers.output import OutputFilter, StopMatcher, ToolCallParser, new_tool_call
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -346,165 +347,6 @@ class ChatTemplate:
             )
         except (TemplateError, TypeError, ValueError) as exc:
             raise HandlerError(f"The chat template cannot render these messages: {exc}", param="messages") from None
-
-
-# --------------------------------------------------------------------------- output text
-def _partial_tail(text: str, needles: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is a proper prefix of a needle: it may be one in the making."""
-    best = 0
-    for needle in needles:
-        for k in range(min(len(needle) - 1, len(text)), best, -1):
-            if text.endswith(needle[:k]):
-                best = k
-                break
-    return best
-
-
-class StopMatcher:
-    """Cuts streamed text at the first stop string; holds back a tail that may be a stop string's start."""
-
-    __slots__ = ("_held", "_stops", "stopped")
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = [s for s in stops if s]
-        self._held = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        """The text safe to emit now; sets `stopped` when a stop string was found (it and all after are cut)."""
-        if self.stopped:
-            return ""
-        if not self._stops:
-            return text
-        buf = self._held + text
-        cut = min((i for s in self._stops if (i := buf.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            self._held, self.stopped = "", True
-            return buf[:cut]
-        keep = _partial_tail(buf, self._stops)
-        self._held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep]
-
-    def flush(self) -> str:
-        """The held tail once generation ended (it never became a stop string)."""
-        held, self._held = self._held, ""
-        return held
-
-
-TOOL_OPEN: Final = "<tool_call>"
-TOOL_CLOSE: Final = "</tool_call>"
-
-
-def new_tool_call(name: str, arguments: str) -> dict[str, Any]:
-    fn = {"name": name, "arguments": arguments}
-    return {"id": "call_" + secrets.token_hex(12), "type": "function", "function": fn}
-
-
-def _parse_call(text: str) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    return new_tool_call(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
-
-
-class ToolCallParser:
-    """Splits streamed text into content and Hermes tool calls (`<tool_call>{"name", "arguments"}</tool_call>`,
-    as SmolLM2, Qwen and Hermes models write them). A block that is not a valid call stays content."""
-
-    __slots__ = ("_buf", "_inside")
-
-    def __init__(self) -> None:
-        self._buf = ""
-        self._inside = False
-
-    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """(content to emit now, tool calls completed by this text)."""
-        buf, out, calls = self._buf + text, [], []
-        while True:
-            if not self._inside:
-                i = buf.find(TOOL_OPEN)
-                if i < 0:
-                    keep = _partial_tail(buf, (TOOL_OPEN,))
-                    out.append(buf[: len(buf) - keep])
-                    buf = buf[len(buf) - keep :]
-                    break
-                out.append(buf[:i])
-                buf, self._inside = buf[i + len(TOOL_OPEN) :], True
-            else:
-                j = buf.find(TOOL_CLOSE)
-                if j < 0:
-                    break
-                body, buf, self._inside = buf[:j], buf[j + len(TOOL_CLOSE) :], False
-                if (call := _parse_call(body)) is not None:
-                    calls.append(call)
-                else:
-                    out.append(TOOL_OPEN + body + TOOL_CLOSE)
-        self._buf = buf
-        return "".join(out), calls
-
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """What is left once generation ended: an unclosed block is a call if its JSON is complete."""
-        buf, self._buf = self._buf, ""
-        if not self._inside:
-            return buf, []
-        self._inside = False
-        call = _parse_call(buf)
-        return ("", [call]) if call is not None else (TOOL_OPEN + buf, [])
-
-
-class OutputFilter:
-    """Decoded model text → what the client sees: stop strings cut, tool calls extracted, the answer's
-    leading whitespace dropped (byte-level BPE models start it with a space; OpenAI answers never do),
-    and, when tools are on, whitespace before a tool call dropped (models put newlines between blocks)."""
-
-    __slots__ = ("_any_calls", "_started", "_stop", "_tools", "_ws")
-
-    def __init__(self, stop: Sequence[str] = (), tools: bool = False) -> None:
-        self._stop = StopMatcher(stop)
-        self._tools = ToolCallParser() if tools else None
-        self._started = False  # some non-whitespace content went out
-        self._ws = ""  # trailing whitespace held back (tools on only)
-        self._any_calls = False
-
-    @property
-    def stopped(self) -> bool:
-        return self._stop.stopped
-
-    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """(content delta, completed tool calls) for the next piece of decoded text."""
-        return self._shape(*self._split(self._stop.feed(text)))
-
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """The held-back rest once generation ended; trailing whitespace survives unless tool calls came."""
-        content, calls = self._split(self._stop.flush())
-        if self._tools is not None:
-            rest, more = self._tools.finish()
-            content, calls = content + rest, calls + more
-        content, calls = self._shape(content, calls)
-        if not self._any_calls and self._started:
-            content, self._ws = content + self._ws, ""
-        return content, calls
-
-    def _split(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        if self._tools is None or not text:
-            return text, []
-        return self._tools.feed(text)
-
-    def _shape(self, content: str, calls: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-        if not self._started:
-            content = content.lstrip()
-            self._started = bool(content)
-        if self._tools is not None:
-            if content:  # it came before the calls: held whitespace goes out only if text follows it
-                body = content.rstrip()
-                content, self._ws = (self._ws + body, content[len(body) :]) if body else ("", self._ws + content)
-            if calls:
-                self._any_calls, self._ws = True, ""
-        return content, calls
 
 
 # --------------------------------------------------------------------------- responses

@@ -17,6 +17,8 @@ chat_template.jinja (HF-style; ChatML when absent). Manifest options (casola.jso
     ignore_eos          never stop before max_tokens (benchmarks, tests with random weights)
     temperature         sampling temperature when the request gives none (default 1.0, as OpenAI's)
     sampling_topk       top-k when sampling, 0 for the whole vocabulary (default 0)
+    max_tool_calls      end the answer once it holds this many tool calls (default: no limit); 1 for a small
+                        model that repeats or invents calls after the first (Qwen2.5-0.5B, MODELS.md §7.1)
 
 Not honoured, though accepted: `seed` (CTranslate2 4.8 has no per-request seed: its sampler is seeded once
 per thread), tool_choice "required" or a named function (only that tool is offered; the model is not
@@ -112,8 +114,12 @@ class LLMModel(BlockingModel):
             self._ignore_eos = bool(o.get("ignore_eos", False))
             self._topk = int(o.get("sampling_topk", 0))
             self._temperature = float(o.get("temperature", 1.0))
+            max_calls = o.get("max_tool_calls")
+            self._max_tool_calls: int | None = None if max_calls is None else int(max_calls)
         except (TypeError, ValueError) as exc:
             raise SpecError(f"model {spec.name!r}: bad option: {exc}") from exc
+        if self._max_tool_calls is not None and self._max_tool_calls < 1:
+            raise SpecError(f"model {spec.name!r}: max_tool_calls must be at least 1, got {self._max_tool_calls}")
         ids = {t: self._m.tokenizer.token_to_id(t) for t in self._end_tokens}
         if unknown := [t for t, i in ids.items() if i is None]:
             raise SpecError(f"model {spec.name!r}: end_tokens not in the vocabulary: {unknown}")
@@ -195,7 +201,7 @@ class _Run:
         tok, end_ids = m._m.tokenizer, m._end_ids
         # DecodeStream holds back ids until they make whole UTF-8 characters (byte-level BPE splits them).
         decode = DecodeStream(skip_special_tokens=True)
-        out = OutputFilter(self.req.stop, tools=bool(self.req.tools))
+        out = OutputFilter(self.req.stop, tools=bool(self.req.tools), max_tool_calls=m._max_tool_calls)
         kwargs = m._generate_kwargs(self.req, len(self.prompt))
         steps = m._m.generator.generate_tokens(self.prompt, **kwargs)
         self.finish_reason = "length"
@@ -212,7 +218,7 @@ class _Run:
                     content, calls = out.feed(text)
                     if content or calls:
                         yield content, self._add(calls)
-                    if out.stopped:
+                    if out.done:  # a stop string, or the last tool call allowed: the model stops here
                         self.finish_reason = "stop"
                         break
         finally:

@@ -5,7 +5,12 @@ Manifest (`casola.json`) of a tts model, no model files needed for espeak-ng:
     {"kind": "tts", "options": {"engine": "espeak-ng",
                                 "voices": {"alloy": "en-gb+f3", ...},   # optional: request voice -> engine voice
                                 "default_voice": "alloy",               # optional: when a request names none
-                                "max_input_chars": 4096}}               # optional
+                                "max_input_chars": 4096,                # optional
+                                "fallback": "espeak-ng"}}               # optional, see below
+
+With "fallback", an engine that cannot load (Piper without onnxruntime or its voice files) is replaced by
+the fallback engine, with one warning saying why; "voices" and "default_voice" name the first engine's
+voices, so the fallback uses its own aliases. Without it, the model fails to load.
 
 Requests:
 - `Content-Type: application/json`: OpenAI's body `{"model", "input", "voice", "response_format" (mp3 by
@@ -14,16 +19,18 @@ Requests:
 The audio streams as it is synthesized: engine PCM16 -> `workers.encode.StreamEncoder` -> DATA frames.
 
 Engines. An engine implements `TTSEngine` and is registered in `ENGINES` under the name the manifest's
-`"engine"` option uses; its constructor takes the manifest options. To add Piper, say: a class whose
-`synthesize` loads nothing per call (load the voice in `__init__`), yields PCM16 per sentence, checks
-`cancelled` between sentences, raises `VoiceError` before yielding for a voice it lacks, and whose
-`aliases` maps the OpenAI voice names to its speakers; then `ENGINES["piper"] = PiperEngine`.
+`"engine"` option uses; its constructor takes the manifest options and the model directory (None when
+there is none), and raises EngineError when it cannot run. Its `synthesize` loads nothing per call
+(load the voice in `__init__`), yields PCM16 per sentence, checks `cancelled` between sentences, raises
+`VoiceError` before yielding for a voice it lacks, and its `aliases` map the OpenAI voice names to its
+speakers. Registered: "espeak-ng" (below) and "piper" (`workers.piper`, imported only when used).
 
 espeak-ng is GPL-3.0-or-later: it runs as a separate process (`espeak-ng --stdout`), never linked.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import struct
@@ -32,7 +39,8 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
-from typing import Any, NamedTuple, Protocol
+from pathlib import Path
+from typing import Any, Final, NamedTuple, Protocol
 
 import msgspec
 
@@ -42,10 +50,16 @@ from casola.worker.model import BlockingModel, Reply, param_float, param_str
 from workers.encode import FORMATS, EncodeError, StreamEncoder
 from workers.spec import ModelSpec
 
-__all__ = ["ENGINES", "EngineError", "EspeakEngine", "TTSEngine", "TTSModel", "VoiceError"]
+__all__ = ["ENGINES", "OPENAI_VOICES", "EngineError", "EspeakEngine", "TTSEngine", "TTSModel", "VoiceError"]
 
 MAX_INPUT = 4096  # characters, OpenAI's limit
 SPEED_RANGE = (0.25, 4.0)  # OpenAI's range
+# OpenAI's voice names; every engine maps each of them to one of its voices.
+OPENAI_VOICES: Final = (
+    "alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin", "cedar",
+)  # fmt: skip
+
+log = logging.getLogger("casola.worker")
 
 
 class VoiceError(ValueError):
@@ -147,7 +161,8 @@ class EspeakEngine:
         "cedar": "en-us+m1",
     }
 
-    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, options: Mapping[str, Any] | None = None, directory: Path | None = None) -> None:
+        """Raises: EngineError: the binary is not on PATH. (`directory` is unused: espeak has no model files.)"""
         binary = str((options or {}).get("binary", "espeak-ng"))
         path = shutil.which(binary)
         if path is None:
@@ -223,7 +238,16 @@ class EspeakEngine:
                     f.close()
 
 
-ENGINES: dict[str, Callable[[Mapping[str, Any]], TTSEngine]] = {"espeak-ng": EspeakEngine}
+def _piper(options: Mapping[str, Any], directory: Path | None) -> TTSEngine:
+    from workers.piper import PiperEngine  # onnxruntime and numpy load only for a model that uses Piper
+
+    return PiperEngine(options, directory)
+
+
+ENGINES: dict[str, Callable[[Mapping[str, Any], Path | None], TTSEngine]] = {
+    "espeak-ng": EspeakEngine,
+    "piper": _piper,
+}
 
 
 # ---------------------------------------------------------------------------------------------- handler
@@ -242,12 +266,15 @@ class TTSModel(BlockingModel):
     content_type = "audio/wav"
 
     def __init__(self, spec: ModelSpec) -> None:
-        options = spec.options
+        """Loads the engine (or its fallback).
+
+        Raises:
+            ValueError: an unknown engine, a bad option, or a voice the engine lacks.
+            EngineError: the engine cannot run and there is no fallback (or the fallback cannot run either).
+        """
         self.name = spec.name
-        engine_name = str(options.get("engine", "espeak-ng"))
-        if engine_name not in ENGINES:
-            raise ValueError(f"tts model {spec.name!r}: unknown engine {engine_name!r} ({', '.join(ENGINES)})")
-        self.engine: TTSEngine = ENGINES[engine_name](options)
+        self.engine, options = _load_engine(spec)
+        engine_name = self.engine.name
         voices = options.get("voices") or {}
         if not isinstance(voices, dict) or not all(isinstance(v, str) for v in voices.values()):
             raise ValueError(f'tts model {spec.name!r}: "voices" must map voice names to {engine_name} voices')
@@ -322,6 +349,31 @@ class TTSModel(BlockingModel):
             some = ", ".join([*self.aliases, *english_first[:8]])
             raise HandlerError(f"unknown voice {name!r}; try one of {some}, ...", param="voice")
         return _Request(text, resolved, fmt, speed)
+
+
+def _engine_factory(spec: ModelSpec, name: str) -> Callable[[Mapping[str, Any], Path | None], TTSEngine]:
+    if name not in ENGINES:
+        raise ValueError(f"tts model {spec.name!r}: unknown engine {name!r} ({', '.join(ENGINES)})")
+    return ENGINES[name]
+
+
+def _load_engine(spec: ModelSpec) -> tuple[TTSEngine, Mapping[str, Any]]:
+    """The engine the manifest names, or its fallback when it cannot run; and the options that apply."""
+    # The worker's thread setting (CTranslate2's intra_threads for the other kinds) bounds a neural engine too.
+    options = {"threads": spec.threads, **spec.options} if spec.threads else spec.options
+    primary = _engine_factory(spec, str(options.get("engine", "espeak-ng")))
+    fallback = options.get("fallback")
+    second = _engine_factory(spec, str(fallback)) if fallback else None  # a typo fails even when unused
+    try:
+        return primary(options, spec.path), options
+    except EngineError as exc:
+        if second is None:
+            raise
+        log.warning(
+            "tts model %r: engine %s cannot run (%s); using %s instead", spec.name, options.get("engine"), exc, fallback
+        )
+    rest = {k: v for k, v in options.items() if k not in ("voices", "default_voice")}
+    return second(rest, spec.path), rest
 
 
 def _encoded(pcm: Iterator[bytes], encoder: StreamEncoder, cancelled: threading.Event) -> Iterator[bytes]:

