@@ -4,7 +4,8 @@ Round after round, the model is asked (OpenAI chat.completions body, `"stream": 
 worker); its text deltas are passed on as they arrive (the next step starts on the first usable
 piece), and the tool calls it makes run, in parallel, as the workflow's tools. A call to a tool
 the step does not list, or with arguments its schema rejects, never runs: the model is told why in
-its result. The results go back as messages (`tool_results = "messages"`: role "tool"), or as one
+its result; with `grounded = true` so does a call whose string arguments the user never said. The
+results go back as messages (`tool_results = "messages"`: role "tool"), or as one
 plain user message (`"text"`: small models loop on tool turns, MODELS.md §7.1), and the next round
 starts. The round after `max_rounds` offers no tools, so the model answers in words.
 """
@@ -78,10 +79,11 @@ class LlmStage:
         self.tools = {name: tools[name] for name in step.tools}
         self.rounds = 0
         self.rejected = 0  # tool calls refused before running (unknown tool, bad arguments)
+        self.question = ""
 
     async def items(self) -> AsyncIterator[Item]:
         step = self.step
-        question = (await whole_text(self.upstream, f"step {step.name!r}", self.run)).strip()
+        question = self.question = (await whole_text(self.upstream, f"step {step.name!r}", self.run)).strip()
         messages: list[dict[str, Any]] = [{"role": "system", "content": step.system}] if step.system else []
         messages.append({"role": "user", "content": question})
         for round_no in range(step.max_rounds + 1):
@@ -119,6 +121,8 @@ class LlmStage:
                 log.info("%s: rejected a call to unknown tool %r", self.step.name, call["name"])
                 return f"error: there is no tool named {call['name']!r} (tools: {known}); answer without it"
             args, why = tool.check(call["arguments"])
+            if not why and self.step.grounded:
+                why = _ungrounded(tool, args, self.question)
             if why:
                 self.rejected += 1
                 log.info("%s: rejected a call: %s", self.step.name, why)
@@ -148,3 +152,15 @@ class LlmStage:
         }
         tool_turns = [{"role": "tool", "tool_call_id": i, "content": r} for i, r in zip(ids, results, strict=True)]
         return [assistant, *tool_turns]
+
+
+def _ungrounded(tool: Tool, args: bytes, question: str) -> str:
+    """Why a call is not grounded in what the user said (`grounded = true`), or "": each required
+    string argument must occur in the user's words, ignoring case. A 0.5B model answers "What is
+    the capital of France?" with get_weather(city="Paris"): Paris was never said (docs/models.md)."""
+    said, values = question.casefold(), _decode(args) or {}
+    for name in tool.config.parameters.get("required", ()):
+        value = values.get(name)
+        if isinstance(value, str) and value.strip() and value.strip().casefold() not in said:
+            return f"{tool.name}: the user did not mention {value!r} (argument {name}); answer without the tool"
+    return ""

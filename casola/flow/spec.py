@@ -57,6 +57,7 @@ class StepConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tools: list[str] = []
     max_rounds: int = 2  # rounds whose tool calls are run; the round after the last has no tools
     tool_results: str = "messages"  # messages (role "tool") | text (one user message: small models loop on tool turns)
+    grounded: bool = False  # a call's string arguments must occur in the user's words (small models make them up)
     # tool
     tool: str = ""
     # sentences

@@ -87,6 +87,12 @@ steps = [{ name = "think", kind = "llm", model = "chat-agent2", tools = ["get_we
 model = "tools"
 parameters = @WEATHER@
 
+[workflows.grounded]
+steps = [{ name = "think", kind = "llm", model = "chat-agent", tools = ["get_weather"], grounded = true }]
+[workflows.grounded.tools.get_weather]
+model = "tools"
+parameters = @WEATHER@
+
 [workflows.ghostly]
 steps = [{ name = "haunt", kind = "model", model = "ghost" }]
 
@@ -429,3 +435,10 @@ def test_a_step_refused_for_capacity_keeps_its_code_and_retry_after(up: Up) -> N
     assert a.status == 503, a.body  # the step's no_capacity, not a 502 of the engine "failing"
     assert "step 'haunt'" in json.loads(a.body)["error"]["message"]
     assert int(a.headers["retry-after"]) >= 1
+
+
+def test_with_grounded_a_call_whose_argument_the_user_never_said_does_not_run(up: Up) -> None:
+    said = up.run("grounded", b"What's the weather in paris today?")  # chat-agent asks get_weather(Paris)
+    assert "think.get_weather" in [r[0] for r in said.timeline()]
+    unsaid = up.run("grounded", b"What is the capital of France?")
+    assert unsaid.status == 200 and "think.get_weather" not in [r[0] for r in unsaid.timeline()]
