@@ -94,6 +94,9 @@ class LlmStage:
             if not answer.calls:
                 return
             results = await self._run_calls(list(answer.calls.values()))
+            if said := self._confirmations(list(answer.calls.values()), results):
+                yield said  # an action's templated confirmation: no round for the model to read it out
+                return
             messages += self._history(answer, results, question)
 
     async def _ask(self, messages: list[dict[str, Any]], offer: bool, answer: _Round) -> AsyncIterator[str]:
@@ -120,7 +123,7 @@ class LlmStage:
                 known = ", ".join(self.tools) or "none"
                 log.info("%s: rejected a call to unknown tool %r", self.step.name, call["name"])
                 return f"error: there is no tool named {call['name']!r} (tools: {known}); answer without it"
-            args, why = tool.check(call["arguments"])
+            args, why = tool.check(call["arguments"], self.step.prune_arguments)
             if not why and self.step.grounded:
                 why = _ungrounded(tool, args, self.question)
             if why:
@@ -134,6 +137,22 @@ class LlmStage:
             return bytes(out).decode(errors="replace")
 
         return list(await asyncio.gather(*(one(c) for c in calls)))
+
+    def _confirmations(self, calls: list[dict[str, str]], results: list[str]) -> str:
+        """The tools' own answers (ToolConfig.answer) when every call has one, else ""."""
+        out = []
+        for call, result in zip(calls, results, strict=True):
+            tool = self.tools.get(call["name"])
+            if tool is None or not tool.config.answer or result.startswith("error: "):
+                return ""
+            try:
+                said = _decode(result).get(tool.config.answer)
+            except (msgspec.DecodeError, AttributeError):
+                return ""
+            if not isinstance(said, str) or not said.strip():
+                return ""
+            out.append(said.strip())
+        return " ".join(out)
 
     def _history(self, answer: _Round, results: list[str], question: str) -> list[dict[str, Any]]:
         calls = list(answer.calls.values())

@@ -43,6 +43,9 @@ class ToolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str = ""  # a worker model that runs it: params {"tool": <name>}, body = the arguments (JSON)
     url: str = ""  # or an HTTP endpoint: POST of the arguments (JSON), held to the webhook address rules
     timeout_ms: int = 10000
+    # A field of the tool's JSON result that IS the answer (an action's templated confirmation): when
+    # every call of a round has one, the llm step answers with them and the model is not asked again.
+    answer: str = ""
 
 
 class StepConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -57,7 +60,10 @@ class StepConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tools: list[str] = []
     max_rounds: int = 2  # rounds whose tool calls are run; the round after the last has no tools
     tool_results: str = "messages"  # messages (role "tool") | text (one user message: small models loop on tool turns)
-    grounded: bool = False  # a call's string arguments must occur in the user's words (small models make them up)
+    grounded: bool = (
+        False  # a call's required string arguments must occur in the user's words (small models make them up)
+    )
+    prune_arguments: bool = False  # drop arguments the schema does not declare (small models copy "required" in)
     # tool
     tool: str = ""
     # sentences

@@ -39,12 +39,16 @@ class Tool:
         if self._http is not None:
             await self._http.aclose()
 
-    def check(self, arguments: str) -> tuple[bytes, str]:
-        """(the arguments as JSON bytes, "") when they may run, else (b"", why not)."""
+    def check(self, arguments: str, prune: bool = False) -> tuple[bytes, str]:
+        """(the arguments as JSON bytes, "") when they may run, else (b"", why not). `prune`: first
+        drop the arguments the schema does not declare (then the rest must pass)."""
         try:
             args = json.loads(arguments or "{}")
         except ValueError as exc:
             return b"", f"the arguments of {self.name} are not JSON ({exc})"
+        declared = self.config.parameters.get("properties")
+        if prune and isinstance(args, dict) and isinstance(declared, dict):
+            args = {k: v for k, v in args.items() if k in declared}
         errors = sorted(self._validator.iter_errors(args), key=lambda e: list(e.path))
         if errors:
             e = errors[0]

@@ -93,6 +93,13 @@ steps = [{ name = "think", kind = "llm", model = "chat-agent", tools = ["get_wea
 model = "tools"
 parameters = @WEATHER@
 
+[workflows.confirms]
+steps = [{ name = "think", kind = "llm", model = "chat-agent", tools = ["get_weather"] }]
+[workflows.confirms.tools.get_weather]
+model = "tools"
+answer = "conditions"
+parameters = @WEATHER@
+
 [workflows.ghostly]
 steps = [{ name = "haunt", kind = "model", model = "ghost" }]
 
@@ -442,3 +449,9 @@ def test_with_grounded_a_call_whose_argument_the_user_never_said_does_not_run(up
     assert "think.get_weather" in [r[0] for r in said.timeline()]
     unsaid = up.run("grounded", b"What is the capital of France?")
     assert unsaid.status == 200 and "think.get_weather" not in [r[0] for r in unsaid.timeline()]
+
+
+def test_a_tool_that_answers_for_itself_ends_the_step_without_another_round(up: Up) -> None:
+    a = up.run("confirms", b"Weather in Paris?")
+    assert a.status == 200 and a.body == b"sunny"  # get_weather's "conditions" for Paris, as it is
+    assert [r[0] for r in a.timeline()] == ["think", "think.get_weather"]  # the model was asked once

@@ -85,3 +85,24 @@ def test_the_documented_and_example_workflows_load(tmp_path: Path) -> None:
     example = load_config(root / "examples" / "voice-agent.toml")
     think = example.workflows["voice-agent"].steps[1]
     assert (think.model, think.tools, think.max_rounds) == ("agent", ["get_weather", "set_timer"], 1)
+
+
+def test_a_tool_checks_its_arguments_against_its_schema_and_may_prune_undeclared_ones() -> None:
+    from casola.flow.spec import ToolConfig
+    from casola.flow.tools import Tool
+    from casola.net.outbound import OutboundPolicy
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    tool = Tool("get_weather", ToolConfig(model="tools", parameters=schema), OutboundPolicy())
+    assert tool.check('{"city": "Paris"}') == (b'{"city": "Paris"}', "")
+    assert "42 is not of type 'string'" in tool.check('{"city": 42}')[1]
+    assert "not JSON" in tool.check("{city: Paris}")[1]
+    copied = '{"city": "Paris", "required": ["city"]}'  # what a 0.5B model writes
+    assert "Additional properties" in tool.check(copied)[1]
+    assert tool.check(copied, prune=True) == (b'{"city": "Paris"}', "")
+    assert "'city' is a required property" in tool.check('{"town": "Paris"}', prune=True)[1]
