@@ -54,21 +54,24 @@ class _Round:
 
 
 async def _sse_deltas(stream: Stream) -> AsyncIterator[dict[str, Any]]:
-    """The `delta` of each `chat.completion.chunk` event of a streamed answer."""
+    """The `delta` of each `chat.completion.chunk` event of a streamed answer, read to the stream's
+    END (`[DONE]` comes just before it: leaving there would cancel a finished request)."""
     buf = b""
+    done = False
     async for chunk in stream:
-        buf += bytes(chunk)
+        if done:
+            continue
+        buf = buf + chunk if buf else bytes(chunk)
         while (end := buf.find(b"\n\n")) >= 0:
             event, buf = buf[:end], buf[end + 2 :]
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                doc = _decode(data)
-                for choice in doc.get("choices") or ():
-                    yield choice.get("delta") or {}
+            if not event.startswith(b"data:"):
+                continue
+            data = event[5:].strip()
+            if data == b"[DONE]":
+                done = True
+                break
+            for choice in _decode(data).get("choices") or ():
+                yield choice.get("delta") or {}
 
 
 class LlmStage:
@@ -80,6 +83,7 @@ class LlmStage:
         self.rounds = 0
         self.rejected = 0  # tool calls refused before running (unknown tool, bad arguments)
         self.question = ""
+        self.refused_all = False  # a round's every call was refused (on_rejected = "answer")
 
     async def items(self) -> AsyncIterator[Item]:
         step = self.step
@@ -87,16 +91,20 @@ class LlmStage:
         messages: list[dict[str, Any]] = [{"role": "system", "content": step.system}] if step.system else []
         messages.append({"role": "user", "content": question})
         for round_no in range(step.max_rounds + 1):
-            offer = bool(self.tools) and round_no < step.max_rounds
+            offer = bool(self.tools) and round_no < step.max_rounds and not self.refused_all
             answer = _Round()
             async for text in self._ask(messages, offer, answer):
                 yield text
             if not answer.calls:
                 return
-            results = await self._run_calls(list(answer.calls.values()))
-            if said := self._confirmations(list(answer.calls.values()), results):
+            calls = list(answer.calls.values())
+            results, ran = await self._run_calls(calls)
+            if said := self._confirmations(calls, results):
                 yield said  # an action's templated confirmation: no round for the model to read it out
                 return
+            if not ran and step.on_rejected == "answer":
+                self.refused_all = True  # asked again as it was, with no tools: it must answer in words
+                continue
             messages += self._history(answer, results, question)
 
     async def _ask(self, messages: list[dict[str, Any]], offer: bool, answer: _Round) -> AsyncIterator[str]:
@@ -113,8 +121,9 @@ class LlmStage:
                 if text := answer.take(delta):
                     yield text
 
-    async def _run_calls(self, calls: list[dict[str, str]]) -> list[str]:
-        """Each call's result as text for the model; the valid ones run at once, in parallel."""
+    async def _run_calls(self, calls: list[dict[str, str]]) -> tuple[list[str], int]:
+        """Each call's result as text for the model, and how many ran; the valid ones run at once,
+        in parallel, with their arguments as checked (pruned) also in the history."""
 
         async def one(call: dict[str, str]) -> str:
             tool = self.tools.get(call["name"])
@@ -130,13 +139,17 @@ class LlmStage:
                 self.rejected += 1
                 log.info("%s: rejected a call: %s", self.step.name, why)
                 return f"error: {why}; the tool did not run"
+            call["arguments"] = args.decode()  # the history shows what ran, not what was refused
+            ran.append(call)
             try:
                 out = await tool.call(self.run, f"{self.step.name}.{tool.name}", args)
             except StepFailed as exc:  # the model is told, and answers without it
                 return f"error: {exc.message}"
             return bytes(out).decode(errors="replace")
 
-        return list(await asyncio.gather(*(one(c) for c in calls)))
+        ran: list[dict[str, str]] = []
+        results = list(await asyncio.gather(*(one(c) for c in calls)))
+        return results, len(ran)
 
     def _confirmations(self, calls: list[dict[str, str]], results: list[str]) -> str:
         """The tools' own answers (ToolConfig.answer) when every call has one, else ""."""

@@ -27,6 +27,7 @@ __all__ = ["KINDS", "StepConfig", "ToolConfig", "WorkflowConfig", "WorkflowError
 
 KINDS: Final = ("model", "llm", "tool", "sentences")
 TOOL_RESULTS: Final = ("messages", "text")
+ON_REJECTED: Final = ("tell", "answer")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_STEPS: Final = 32
 
@@ -63,6 +64,7 @@ class StepConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     grounded: bool = (
         False  # a call's required string arguments must occur in the user's words (small models make them up)
     )
+    on_rejected: str = "tell"  # tell: the model gets why (a tool message); answer: asked again, no tools
     prune_arguments: bool = False  # drop arguments the schema does not declare (small models copy "required" in)
     # tool
     tool: str = ""
@@ -123,6 +125,8 @@ def _check_step(at: str, step: StepConfig, wf: WorkflowConfig, before: StepConfi
                 raise WorkflowError(f"{at}: tool {t!r} is not declared ([workflows.*.tools]; declared: {known})")
         if not 1 <= step.max_rounds <= 16:
             raise WorkflowError(f"{at}: max_rounds must be 1..16")
+        if step.on_rejected not in ON_REJECTED:
+            raise WorkflowError(f"{at}: on_rejected must be one of {', '.join(ON_REJECTED)}")
         if step.tool_results not in TOOL_RESULTS:
             raise WorkflowError(f"{at}: tool_results must be one of {', '.join(TOOL_RESULTS)}")
     if step.kind == "tool" and step.tool not in wf.tools:

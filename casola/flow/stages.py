@@ -102,25 +102,23 @@ class Sentences:
         split = SentenceSplitter(self.step.min_chars, self.step.max_chars)
         wait = self.step.max_wait_ms / 1000
         deltas = aiter(self.upstream.items())
-        pending: asyncio.Task[Item] | None = None
+        pending: asyncio.Task[Item] | None = None  # the next delta, awaited with a bound
         try:
             while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(deltas))
-                if split.ends_pending():
-                    done, _ = await asyncio.wait((pending,), timeout=wait)
-                    if not done:
-                        if sentence := split.take_pending():
-                            self.count += 1
-                            yield sentence
-                        continue
                 try:
-                    delta = await pending
+                    if pending is None and not split.ends_pending():
+                        delta = await anext(deltas)  # the common case: no task, no timer
+                    else:
+                        pending = pending or asyncio.ensure_future(anext(deltas))
+                        done, _ = await asyncio.wait((pending,), timeout=wait)
+                        if not done:
+                            if sentence := split.take_pending():
+                                self.count += 1
+                                yield sentence
+                            continue
+                        delta, pending = pending.result(), None
                 except StopAsyncIteration:
                     break
-                finally:
-                    if pending.done():
-                        pending = None
                 for sentence in split.feed(delta if isinstance(delta, str) else bytes(delta).decode()):
                     self.count += 1
                     yield sentence

@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from jsonschema import Draft202012Validator
 
 from casola.flow.run import Run, StepFailed
@@ -22,6 +23,7 @@ from casola.wire import ErrorCode
 
 __all__ = ["Tool", "tool_stage"]
 
+_encode = msgspec.json.Encoder().encode
 MAX_RESULT = 1 << 20  # bytes of a tool's answer kept (it goes back into a prompt)
 
 
@@ -49,12 +51,11 @@ class Tool:
         declared = self.config.parameters.get("properties")
         if prune and isinstance(args, dict) and isinstance(declared, dict):
             args = {k: v for k, v in args.items() if k in declared}
-        errors = sorted(self._validator.iter_errors(args), key=lambda e: list(e.path))
-        if errors:
-            e = errors[0]
+        if not self._validator.is_valid(args):  # the fast path first; the errors only to explain one
+            e = sorted(self._validator.iter_errors(args), key=lambda e: list(e.path))[0]
             at = "/".join(str(p) for p in e.path) or "the arguments"
             return b"", f"{self.name}: {at}: {e.message}"
-        return json.dumps(args, ensure_ascii=False).encode(), ""
+        return _encode(args), ""
 
     async def call(self, run: Run, stage: str, args: bytes) -> bytes:
         """The tool's answer.
