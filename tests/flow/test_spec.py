@@ -84,7 +84,12 @@ def test_the_documented_and_example_workflows_load(tmp_path: Path) -> None:
     assert [s.name for s in _load(tmp_path, block).workflows["voice-agent"].steps] == ["asr", "think", "split", "speak"]  # type: ignore[attr-defined]
     example = load_config(root / "examples" / "voice-agent.toml")
     think = example.workflows["voice-agent"].steps[1]
-    assert (think.model, think.tools, think.max_rounds) == ("agent", ["get_weather", "set_timer"], 1)
+    assert (think.model, think.tools, think.max_rounds, think.tool_results) == (
+        "agent",
+        ["get_weather", "set_timer"],
+        1,
+        "text",
+    )
 
 
 def test_a_tool_checks_its_arguments_against_its_schema_and_may_prune_undeclared_ones() -> None:
