@@ -148,6 +148,8 @@ class LlmStage:
             return bytes(out).decode(errors="replace")
 
         ran: list[dict[str, str]] = []
+        if len(calls) == 1:  # the common case: no task to run one call in
+            return [await one(calls[0])], len(ran)
         results = list(await asyncio.gather(*(one(c) for c in calls)))
         return results, len(ran)
 

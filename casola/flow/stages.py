@@ -139,9 +139,15 @@ class PerSentence:
         self.content_type = ""
 
     async def items(self) -> AsyncIterator[Item]:
+        sentences = aiter(self.upstream.items())
+        first = await anext(sentences, None)  # pulled here, not in a task: the pipeline starts at once
+        if first is None:
+            return
         streams: asyncio.Queue[tuple[int, Any] | None] = asyncio.Queue()
         room = asyncio.Semaphore(self.step.lookahead)
-        feeder = asyncio.ensure_future(self._dispatch(streams, room))
+        await room.acquire()
+        streams.put_nowait((1, self._open(1, first)))
+        feeder = asyncio.ensure_future(self._dispatch(sentences, streams, room))
         join = WavJoin()
         try:
             while (entry := await streams.get()) is not None:
@@ -161,21 +167,24 @@ class PerSentence:
             feeder.cancel()
             await asyncio.gather(feeder, return_exceptions=True)
 
-    async def _dispatch(self, streams: asyncio.Queue[Any], room: asyncio.Semaphore) -> None:
-        """Start each sentence's request as soon as the sentence exists and a place is free."""
+    def _open(self, n: int, sentence: Item) -> Stream:
         step, run = self.step, self.run
         params = {**step.params, **run.params.get(step.name, {})}
         ctype = step.content_type or "text/plain; charset=utf-8"
-        n = 0
+        body = sentence.encode() if isinstance(sentence, str) else sentence
+        hold: FilterPolicy = "hold" if self.filter else ""
+        return run.open(step.name, f"step {step.name!r} (sentence {n})", step.model, body, ctype, params, filter=hold)
+
+    async def _dispatch(
+        self, sentences: AsyncIterator[Item], streams: asyncio.Queue[Any], room: asyncio.Semaphore
+    ) -> None:
+        """Start each later sentence's request as soon as it exists and a place is free."""
+        n = 1
         try:
-            async for sentence in self.upstream.items():
+            async for sentence in sentences:
                 await room.acquire()
                 n += 1
-                body = sentence.encode() if isinstance(sentence, str) else sentence
-                what = f"step {step.name!r} (sentence {n})"
-                hold: FilterPolicy = "hold" if self.filter else ""
-                stream = run.open(step.name, what, step.model, body, ctype, params, filter=hold)
-                await streams.put((n, stream))
+                await streams.put((n, self._open(n, sentence)))
         except Exception as exc:
             await streams.put((n, exc))
         await streams.put(None)
