@@ -3,7 +3,7 @@
 One spoken question (espeak-ng speech of "What's the weather in Paris?"), answered in speech by
 ASR -> LLM (a tool call, get_weather, and a second round with its result) -> TTS:
 
-- (a) workflow: `POST /v1/workflows/agent` on a `casola up` this bench starts (`[ingress] trace =
+- (a) workflow: `POST /v1/workflows/voice-agent` on a `casola up` this bench starts (`[ingress] trace =
   true`), streamed: first audio byte (client side, request sent -> first body byte), total, and
   the run's `flow-overhead`, `step.*`, `work` (Server-Timing trailer) and its timeline trailer.
 - (b) chained: the same steps as three kinds of requests by the client through the same casola,
@@ -113,12 +113,13 @@ def weather_tool() -> dict[str, Any]:
 
 
 def config_toml(s: ModelSet, tools_dir_exists: bool) -> str:
-    """Workers and the `agent` workflow (after tests/e2e/test_workflows.py), with Server-Timing on."""
+    """Workers and the `voice-agent` workflow (after tests/e2e/test_workflows.py), with Server-Timing on."""
     tool = weather_tool()
     llm_params = _toml({"max_tokens": s.max_tokens, "temperature": 0})
     extra = "" if s.tool_results == "messages" else f', tool_results = "{s.tool_results}"'
     think = f'{{ name = "think", kind = "llm", model = "{s.llm}", tools = ["get_weather"], params = {llm_params}'
-    think += f", max_rounds = {s.max_rounds}{extra} }}"  # one line: a TOML inline table does not span lines
+    # one line: a TOML inline table does not span lines
+    think += f", max_rounds = {s.max_rounds}, prune_arguments = true{extra} }}"
     return f"""
 [[workers]]
 models = ["{s.asr}", "{s.llm}"]
@@ -129,7 +130,7 @@ threads = 4
 models = ["{s.tts}", "{s.tools}", "echo"]
 capacity = 8
 {"" if tools_dir_exists else f'[models.{s.tools}]{chr(10)}kind = "tools"{chr(10)}'}
-[workflows.agent]
+[workflows.voice-agent]
 description = "the voice agent: speech in, speech out"
 deadline_ms = 60000
 steps = [
@@ -138,11 +139,22 @@ steps = [
   {{ name = "split", kind = "sentences" }},
   {{ name = "speak", kind = "model", model = "{s.tts}", params = {{ response_format = "wav" }} }},
 ]
-[workflows.agent.tools.get_weather]
+[workflows.voice-agent.tools.get_weather]
 model = "{s.tools}"
 description = {json.dumps(tool["description"])}
 parameters = {_toml(tool["parameters"])}
 """
+
+
+def pruned(call: dict[str, str]) -> bytes:
+    """A call's arguments without those its schema does not declare, as the workflow's
+    `prune_arguments = true` does (the 0.5B model copies "required" into them): same work all ways."""
+    from workers.tools import TOOL_SCHEMAS
+
+    args = json.loads(call["arguments"] or "{}")
+    declared = TOOL_SCHEMAS.get(call["name"], {}).get("parameters", {}).get("properties", {})
+    call["arguments"] = json.dumps({k: v for k, v in args.items() if k in declared}, separators=(",", ":"))
+    return call["arguments"].encode()  # and the history shows them so, as the engine's does
 
 
 class TracedUp(Up):
@@ -296,8 +308,8 @@ def history(s: ModelSet, answer: Round, results: list[str], question: str, n: in
 
 
 def mode_a(http: Http, s: ModelSet, wav: bytes) -> dict[str, Any]:
-    a, first, total = post(http, "/v1/workflows/agent", wav, {"Content-Type": "audio/wav"})
-    a.check("workflow agent")
+    a, first, total = post(http, "/v1/workflows/voice-agent", wav, {"Content-Type": "audio/wav"})
+    a.check("workflow voice-agent")
     rows = json.loads(a.trailers["x-casola-flow-timeline"])
     think_done = max(done for stage, _, done in rows if stage == "think")
     speak_sent = [sent for stage, sent, _ in rows if stage == "speak"]
@@ -355,7 +367,7 @@ def mode_b(http: Http, s: ModelSet, wav: bytes) -> dict[str, Any]:
         results = []
         for call in answer.calls.values():
             headers = {"Content-Type": "application/json", "X-Casola-Param-Tool": call["name"]}
-            got, _, ms = post(http, f"/v1/run/{s.tools}", call["arguments"].encode(), headers)
+            got, _, ms = post(http, f"/v1/run/{s.tools}", pruned(call), headers)
             hop["tools"] += ms
             results.append(got.check("tool").body.decode())
         messages += history(s, answer, results, question, n + 1)
@@ -431,7 +443,7 @@ class Direct:
                         say(sentence)
             if not answer.calls:
                 break
-            results = [run_tool(c["name"], c["arguments"].encode()).decode() for c in answer.calls.values()]
+            results = [run_tool(c["name"], pruned(c)).decode() for c in answer.calls.values()]
             messages += history(s, answer, results, question, n + 1)
         if rest := split.flush():
             say(rest)
@@ -596,7 +608,7 @@ def measure(s: ModelSet, models_dir: Path, tmp: Path, rounds: int, warmup: int) 
     rows: dict[str, list[dict[str, Any]]] = {"a": [], "b": [], "c": []}
     try:
         direct = Direct(s, up.config)  # loads while casola up starts
-        asyncio.run(_ready(up, [s.asr, s.llm, s.tts, s.tools, "agent"]))
+        asyncio.run(_ready(up, [s.asr, s.llm, s.tts, s.tools, "voice-agent"]))
         http, wav = Http(up.http, up.key()), _espeak(QUESTION)
         pids = [up.proc.pid, *descendants(up.proc.pid)]  # casola up and its worker processes
         modes = {"a": lambda: mode_a(http, s, wav), "b": lambda: mode_b(http, s, wav), "c": lambda: direct.run(wav)}
