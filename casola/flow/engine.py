@@ -40,7 +40,6 @@ __all__ = ["Engine", "Workflow"]
 
 log = logging.getLogger("casola.flow")
 
-_BUSY_RETRY_MS = 1000  # Retry-After of a run refused by max_concurrent
 TIMELINE = "x-casola-flow-timeline"  # END trailer of a traced run: when each step request was sent and answered
 
 
@@ -74,9 +73,6 @@ class Workflow:
         self.stats = dict.fromkeys(("runs", "failed", "resumed", "steps_completed"), 0)
 
     async def __call__(self, call: WorkCall) -> None:
-        if self.active >= self.config.max_concurrent:
-            msg = f"workflow {self.name!r} runs {self.active} at once already (max_concurrent)"
-            raise HandlerError(msg, ErrorCode.OVERLOADED, retry_after_ms=_BUSY_RETRY_MS)
         self.active += 1
         self.stats["runs"] += 1
         try:
@@ -204,18 +200,29 @@ class Engine:
             name: Workflow(name, wf, self.door, {t: Tool(t, c, policy) for t, c in wf.tools.items()})
             for name, wf in workflows.items()
         }
-        capacity = sum(wf.max_concurrent for wf in workflows.values())
-        config = WorkerConfig(models=list(workflows), capacity=capacity, node_id=f"{node_id}/workflows", threads=1)
-        self.runtime = WorkerRuntime(config, list(self.workflows.values()), "", dial=connect)
+        # One worker per workflow, its slots the workflow's max_concurrent: the node schedules runs
+        # like any model's requests (a line per tenant, served in turn), so one tenant's flood of a
+        # workflow waits behind the others' runs instead of taking every slot.
+        self.runtimes = [
+            WorkerRuntime(
+                WorkerConfig(models=[name], capacity=wf.config.max_concurrent, node_id=f"{node_id}/workflow/{name}"),
+                [wf],
+                "",
+                dial=connect,
+            )
+            for name, wf in self.workflows.items()
+        ]
 
     async def start(self) -> None:
         await self.door.start()
-        await self.runtime.start()
-        await self.runtime.wait_registered()
+        for rt in self.runtimes:
+            await rt.start()
+            await rt.wait_registered()
         log.info("workflows served: %s", ", ".join(self.workflows))
 
     async def stop(self) -> None:
-        await self.runtime.stop()
+        for rt in self.runtimes:
+            await rt.stop()
         await self.door.stop()
         for wf in self.workflows.values():
             for tool in wf.tools.values():

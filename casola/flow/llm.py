@@ -125,8 +125,11 @@ class LlmStage:
         """Each call's result as text for the model, and how many ran; the valid ones run at once,
         in parallel, with their arguments as checked (pruned) also in the history."""
 
-        async def one(call: dict[str, str]) -> str:
+        async def one(i: int, call: dict[str, str]) -> str:
             tool = self.tools.get(call["name"])
+            if i >= self.step.max_calls:  # a model cannot fan out without bound
+                self.rejected += 1
+                return f"error: at most {self.step.max_calls} tool calls run from one answer; this one did not"
             if tool is None:
                 self.rejected += 1
                 known = ", ".join(self.tools) or "none"
@@ -149,8 +152,8 @@ class LlmStage:
 
         ran: list[dict[str, str]] = []
         if len(calls) == 1:  # the common case: no task to run one call in
-            return [await one(calls[0])], len(ran)
-        results = list(await asyncio.gather(*(one(c) for c in calls)))
+            return [await one(0, calls[0])], len(ran)
+        results = list(await asyncio.gather(*(one(i, c) for i, c in enumerate(calls))))
         return results, len(ran)
 
     def _confirmations(self, calls: list[dict[str, str]], results: list[str]) -> str:

@@ -60,6 +60,7 @@ class StepConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     system: str = ""
     tools: list[str] = []
     max_rounds: int = 2  # rounds whose tool calls are run; the round after the last has no tools
+    max_calls: int = 8  # tool calls run from one answer (in parallel); more are refused
     tool_results: str = "messages"  # messages (role "tool") | text (one user message: small models loop on tool turns)
     grounded: bool = (
         False  # a call's required string arguments must occur in the user's words (small models make them up)
@@ -79,7 +80,7 @@ class WorkflowConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     steps: list[StepConfig]
     description: str = ""
     deadline_ms: int = 0  # the whole workflow's, when the request names none; 0 = none
-    max_concurrent: int = 64  # runs at once (its slots at the queue node, like a worker's)
+    max_concurrent: int = 64  # runs at once: its slots at the queue node; more wait in line, per tenant
     tools: dict[str, ToolConfig] = {}
 
 
@@ -123,8 +124,8 @@ def _check_step(at: str, step: StepConfig, wf: WorkflowConfig, before: StepConfi
             if t not in wf.tools:
                 known = ", ".join(wf.tools) or "none"
                 raise WorkflowError(f"{at}: tool {t!r} is not declared ([workflows.*.tools]; declared: {known})")
-        if not 1 <= step.max_rounds <= 16:
-            raise WorkflowError(f"{at}: max_rounds must be 1..16")
+        if not 1 <= step.max_rounds <= 16 or not 1 <= step.max_calls <= 64:
+            raise WorkflowError(f"{at}: max_rounds must be 1..16 and max_calls 1..64")
         if step.on_rejected not in ON_REJECTED:
             raise WorkflowError(f"{at}: on_rejected must be one of {', '.join(ON_REJECTED)}")
         if step.tool_results not in TOOL_RESULTS:
