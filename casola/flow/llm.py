@@ -29,6 +29,9 @@ __all__ = ["LlmStage"]
 
 log = logging.getLogger("casola.flow")
 
+# What a request's `<step>.<name>` params may not set in the chat body: the conversation, the tools
+# offered and the streaming are the step's own.
+_NOT_FROM_REQUEST = frozenset({"messages", "tools", "tool_choice", "stream", "stream_options", "functions"})
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
@@ -111,7 +114,8 @@ class LlmStage:
         step, run = self.step, self.run
         self.rounds += 1
         body: dict[str, Any] = dict(step.params)  # typed already (TOML); a header's values are strings
-        body.update({k: typed(v) for k, v in run.params.get(step.name, {}).items()})
+        asked = run.params.get(step.name, {})
+        body.update({k: typed(v) for k, v in asked.items() if k not in _NOT_FROM_REQUEST})
         body.update(messages=messages, stream=True)
         if offer:
             body["tools"] = [t.schema for t in self.tools.values()]
@@ -146,8 +150,9 @@ class LlmStage:
             ran.append(call)
             try:
                 out = await tool.call(self.run, f"{self.step.name}.{tool.name}", args)
-            except StepFailed as exc:  # the model is told, and answers without it
-                return f"error: {exc.message}"
+            except StepFailed as exc:  # the model is told no more than that (its words may be spoken)
+                log.warning("%s: %s", self.step.name, exc.message, extra={"request_id": self.run.meta.request_id})
+                return f"error: the tool {tool.name} failed; answer without it"
             return bytes(out).decode(errors="replace")
 
         ran: list[dict[str, str]] = []

@@ -254,16 +254,14 @@ class Ingress:
             return ex.respond(200, [(b"content-type", JSON_CT)], body)
         if ex.method != b"POST":
             return ex.not_allowed(b"POST")
-        return self._run(ex, name)
+        return self._run(ex, name, "POST /v1/workflows/{name}")
 
-    def _run(self, ex: Exchange, model_b: bytes) -> None:
+    def _run(self, ex: Exchange, model_b: bytes, route: str = "POST /v1/run/{model}") -> None:
         caller = authorize(self, ex, ex.send_error)
         if caller is None:
             return
         if not model_b or b"/" in model_b:
-            return ex.send_error(
-                404, "no model in the path: POST /v1/run/{model}", "invalid_request_error", "not_found"
-            )
+            return ex.send_error(404, f"no name in the path: {route}", "invalid_request_error", "not_found")
         # With auth off a sync request carries no tenant; a job needs one (`caller.tenant`).
         tenant = caller.tenant if self.verifier is not None else ""
         try:
