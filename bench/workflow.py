@@ -66,6 +66,7 @@ from floor import ROOT, TICK, Procs, descendants, free_port, stat_fields  # noqa
 from handlers import Http, _whole  # noqa: E402
 from upstack import Up, pct  # noqa: E402
 
+from casola.flow.llm import StreamedAnswer  # noqa: E402
 from casola.wire import Buffer, RequestMeta  # noqa: E402
 from casola.worker.model import BlockingModel, Reply  # noqa: E402
 
@@ -250,24 +251,7 @@ def post(http: Http, path: str, body: bytes, headers: dict[str, str]) -> tuple[A
 # -- the LLM's answer, as the engine reads it (casola.flow.llm) -------------------------------------
 
 
-class Round:
-    """One streamed answer: its text and its tool calls, merged by index."""
-
-    def __init__(self) -> None:
-        self.text: list[str] = []
-        self.calls: dict[int, dict[str, str]] = {}
-
-    def take(self, delta: dict[str, Any]) -> str:
-        for c in delta.get("tool_calls") or ():
-            slot = self.calls.setdefault(int(c.get("index", len(self.calls))), {"id": "", "name": "", "arguments": ""})
-            fn = c.get("function") or {}
-            slot["id"] = c.get("id") or slot["id"]
-            slot["name"] += fn.get("name") or ""
-            slot["arguments"] += fn.get("arguments") or ""
-        text = delta.get("content") or ""
-        if text:
-            self.text.append(text)
-        return text
+Round = StreamedAnswer  # the engine's own, so both read an answer the same way
 
 
 def sse_deltas(data: bytes) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from casola.flow.spec import StepConfig
 from casola.flow.stages import TEXT, Item, Source, whole_text
 from casola.flow.tools import Tool
 
-__all__ = ["LlmStage"]
+__all__ = ["LlmStage", "StreamedAnswer"]
 
 log = logging.getLogger("casola.flow")
 
@@ -36,8 +36,9 @@ _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
 
-class _Round:
-    """What one streamed answer held besides its text: the tool calls, merged by index."""
+class StreamedAnswer:
+    """One streamed chat answer as its deltas arrive: its text and its tool calls, merged by index
+    (OpenAI streams a call's arguments in pieces; our workers send each call whole)."""
 
     def __init__(self) -> None:
         self.text: list[str] = []
@@ -95,7 +96,7 @@ class LlmStage:
         messages.append({"role": "user", "content": question})
         for round_no in range(step.max_rounds + 1):
             offer = bool(self.tools) and round_no < step.max_rounds and not self.refused_all
-            answer = _Round()
+            answer = StreamedAnswer()
             async for text in self._ask(messages, offer, answer):
                 yield text
             if not answer.calls:
@@ -110,7 +111,7 @@ class LlmStage:
                 continue
             messages += self._history(answer, results, question)
 
-    async def _ask(self, messages: list[dict[str, Any]], offer: bool, answer: _Round) -> AsyncIterator[str]:
+    async def _ask(self, messages: list[dict[str, Any]], offer: bool, answer: StreamedAnswer) -> AsyncIterator[str]:
         step, run = self.step, self.run
         self.rounds += 1
         body: dict[str, Any] = dict(step.params)  # typed already (TOML); a header's values are strings
@@ -177,7 +178,7 @@ class LlmStage:
             out.append(said.strip())
         return " ".join(out)
 
-    def _history(self, answer: _Round, results: list[str], question: str) -> list[dict[str, Any]]:
+    def _history(self, answer: StreamedAnswer, results: list[str], question: str) -> list[dict[str, Any]]:
         calls = list(answer.calls.values())
         if self.step.tool_results == "text":
             lines = [f"{c['name']}({c['arguments']}) returned: {r}" for c, r in zip(calls, results, strict=True)]
