@@ -11,6 +11,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from casola.auth import SCOPE_INGRESS, SCOPE_RUN, SCOPE_WORKER, KeyStore
@@ -22,7 +26,18 @@ from casola.net.errors import ConnectionLost
 from casola.wire import ErrorCode
 from tests.e2e.stack import ROOT
 
-__all__ = ["Edge", "Keys", "Poller", "Procs", "free_port", "wait_listening", "wait_outcome", "write_queue_config"]
+__all__ = [
+    "Edge",
+    "Keys",
+    "Poller",
+    "Procs",
+    "Running",
+    "casola_up",
+    "free_port",
+    "wait_listening",
+    "wait_outcome",
+    "write_queue_config",
+]
 
 
 def free_port() -> int:
@@ -197,3 +212,53 @@ async def wait_outcome(client: Client | Poller, job_id: str, deadline: float, wa
         if isinstance(client, Poller):
             client.retries += 1
         await asyncio.sleep(0.2)
+
+
+class Running:
+    """A `casola up` process of `casola_up`: its ports and the dev key."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], http: int, frames: int, key: str) -> None:
+        self.proc, self.http, self.frames, self.key = proc, http, frames, key
+        self.base = f"http://127.0.0.1:{http}"
+
+    def health(self) -> dict[str, object]:
+        import json
+
+        with urllib.request.urlopen(f"{self.base}/healthz", timeout=2) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+@contextmanager
+def casola_up(
+    root: Path, config: Path, ready: Iterable[str], *, frames: bool = False, timeout: float = 90
+) -> Iterator[Running]:
+    """`casola up --config config` with its state in `root/state`, on free ports, once every model or
+    workflow in `ready` has a worker; SIGTERM (then SIGKILL) when the block ends."""
+    http, frames_port, queue = free_port(), free_port() if frames else 0, free_port()
+    state = root / "state"
+    argv = [sys.executable, "-m", "casola", "--state-dir", str(state), "up", "--config", str(config)]
+    argv += ["--http", f"127.0.0.1:{http}", "--frames", f"127.0.0.1:{frames_port}" if frames else ""]
+    argv += ["--queue", f"127.0.0.1:{queue}"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "MALLOC_TOP_PAD_": "0"})
+    try:
+        up = Running(proc, http, frames_port, "")
+        names, end = list(ready), time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, "casola up exited early"
+            try:
+                served = up.health().get("models", {})
+                if all(served.get(m, {}).get("workers", 0) >= 1 for m in names):  # type: ignore[union-attr]
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < end, f"casola up did not serve {names} in time"
+            time.sleep(0.1)
+        up.key = (state / "dev-api-key").read_text().strip()
+        yield up
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

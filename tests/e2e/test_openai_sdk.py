@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.e2e.procs import free_port
+from tests.e2e.procs import casola_up
 from tests.e2e.stack import ROOT
 
 ESPEAK = shutil.which("espeak-ng") is not None  # the TTS engine, and the spoken audio of the ASR tests
@@ -76,32 +75,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     )
     config = root / "casola.toml"
     config.write_text(CONFIG.format(models=models) + (TTS_WORKER if ESPEAK else ""))
-    http, queue = free_port(), free_port()
-    state = root / "state"
-    argv = [sys.executable, "-m", "casola", "--state-dir", str(state), "up", "--config", str(config)]
-    argv += ["--http", f"127.0.0.1:{http}", "--frames", "", "--queue", f"127.0.0.1:{queue}"]
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "MALLOC_TOP_PAD_": "0"})
-    base = f"http://127.0.0.1:{http}"
-    try:
-        end = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "casola up exited early"
-            try:
-                served = _health(base).get("models", {})
-                if all(served.get(m, {}).get("workers", 0) >= 1 for m in MODELS):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert time.monotonic() < end, "casola up did not serve the tiny models in time"
-            time.sleep(0.1)
-        yield Up(base, (state / "dev-api-key").read_text().strip())
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with casola_up(root, config, MODELS, timeout=60) as running:
+        yield Up(running.base, running.key)
 
 
 def _espeak(text: str) -> bytes:

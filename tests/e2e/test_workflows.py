@@ -10,8 +10,6 @@ that the tool turn reached it."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 
 from casola.wire import ErrorCode
-from tests.e2e.procs import free_port
+from tests.e2e.procs import casola_up
 from tests.e2e.stack import ROOT
 from tests.require import need_program
 
@@ -219,11 +217,6 @@ class Up:
         return post(self.http, f"/v1/workflows/{workflow}", body, {"Authorization": f"Bearer {self.key}", **headers})
 
 
-def _health(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-        return json.loads(r.read())  # type: ignore[no-any-return]
-
-
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     need_program("espeak-ng")  # the tiny set's TTS engine, and the question's speech
@@ -234,34 +227,12 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     )
     tools = ToolServer()
     config = root / "casola.toml"
-    config.write_text(
-        CONFIG.replace("@MODELS@", str(models)).replace("@TOOL_PORT@", str(tools.port)).replace("@WEATHER@", WEATHER)
-    )
-    http, frames, queue = free_port(), free_port(), free_port()
-    state = root / "state"
-    argv = [sys.executable, "-m", "casola", "--state-dir", str(state), "up", "--config", str(config)]
-    argv += ["--http", f"127.0.0.1:{http}", "--frames", f"127.0.0.1:{frames}", "--queue", f"127.0.0.1:{queue}"]
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "MALLOC_TOP_PAD_": "0"})
+    text = CONFIG.replace("@MODELS@", str(models)).replace("@TOOL_PORT@", str(tools.port))
+    config.write_text(text.replace("@WEATHER@", WEATHER))
     try:
-        end = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, "casola up exited early"
-            try:
-                served = _health(http).get("models", {})
-                if all(served.get(m, {}).get("workers", 0) >= 1 for m in MODELS):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert time.monotonic() < end, "casola up did not serve the workflows in time"
-            time.sleep(0.1)
-        yield Up(http, frames, (state / "dev-api-key").read_text().strip(), tools, config)
+        with casola_up(root, config, MODELS, frames=True) as running:
+            yield Up(running.http, running.frames, running.key, tools, config)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         tools.server.shutdown()
 
 
