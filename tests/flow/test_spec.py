@@ -111,3 +111,29 @@ def test_a_tool_checks_its_arguments_against_its_schema_and_may_prune_undeclared
     assert "Additional properties" in tool.check(copied)[1]
     assert tool.check(copied, prune=True) == (b'{"city":"Paris"}', "")
     assert "'city' is a required property" in tool.check('{"town": "Paris"}', prune=True)[1]
+
+
+def test_an_http_tool_is_held_to_the_webhook_address_rules() -> None:
+    import asyncio
+
+    from casola.flow.frontdoor import FrontDoor
+    from casola.flow.run import Run, StepFailed
+    from casola.flow.spec import ToolConfig
+    from casola.flow.tools import Tool
+    from casola.net.outbound import OutboundPolicy
+    from casola.wire import RequestMeta
+
+    async def call(url: str) -> str:
+        tool = Tool("t", ToolConfig(url=url), OutboundPolicy())  # no outbound_allow
+        run = Run("wf", RequestMeta("wf"), 0, ["t"], FrontDoor(None, "test"))  # type: ignore[arg-type]
+        try:
+            await tool.call(run, "t", b"{}")
+        except StepFailed as exc:
+            return exc.message
+        finally:
+            await tool.aclose()
+        return "ran"
+
+    for url in ("http://127.0.0.1:9/t", "http://10.0.0.1/t", "http://[::1]/t", "http://169.254.169.254/latest"):
+        msg = asyncio.run(call(url))
+        assert msg.startswith("workflow 'wf': tool 't': ") and "refused" in msg.lower(), (url, msg)
