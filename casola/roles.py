@@ -142,10 +142,10 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     finally:
         log.info("casola up: stopping")
         ingress.draining = True  # /readyz: 503 while the workers drain
+        await _stop_workflows(engine)  # runs in flight finish first: their steps need the workers
         await workers.stop()
         await ingress.stop()
         await upstream.stop()
-        await _stop_workflows(engine)
         await node.stop()
     return 0
 

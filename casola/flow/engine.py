@@ -220,9 +220,10 @@ class Engine:
             await rt.wait_registered()
         log.info("workflows served: %s", ", ".join(self.workflows))
 
-    async def stop(self) -> None:
-        for rt in self.runtimes:
-            await rt.stop()
+    async def stop(self, drain_s: float = 10.0) -> None:
+        """Take no new run (the node refuses them as from any draining worker: 503, retryable),
+        let those running finish up to `drain_s`, then close; the steps' workers must still be up."""
+        await asyncio.gather(*(rt.drain(timeout=drain_s) for rt in self.runtimes))
         await self.door.stop()
         for wf in self.workflows.values():
             for tool in wf.tools.values():

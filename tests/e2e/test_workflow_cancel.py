@@ -79,3 +79,37 @@ def test_a_client_that_goes_away_cancels_every_step_in_flight(tmp_path: Path, ti
     started, echo_cancelled, llm_cancelled = run_uvloop(main, timeout=60)
     assert echo_cancelled == started  # every sentence sent on was cancelled, not left to run 5 s
     assert llm_cancelled == 1
+
+
+def test_stopping_the_engine_lets_runs_in_flight_finish_and_refuses_new_ones(tmp_path: Path) -> None:
+    from casola.client import Client, RequestFailed
+    from casola.wire import ErrorCode
+
+    slow = {"steps": [{"name": "work", "kind": "model", "model": "echo", "params": {"delay-ms": 300}}]}
+
+    async def main() -> tuple[bytes, int]:
+        stack = await Stack(tmp_path).start()
+        engine = Engine({"slow": msgspec.convert(slow, WorkflowConfig)}, stack.node.connect_member, "q")
+        try:
+            await stack.add_worker()
+            await engine.start()
+            c = await Client.connect(f"127.0.0.1:{stack.frames_port}", stack.api_key)
+            running = asyncio.ensure_future(c.run("slow", b"in flight"))
+            await asyncio.sleep(0.1)
+            stopping = asyncio.ensure_future(engine.stop())
+            await asyncio.sleep(0.05)
+            try:
+                await c.run("slow", b"too late")
+                code = 0
+            except RequestFailed as exc:
+                code = exc.code
+            body = (await running).payload
+            await stopping
+            await c.close()
+            return body, code
+        finally:
+            await stack.stop()
+
+    body, code = run_uvloop(main)
+    assert body == b"in flight"  # finished, though the engine was stopping
+    assert code in (ErrorCode.NO_CAPACITY, ErrorCode.SHUTTING_DOWN)  # a new run: refused, retryable
