@@ -89,8 +89,7 @@ class Workflow:
         run = Run(self.name, call.meta, self.config.deadline_ms, self._stages, self._door)
         src: Source = Given(call.meta.content_type, [body])
         start = 0
-        if resumed:
-            cp = _decode_checkpoint(resumed)
+        if resumed and (cp := self._checkpoint(resumed, call.job_id)) is not None:
             src, start = Given(cp.content_type, cp.items), cp.step + 1
             self.stats["resumed"] += 1
             steps = len(self.config.steps)
@@ -113,6 +112,18 @@ class Workflow:
             if expiry is not None:
                 expiry.cancel()
             run.cancel_all()
+
+    def _checkpoint(self, state: bytes, job_id: str) -> _Checkpoint | None:
+        """The checkpoint to resume from; None (run from the start) for one this declaration cannot
+        have written (unreadable, or past its last step: the config changed)."""
+        try:
+            cp = _decode_checkpoint(state)
+        except msgspec.DecodeError:
+            cp = None
+        if cp is None or not 0 <= cp.step < len(self.config.steps) - 1:
+            log.warning("workflow %s: job %s has a checkpoint it cannot resume from; from the start", self.name, job_id)
+            return None
+        return cp
 
     def _pipeline(self, run: Run, src: Source, start: int, job: WorkCall | None) -> Source:
         steps = self.config.steps
