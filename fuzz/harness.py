@@ -95,4 +95,5 @@ def fuzz_connection(data: bytes) -> None:
     mode, body = data[0] % 3, data[1:]
     whole = _run_connection(mode, [body])
     split = _run_connection(mode, [body[i : i + 1] for i in range(len(body))])
-    assert whole == split, (whole, split)
+    # Compared as text: a float field may carry NaN (a HEARTBEAT's load), and NaN != NaN.
+    assert repr(whole) == repr(split), (whole, split)
