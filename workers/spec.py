@@ -3,7 +3,7 @@
 A model directory holds the CTranslate2 files (model.bin, config.json, vocabulary, tokenizer.json,
 optional chat_template.jinja) and `casola.json`, the manifest that names the handler:
 
-    {"kind": "whisper" | "llm" | "tts" | "classify" | "tools",
+    {"kind": "whisper" | "llm" | "tts" | "classify" | "tools" | "listen",
      "description": "...", "source": "where the weights came from",
      "files": {"model.bin": "<sha256>", ...},      # optional; `casola models list --verify` checks them
      "options": {...}}                              # per kind, see each handler's module
@@ -22,7 +22,7 @@ from typing import Any
 __all__ = ["KINDS", "MANIFEST", "ModelSpec", "SpecError", "read_manifest"]
 
 MANIFEST = "casola.json"
-KINDS = ("whisper", "llm", "tts", "classify", "tools")
+KINDS = ("whisper", "llm", "tts", "classify", "tools", "listen")
 
 
 class SpecError(ValueError):

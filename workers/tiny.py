@@ -572,6 +572,8 @@ def build_tiny_set(out_dir: str | Path) -> dict[str, Path]:
     classify     BERT-style encoder + classifier head, labels ok / violence / spam
     tts          espeak-ng, no model files
     tools        the example tools get_weather and set_timer (workers.tools), no model files
+    listen       voice activity + transcripts of a stream (workers.listen): a tiny energy VAD in Silero's
+                 ONNX signature (workers.tiny_vad) and the scripted `asr` above
 
     The chat models end with </s>, the tool-loop ones in both rounds.
     """
@@ -615,6 +617,9 @@ def build_tiny_set(out_dir: str | Path) -> dict[str, Path]:
         "casola workers.tools (fixed local data)",
         {},
     )
+    from workers.tiny_vad import build_tiny_listen  # it writes its manifest with this module's helpers
+
+    dirs["listen"] = build_tiny_listen(root / "listen", asr="../asr")
     return dirs
 
 

@@ -71,8 +71,10 @@ def _generate(directory: Path, prompt: str, **kw: Any) -> str:
 # --------------------------------------------------------------------------- manifests
 def test_set_names_and_manifests(models: dict[str, Path]) -> None:
     kinds = {"asr": "whisper", "asr-en": "whisper", "classify": "classify", "tts": "tts", "tools": "tools"}
+    kinds["listen"] = "listen"
     agents = {"chat-agent", "chat-agent2", "chat-badtool", "chat-badargs"}
-    assert set(models) == {"asr", "asr-en", "chat", "chat-tools", "chat-random", "classify", "tts", "tools", *agents}
+    names = {"asr", "asr-en", "chat", "chat-tools", "chat-random", "classify", "tts", "tools", "listen"}
+    assert set(models) == names | agents
     for name, directory in models.items():
         manifest = read_manifest(directory)
         assert manifest["kind"] == kinds.get(name, "llm")
@@ -802,3 +804,76 @@ def test_chat_agent_streams_token_by_token(llm: Callable[[str], Any]) -> None:
     per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     print(f"chat-agent: {per_token * 1000:.2f} ms per token")
     assert per_token > 0
+
+
+# --------------------------------------------------------------------------- listen (workers.listen, workers.tiny_vad)
+def test_tiny_listen_is_an_energy_vad_next_to_the_scripted_asr(models: dict[str, Path]) -> None:
+    from workers.tiny_vad import ENERGY_VAD, energy_vad_onnx
+
+    manifest = read_manifest(models["listen"])
+    assert manifest["kind"] == "listen" and manifest["options"] == {"vad": ENERGY_VAD, "asr": "../asr"}
+    assert sorted(manifest["files"]) == [ENERGY_VAD]
+    assert (models["listen"] / ENERGY_VAD).read_bytes() == energy_vad_onnx()  # deterministic: no seed, no clock
+    assert (models["listen"] / "../asr").resolve() == models["asr"].resolve()
+    need_module("onnxruntime")
+    from workers.loader import build, resolve
+
+    model = build(resolve("listen", models["listen"].parent))
+    assert model.name == "listen" and model.whisper.name == "listen"  # type: ignore[attr-defined]
+
+
+FAKE_VAD = {"silero_vad.onnx": b"not really silero", "LICENSE": b"MIT License\n"}
+
+
+@pytest.fixture
+def vad_wheel(demo_env: Any, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Any:
+    demo, wheels = demo_env
+    src = tmp_path_factory.mktemp("vad")
+    for name, content in FAKE_VAD.items():
+        (src / name).write_bytes(content)
+    members = {"fake_vad/data/silero_vad.onnx": src / "silero_vad.onnx"}
+    members["fake_vad-0.1.0.dist-info/licenses/LICENSE"] = src / "LICENSE"
+    pin = demo.WheelPin("fake-vad==0.1.0", *_make_wheel(wheels / "fake_vad-0.1.0-py3-none-any.whl", members))
+    monkeypatch.setattr(demo, "VAD_WHEEL", pin)
+    return demo, wheels
+
+
+def test_prepare_demo_listen_on_request(vad_wheel: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, wheels = vad_wheel
+    assert "listen" not in demo.NAMES and "listen" in demo.OPTIONAL_NAMES
+    dirs = demo.prepare_demo(tmp_path, wheels_dir=wheels, log=lambda _: None, only=["listen"])
+    assert list(dirs) == ["listen"] and [p.name for p in tmp_path.iterdir()] == ["listen"]
+    manifest = read_manifest(dirs["listen"])
+    assert manifest["kind"] == "listen" and manifest["options"] == {"vad": "silero_vad.onnx", "asr": "../asr"}
+    assert manifest["files"] == {name: tiny.file_sha256(dirs["listen"] / name) for name in FAKE_VAD}
+    assert {name: (dirs["listen"] / name).read_bytes() for name in FAKE_VAD} == FAKE_VAD
+    assert demo.VAD_WHEEL.sha256 in manifest["source"]
+    # Verified the second time; a changed file is extracted again.
+    logs: list[str] = []
+    with monkeypatch.context() as m:
+        m.setattr(demo, "_extract", lambda *a: pytest.fail("extracted again"))
+        assert demo.prepare_demo(tmp_path, wheels_dir=wheels, log=logs.append, only=["listen"]) == dirs
+    assert logs == [f"listen: {dirs['listen']} is complete and verified, skipping"]
+    (dirs["listen"] / "LICENSE").write_text("changed")
+    logs.clear()
+    demo.prepare_demo(tmp_path, wheels_dir=wheels, log=logs.append, only=["listen"])
+    assert (dirs["listen"] / "LICENSE").read_bytes() == FAKE_VAD["LICENSE"]
+    assert any("LICENSE is missing or changed" in line for line in logs)
+
+
+def test_prepare_demo_listen_sha_mismatch(vad_wheel: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, wheels = vad_wheel
+    member = "fake_vad/data/silero_vad.onnx"
+    bad = dict(demo.VAD_WHEEL.members, **{member: "0" * 64})
+    monkeypatch.setattr(demo, "VAD_WHEEL", dataclasses.replace(demo.VAD_WHEEL, members=bad))
+    with pytest.raises(demo.ChecksumError, match=f"{member}: sha256 mismatch"):
+        demo.prepare_demo(tmp_path, wheels_dir=wheels, log=lambda _: None, only=["listen"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_pinned_vad_wheel() -> None:
+    from workers import demo
+
+    pin = demo.VAD_WHEEL
+    assert pin.requirement == "silero-vad==6.2.3" and pin.filename == "silero_vad-6.2.3-py3-none-any.whl"
+    assert sorted(Path(m).name for m in pin.members) == ["LICENSE", "silero_vad.onnx"]
