@@ -7,7 +7,8 @@ the step does not list, or with arguments its schema rejects, never runs: the mo
 its result; with `grounded = true` so does a call whose string arguments the user never said. The
 results go back as messages (`tool_results = "messages"`: role "tool"), or as one
 plain user message (`"text"`: small models loop on tool turns, MODELS.md §7.1), and the next round
-starts. The round after `max_rounds` offers no tools, so the model answers in words.
+starts. The round after `max_rounds` offers no tools, so the model answers in words. A JSON input
+`{"messages": [...]}` is the conversation so far (its last turn the user's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from casola.flow.run import Run, StepFailed, typed
 from casola.flow.spec import StepConfig
 from casola.flow.stages import TEXT, Item, Source, whole_text
 from casola.flow.tools import Tool
+from casola.wire import ErrorCode
 
 __all__ = ["LlmStage", "StreamedAnswer"]
 
@@ -91,9 +93,11 @@ class LlmStage:
 
     async def items(self) -> AsyncIterator[Item]:
         step = self.step
-        question = self.question = (await whole_text(self.upstream, f"step {step.name!r}", self.run)).strip()
+        text = await whole_text(self.upstream, f"step {step.name!r}", self.run)
+        conversation = _conversation(text, self.upstream.content_type, self.run, step.name)
+        question = self.question = conversation[-1]["content"]
         messages: list[dict[str, Any]] = [{"role": "system", "content": step.system}] if step.system else []
-        messages.append({"role": "user", "content": question})
+        messages += conversation
         for round_no in range(step.max_rounds + 1):
             offer = bool(self.tools) and round_no < step.max_rounds and not self.refused_all
             answer = StreamedAnswer()
@@ -207,3 +211,36 @@ def _ungrounded(tool: Tool, args: bytes, question: str) -> str:
         if isinstance(value, str) and value.strip() and value.strip().casefold() not in said:
             return f"{tool.name}: the user did not mention {value!r} (argument {name}); answer without the tool"
     return ""
+
+
+_ROLES = frozenset({"user", "assistant"})
+
+
+def _conversation(text: str, content_type: str, run: Run, step: str) -> list[dict[str, str]]:
+    """The turns the model is given: the input as the user's message, or, for a JSON object with
+    `"messages": [{"role": "user"|"assistant", "content": "..."}, ...]` ending with the user's, the
+    conversation so far (a realtime session's history; a client's own).
+
+    Raises:
+        StepFailed: a JSON conversation that is not one (a 400 naming the step).
+    """
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        return [{"role": "user", "content": text.strip()}]
+    try:
+        doc = _decode(text)
+    except msgspec.DecodeError:
+        doc = None
+    if not isinstance(doc, dict) or "messages" not in doc:  # other JSON (fal's bodies): the user's words
+        return [{"role": "user", "content": text.strip()}]
+    turns = doc["messages"]
+    ok = (
+        isinstance(turns, list)
+        and bool(turns)
+        and all(isinstance(t, dict) and t.get("role") in _ROLES and isinstance(t.get("content"), str) for t in turns)
+    )
+    if not ok or turns[-1]["role"] != "user":
+        why = (
+            'a JSON input is {"messages": [{"role": "user"|"assistant", "content": "..."}, ...]}, the last the user\'s'
+        )
+        raise run.fail(ErrorCode.BAD_REQUEST, f"step {step!r}", why)
+    return [{"role": t["role"], "content": t["content"]} for t in turns]

@@ -23,7 +23,7 @@ from casola.flow.sentences import SentenceSplitter
 from casola.flow.spec import StepConfig
 from casola.flow.wav import WavJoin
 from casola.net.errors import ConnectionLost
-from casola.wire import Buffer
+from casola.wire import Buffer, ErrorCode
 from casola.wire.meta import FilterPolicy
 
 __all__ = ["TEXT", "Given", "Kept", "ModelStage", "PerSentence", "Sentences", "Source", "whole", "whole_text"]
@@ -50,7 +50,8 @@ async def whole_text(src: Source, what: str, run: Run) -> str:
     try:
         return bytes(data).decode()
     except UnicodeDecodeError:
-        raise run.fail(400, what, f"its input is not UTF-8 text ({src.content_type or 'no content type'})") from None
+        why = f"its input is not UTF-8 text ({src.content_type or 'no content type'})"
+        raise run.fail(ErrorCode.BAD_REQUEST, what, why) from None
 
 
 class Given:

@@ -97,7 +97,7 @@ class _ToolStage:
         text = await whole_text(self.upstream, f"step {self.step.name!r}", self.run)
         args, why = self.tool.check(text)
         if why:
-            raise self.run.fail(400, f"step {self.step.name!r}", why)
+            raise self.run.fail(ErrorCode.BAD_REQUEST, f"step {self.step.name!r}", why)
         yield await self.tool.call(self.run, self.step.name, args)
 
 

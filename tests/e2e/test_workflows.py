@@ -426,3 +426,17 @@ def test_a_tool_that_answers_for_itself_ends_the_step_without_another_round(up: 
     a = up.run("confirms", b"Weather in Paris?")
     assert a.status == 200 and a.body == b"sunny"  # get_weather's "conditions" for Paris, as it is
     assert [r[0] for r in a.timeline()] == ["think", "think.get_weather"]  # the model was asked once
+
+
+def test_a_json_conversation_is_the_llm_steps_history(up: Up) -> None:
+    talk = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    talk["messages"].append({"role": "user", "content": "What is the weather in Paris?"})
+    json_ct = {"Content-Type": "application/json"}
+    ok = up.run("grounded", json.dumps(talk).encode(), **json_ct)
+    assert ok.status == 200 and "think.get_weather" in [r[0] for r in ok.timeline()]  # grounded in the last turn
+    talk["messages"][-1] = {"role": "user", "content": "And there?"}  # Paris was said earlier, not now
+    assert "think.get_weather" not in [
+        r[0] for r in up.run("grounded", json.dumps(talk).encode(), **json_ct).timeline()
+    ]
+    bad = up.run("grounded", b'{"messages": [{"role": "assistant", "content": "x"}]}', **json_ct)
+    assert bad.status == 400 and "step 'think'" in json.loads(bad.body)["error"]["message"]
