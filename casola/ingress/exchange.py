@@ -22,6 +22,8 @@ from casola.ingress.envelope import JSON_CT, error_body
 from casola.ingress.fields import VISIBLE, BadField
 
 if TYPE_CHECKING:
+    from asyncio import BaseProtocol
+
     from casola.ingress.http import HttpProtocol
 
 __all__ = ["Exchange", "error_response"]
@@ -121,12 +123,14 @@ class Exchange:
         request_id: the request's id (`X-Request-Id`), set by the app before it answers.
         common: header lines (CRLF-ended) every answer to this request carries (the app's: the
             request id, CORS), b"" for none.
+        upgrade: b"websocket" for a WebSocket upgrade request (answer it normally to refuse it, or
+            with `switch_protocols`), else b"".
     """
 
     __slots__ = tuple(
         "_buf _close _delivering _end_sent _expect _gone _http10 _keep_alive _lost _lost_exc _mode _on_abort "
         "_on_body _on_body_end _out_left _paused _proto _ready _rx body_complete common finished headers method "
-        "path query request_id started status t_body t_head t_start".split()
+        "path query request_id started status t_body t_head t_start upgrade".split()
     )
 
     def __init__(self, proto: HttpProtocol, t_start: float) -> None:
@@ -143,6 +147,7 @@ class Exchange:
         self.status = 0  # of the answer, once started
         self.started = False
         self.finished = False
+        self.upgrade = b""
         self._proto = proto
         self._on_body: Callable[[bytes], None] | None = None
         self._on_body_end: Callable[[], None] | None = None
@@ -457,6 +462,38 @@ class Exchange:
         where = f"{self.method.decode('latin-1')} is not allowed on {self.path.decode('latin-1')}"
         self.send_error(405, f"{where}: use {allow.decode()}", "invalid_request_error", "method_not_allowed",
                         None, [(b"allow", allow)])  # fmt: skip
+
+    def switch_protocols(self, headers: Sequence[tuple[bytes, bytes]], protocol: BaseProtocol) -> bool:
+        """Accept the upgrade this request asks for: write `101 Switching Protocols` with `headers`
+        (and the common ones), then hand the connection to `protocol` (`transport.set_protocol`,
+        `connection_made`, then `data_received` with any bytes that came after the request head).
+        The exchange is finished; no access-log line is written for it (the new protocol's, at its end).
+
+        Returns:
+            False when the exchange is already gone (the client left): nothing was written.
+
+        Raises:
+            RuntimeError: the request asked for no upgrade, or its answer has started.
+            BadField: a header with control bytes (nothing was written).
+        """
+        if not self.upgrade:
+            raise RuntimeError("switch_protocols() on a request that asked for no upgrade")
+        if self._gone or self.finished:
+            return False
+        if self.started:
+            raise RuntimeError("the response has already started")
+        parts = [_STATUS[101]]
+        for name, value in headers:
+            if value.translate(None, VISIBLE) or name.translate(None, VISIBLE):
+                raise BadField(f"header {bytes(name)[:40]!r}: a value with CR, LF or other control bytes")
+            parts += (name, b": ", value, b"\r\n")
+        parts += (self.common, self._proto._server_line, date_line(), b"\r\n")
+        self.started = self.finished = True
+        self.status = 101
+        self._mode = _DROP
+        self._proto.write(b"".join(parts))
+        self._proto._switch(self, protocol)
+        return True
 
     def abort(self) -> None:
         """Give up on the response: close the connection without ending the body (the client sees it

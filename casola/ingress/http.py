@@ -7,6 +7,12 @@ head/URL/header/body limits, request-smuggling refusal (Content-Length with Tran
 close, and three timeouts (idle, head, body) driven by one timer handle per connection that is re-armed
 lazily. Flow control (STYLE §6): explicit write-buffer marks and a `WriteGate` for writers; read pausing
 for the app (`pause_body`), for pipelined look-ahead and for buffered body bytes.
+
+Upgrades: a GET asking for `Upgrade: websocket` (RFC 6455 §4.1) reaches the app with `Exchange.upgrade`
+set; the app refuses it with any normal answer (the connection then closes: the parser stops at an
+upgrade) or accepts it with `Exchange.switch_protocols`, which writes the 101 and hands the transport,
+and every byte that came after the request head, to another protocol (casola/ingress/websocket.py).
+Any other upgrade, and CONNECT, is refused with 400.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ class HttpProtocol(asyncio.Protocol):
         "_idle_t0 _in_head _last_rx _limits _linger_t0 _lingering _loop _max_body _max_head _max_headers _paused_at "
         "_taken _written "
         "_max_pipeline _max_url _now _parser _pause _pending _queue _raw _raw_cap _server_line _tick _timer "
-        "_timer_at _transport _url".split()
+        "_timer_at _transport _url _upgrading _switch_to _up_tail".split()
     )
 
     def __init__(
@@ -126,6 +132,9 @@ class HttpProtocol(asyncio.Protocol):
         self._written = self._taken = 0  # response bytes written; of them, taken by the client
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _INF
+        self._upgrading: Exchange | None = None  # a WebSocket upgrade request (the parser stops after it)
+        self._switch_to: asyncio.BaseProtocol | None = None  # the app accepted it: the connection's next protocol
+        self._up_tail: bytes | None = None  # the bytes after its head, once the parser got there
 
     # -- transport callbacks -------------------------------------------------------------------
 
@@ -142,6 +151,9 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._broken:
             return  # closing, lingering, or an error is waiting its turn: discard
+        if self._up_tail is not None:  # past an upgrade request's head, the app not decided yet
+            self._up_tail += data
+            return
         self._now = self._last_rx = _clock()
         cur = self._cur
         self._feeding = True
@@ -149,7 +161,9 @@ class HttpProtocol(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             self._parse_failed(exc.__context__)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_at(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
             self._reject(RequestError(400, "bad_request", f"malformed HTTP request: {exc}"))
         finally:
             self._feeding = False
@@ -260,7 +274,7 @@ class HttpProtocol(asyncio.Protocol):
         elif version != "1.1":
             raise RequestError(400, "bad_request", f"HTTP/{version} is not supported")
         if p.should_upgrade():
-            raise RequestError(400, "bad_request", "protocol upgrades (and CONNECT) are not supported")
+            self._check_upgrade(ex)
         url = self._url
         if url[:1] != b"/" and (absolute := absolute_target(url)) is not None:  # RFC 9112 §3.2.2
             authority, url = absolute
@@ -353,6 +367,60 @@ class HttpProtocol(asyncio.Protocol):
             cast(Exchange, self._cur)._expect = True
         else:
             raise RequestError(417, "expectation_failed", "only Expect: 100-continue is supported")
+
+    # -- upgrades (RFC 6455 §4.1) -------------------------------------------------------------------
+
+    def _check_upgrade(self, ex: Exchange) -> None:
+        """An upgrade request: a WebSocket one goes to the app, flagged; anything else is refused."""
+        if self._parser.get_method() != b"GET" or ex._http10 or not _asks_websocket(ex.headers):
+            raise RequestError(400, "bad_request", "protocol upgrades other than WebSocket (and CONNECT) are refused")
+        if self._chunked or self._cl > 0:
+            raise RequestError(400, "bad_request", "a WebSocket upgrade request has no body")
+        ex.upgrade = b"websocket"
+        ex._close = True  # a refused upgrade ends the connection: llhttp parses nothing after it
+        self._upgrading = ex
+
+    def _upgrade_at(self, tail: bytes) -> None:
+        """The parser stopped after an upgrade request: what follows its head belongs to the next
+        protocol. Handed over now if the app accepted already; else kept, reading paused, until it decides."""
+        if self._upgrading is None:  # cannot happen: _check_upgrade flags every upgrade it lets through
+            self._reject(RequestError(400, "bad_request", "unexpected protocol upgrade"))
+            return
+        if self._closing:
+            return  # refused already: the tail is dropped with the connection
+        self._up_tail = tail
+        if self._switch_to is not None:
+            self._hand_over()
+        else:
+            self._set_pause(_P_STOP, True)
+
+    def _switch(self, ex: Exchange, protocol: asyncio.BaseProtocol) -> None:
+        """`ex.switch_protocols` wrote the 101: the connection goes to `protocol` once the parser
+        has passed the request head (at once if it has)."""
+        self._switch_to = protocol
+        if self._up_tail is not None:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        proto, tail = cast(asyncio.Protocol, self._switch_to), self._up_tail or b""
+        self._closing = self._broken = True  # nothing of this protocol runs on this connection any more
+        self._active = self._cur = self._check = self._upgrading = self._switch_to = None
+        self._up_tail = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        t = self._transport
+        if self._pause:
+            self._pause = 0
+            t.resume_reading()
+        try:
+            t.set_protocol(proto)
+            proto.connection_made(t)
+            if tail:
+                proto.data_received(tail)
+        except Exception:
+            _log.exception("handing the connection over to %s failed", type(proto).__name__)
+            t.abort()
 
     # -- requests in, responses out ------------------------------------------------------------
 
@@ -577,6 +645,14 @@ class HttpProtocol(asyncio.Protocol):
         else:  # idle keep-alive, or lingering over
             self._closing = self._broken = True
             self._transport.close()
+
+
+def _asks_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an `Upgrade` field lists `websocket` (RFC 9110 §7.8: a comma-separated list, any case)."""
+    for name, value in headers:
+        if name == b"upgrade" and any(p.strip().lower() == b"websocket" for p in value.split(b",")):
+            return True
+    return False
 
 
 async def serve_http(

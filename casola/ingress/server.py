@@ -2,7 +2,8 @@
 
 Routes: `POST /v1/run/{model}` (native, streamed both ways; with `X-Casola-Async: 1` it submits an
 async job), `/v1/jobs/...` (the native async API, casola/ingress/asyncapi.py), `GET /healthz`,
-`GET /metrics`, `GET /v1/signals` (scope `signals`), `/openai/v1/...` (the OpenAI-compatible
+`GET /metrics`, `GET /v1/signals` (scope `signals`), `GET /v1/realtime` (a WebSocket) and
+`POST /v1/realtime/sessions` (casola/ingress/realtime.py), `/openai/v1/...` (the OpenAI-compatible
 surface, casola/ingress/openai.py), then fal's queue API for any other path of two
 or more segments (casola/ingress/fal.py).
 Authentication is local (Ed25519 tokens, `casola.auth`): no remote call on the request path.
@@ -22,7 +23,7 @@ import msgspec
 
 from casola.auth import SCOPE_RUN, SCOPE_SIGNALS, Claims, CredentialWatch, Verifier
 from casola.certs import server_context
-from casola.ingress import asyncapi, fal, openai
+from casola.ingress import asyncapi, fal, openai, realtime
 from casola.ingress.admission import Admission, Refusal, Ticket
 from casola.ingress.cors import Cors
 from casola.ingress.envelope import JSON_CT
@@ -34,7 +35,7 @@ from casola.ingress.metrics import Metrics
 from casola.ingress.native import RunExchange, send_wire_error, unread_max
 from casola.ingress.requestid import RequestIds, trace_context
 from casola.ingress.upstream import QueueNodeSpec, Upstream
-from casola.wire import ErrorCode, RequestMeta
+from casola.wire import DEFAULT_LIMITS, ErrorCode, RequestMeta
 from casola.wire.meta import FilterPolicy
 
 __all__ = ["Ingress", "IngressConfig"]
@@ -86,6 +87,12 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tls_cert: str = ""  # PEM certificate chain (leaf first); with tls_key: HTTPS on the HTTP listener
     tls_key: str = ""  # PEM private key of tls_cert; both empty = plain HTTP
     openai_aliases: dict[str, str] = {}  # /openai/v1 model names to served ones, e.g. {"whisper-1": "asr"}
+    # WebSockets (GET /v1/realtime; casola/ingress/websocket.py says why these values)
+    ws_max_message: int = 1024 * 1024  # bytes of one message from a client; larger: close 1009
+    ws_ping_interval: float = 20.0  # seconds between keep-alive pings (0: none)
+    ws_ping_timeout: float = 20.0  # no pong (or no answer to our close) this long: closed
+    ws_max_unread: int = 8 * 1024 * 1024  # bytes a client may leave unread before it is dropped
+    realtime_token_ttl: int = 60  # seconds a session token (POST /v1/realtime/sessions) is valid
 
     def __post_init__(self) -> None:
         # Both bounds at least 1; and twice max_inflight (the fair overshoot) must stay below half a
@@ -97,6 +104,12 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError(f"ingress cors_origins: {origin!r} is not an origin (scheme://host[:port], or *)")
         if not 1 <= self.backlog <= 65535:
             raise ValueError("ingress backlog must be 1..65535")
+        if not 1 <= self.ws_max_message < DEFAULT_LIMITS.max_payload:  # + the tag byte: one DATA frame
+            raise ValueError(f"ingress ws_max_message must be 1..{DEFAULT_LIMITS.max_payload - 1}")
+        if self.ws_ping_interval < 0 or self.ws_ping_timeout <= 0 or self.ws_max_unread < 1:
+            raise ValueError("ingress ws_ping_interval must be >= 0, ws_ping_timeout and ws_max_unread positive")
+        if self.realtime_token_ttl < 1:
+            raise ValueError("ingress realtime_token_ttl must be at least 1 second")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("ingress tls_cert and tls_key must be set together (or both left empty)")
 
@@ -130,6 +143,7 @@ class Ingress:
             send_timeout=config.send_timeout,
         )
         self.unread_max = unread_max(config.max_body)  # answer bytes a client may leave unread
+        self.realtime = realtime.Realtime(self)  # WebSocket sessions, and their tokens
 
     @property
     def in_flight(self) -> int:
@@ -171,6 +185,7 @@ class Ingress:
         for s in self._servers:
             s.close()
         self.frames.close_all()
+        self.realtime.close_all()
         if self.watch is not None:
             await self.watch.stop()
         for s in self._servers:
@@ -192,12 +207,16 @@ class Ingress:
                 None,
                 [(b"accept-encoding", b"identity")],
             )
+        if ex.upgrade:  # a WebSocket upgrade, to whichever path: only /v1/realtime takes one
+            return self.realtime.route(ex)
         if path.startswith(_RUN):
             if method != b"POST":
                 return ex.not_allowed(b"POST")
             return self._run(ex, path[len(_RUN) :])
         if path.startswith(asyncapi.JOBS_PREFIX):
             return asyncapi.jobs_route(self, ex)
+        if path == realtime.PATH or path.startswith(realtime.PREFIX):
+            return self.realtime.route(ex)
         if path == _WORKFLOWS or path.startswith(_WORKFLOWS + b"/"):
             return self._workflows(ex, path[len(_WORKFLOWS) + 1 :])
         if (allow := _FIXED_ROUTES.get(path)) is not None:

@@ -65,8 +65,13 @@ CASES = {
     "bad content-length": (b"GET / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n", b"HTTP/1.1 400 Bad Request", "bad_request"),
     "HTTP/2.0": (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", b"HTTP/1.1 400 Bad Request", "bad_request"),
     "HTTP/0.9": (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", b"HTTP/1.1 400 Bad Request", "bad_request"),
-    "websocket upgrade": (
-        b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    "h2c upgrade": (
+        b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n",
+        b"HTTP/1.1 400 Bad Request",
+        "bad_request",
+    ),
+    "websocket upgrade on POST": (
+        b"POST / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 400 Bad Request",
         "bad_request",
     ),
@@ -92,6 +97,33 @@ def test_refused_requests(kind: str, case: tuple[bytes, bytes, str]) -> None:
         async with serving(app, SMALL) as srv:
             await refused(srv.port, *case)
         assert called == []  # the app never sees a refused request
+
+    run(kind, main)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_websocket_upgrade_reaches_the_app_and_a_plain_answer_closes(kind: str) -> None:
+    """A WebSocket upgrade GET goes to the app flagged (`ex.upgrade`; it may accept it with
+    `switch_protocols`, tests/ingress/test_websocket.py); an app that answers it as a plain request
+    ignores the upgrade (RFC 9110 §7.8), and the connection closes: nothing after it is parsed as HTTP."""
+    called: list[bytes] = []
+
+    def app(ex: Exchange) -> None:
+        called.append(ex.upgrade)
+        echo(ex)
+
+    async def main() -> None:
+        async with serving(app, SMALL) as srv:
+            c = await Client.open(srv.port)
+            await c.send(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+            resp = await c.response()
+            assert resp.status == 200 and resp.header(b"connection") == b"close"
+            assert await c.at_eof()
+            c = await Client.open(srv.port)
+            await c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert (await c.response()).header(b"connection") is None  # a plain GET keeps alive
+            await c.close()
+        assert called == [b"websocket", b""]
 
     run(kind, main)
 
