@@ -31,6 +31,11 @@ send_timeout = 30.0              # a client that takes no answer bytes this long
 tls_cert = ""                    # PEM chain, leaf first; with tls_key the HTTP listener speaks HTTPS
 tls_key = ""                     # its private key; both "" = plain HTTP (dev pair: `casola certs dev`)
 openai_aliases = {}              # /openai/v1 model names to served ones, e.g. { "whisper-1" = "asr" }
+ws_max_message = 1048576         # WebSocket (/v1/realtime): largest message; more closes it (1009)
+ws_ping_interval = 20.0          # seconds between pings (0 = none); no pong within ws_ping_timeout closes it
+ws_ping_timeout = 20.0
+ws_max_unread = 8388608          # bytes of messages a client leaves unread before it is dropped
+realtime_token_ttl = 60           # seconds a POST /v1/realtime/sessions token is valid (it opens one socket)
 # `casola ingress` (separate process) names its queue nodes; `casola up` uses its own.
 # [[ingress.queue_nodes]]
 # address = "127.0.0.1:7710"
