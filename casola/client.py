@@ -13,14 +13,14 @@ Errors come back as `RequestFailed` with the wire code, whether it may be retrie
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from ssl import SSLContext
 from types import TracebackType
 
 from casola.jobview import JobView, decode_view
 from casola.net.errors import ConnectionLost
 from casola.net.handshake import dial_tcp
-from casola.net.link import LinkBase
+from casola.net.link import EventHandler, LinkBase, LostHandler
 from casola.wire import (
     DEFAULT_LIMITS,
     FLAG_END,
@@ -161,18 +161,22 @@ class Client:
             ConnectionLost, OSError, TimeoutError: could not connect.
         """
         host, _, port = address.rpartition(":")
+        hello = HelloMeta("client", credential=api_key, max_meta=limits.max_meta, max_payload=limits.max_payload)
+
+        def dial(on_events: EventHandler, on_lost: LostHandler) -> Awaitable[LinkBase]:
+            return dial_tcp(
+                host, int(port), hello, on_events, on_lost,
+                limits=limits, timeout=timeout, ssl=ssl, server_hostname=server_hostname,
+            )  # fmt: skip
+
+        return await cls.over(dial)
+
+    @classmethod
+    async def over(cls, dial: Callable[[EventHandler, LostHandler], Awaitable[LinkBase]]) -> Client:
+        """A client on the link `dial(on_events, on_lost)` makes (any dialer: TCP, or in memory as the
+        workflow engine's to its own queue node)."""
         box: list[Client] = []
-        link = await dial_tcp(
-            host,
-            int(port),
-            HelloMeta("client", credential=api_key, max_meta=limits.max_meta, max_payload=limits.max_payload),
-            lambda lk, evs: box[0]._on_events(evs),
-            lambda lk, exc: box[0]._on_lost(exc) if box else None,
-            limits=limits,
-            timeout=timeout,
-            ssl=ssl,
-            server_hostname=server_hostname,
-        )
+        link = await dial(lambda lk, evs: box[0]._on_events(evs), lambda lk, exc: box[0]._on_lost(exc) if box else None)
         box.append(cls(link))
         return box[0]
 

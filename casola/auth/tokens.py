@@ -48,6 +48,8 @@ __all__ = [
     "AuthError",
     "Claims",
     "Verifier",
+    "b64url_decode",
+    "b64url_encode",
     "sign_token",
 ]
 
@@ -121,7 +123,7 @@ def sign_token(private_key: Ed25519PrivateKey, claims: Claims) -> str:
     """
     payload = _encoder.encode(claims)
     signature = private_key.sign(_DOMAIN + payload)
-    return TOKEN_PREFIX + _b64encode(payload) + "." + _b64encode(signature)
+    return TOKEN_PREFIX + b64url_encode(payload) + "." + b64url_encode(signature)
 
 
 class Verifier:
@@ -240,8 +242,8 @@ def _decode(token: str, public_keys: tuple[Ed25519PublicKey, ...]) -> Claims:
     if not dot:
         raise _invalid("API key is malformed (no signature part)")
     try:
-        payload = _b64decode(body)
-        signature = _b64decode(sig_text)
+        payload = b64url_decode(body)
+        signature = b64url_decode(sig_text)
     except ValueError as exc:
         raise _invalid("API key is malformed (bad base64)") from exc
     if len(signature) != _SIGNATURE_SIZE:
@@ -271,11 +273,12 @@ def _to_str(token: object) -> str:
     raise AuthError(401, "invalid_api_key", f"API key must be str or bytes, not {type(token).__name__}")
 
 
-def _b64encode(data: bytes) -> str:
+def b64url_encode(data: bytes) -> str:
+    """base64url without padding (API keys, session tokens)."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _b64decode(text: str) -> bytes:
+def b64url_decode(text: str) -> bytes:
     """Strict base64url without padding: only the canonical encoding of some bytes is accepted.
 
     Raises:

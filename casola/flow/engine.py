@@ -27,7 +27,7 @@ import msgspec
 from casola.flow.frontdoor import Connect, FrontDoor
 from casola.flow.llm import LlmStage
 from casola.flow.run import Run, StepFailed
-from casola.flow.spec import StepConfig, WorkflowConfig, check_workflows, describe
+from casola.flow.spec import StepConfig, WorkflowConfig, check_workflows
 from casola.flow.stages import TEXT, Given, Item, Kept, ModelStage, PerSentence, Sentences, Source
 from casola.flow.tools import Tool, tool_stage
 from casola.flow.wav import WavFormatError
@@ -69,21 +69,9 @@ class Workflow:
     def __init__(self, name: str, config: WorkflowConfig, door: FrontDoor, tools: dict[str, Tool]) -> None:
         self.name, self.config, self._door, self.tools = name, config, door, tools
         self._stages = stage_names(config)
-        self.active = 0
-        self.stats = dict.fromkeys(("runs", "failed", "resumed", "steps_completed"), 0)
 
     async def __call__(self, call: WorkCall) -> None:
-        self.active += 1
-        self.stats["runs"] += 1
-        try:
-            await self._run(call)
-        except HandlerError:
-            self.stats["failed"] += 1
-            raise
-        finally:
-            self.active -= 1
-
-    async def _run(self, call: WorkCall) -> None:
+        """One run (its slots, waiting and refusals are the queue node's, as for any model: /healthz)."""
         resumed = await call.resume()
         body = await call.body()
         run = Run(self.name, call.meta, self.config.deadline_ms, self._stages, self._door)
@@ -91,7 +79,6 @@ class Workflow:
         start = 0
         if resumed and (cp := self._checkpoint(resumed, call.job_id)) is not None:
             src, start = Given(cp.content_type, cp.items), cp.step + 1
-            self.stats["resumed"] += 1
             steps = len(self.config.steps)
             log.info("workflow %s: job %s resumes at step %d of %d", self.name, call.job_id, start + 1, steps)
         src = self._pipeline(run, src, start, call if call.job_id else None)
@@ -151,7 +138,6 @@ class Workflow:
         n = len(self.config.steps)
 
         async def checkpoint(name: str, content_type: str, items: list[Item]) -> None:
-            self.stats["steps_completed"] += 1
             state = _encode_checkpoint(_Checkpoint(index, content_type, list(items)))
             await job.checkpoint(state, (index + 1) / n)
 
@@ -239,9 +225,3 @@ class Engine:
         for wf in self.workflows.values():
             for tool in wf.tools.values():
                 await tool.aclose()
-
-    def describe(self) -> list[dict[str, Any]]:
-        return [describe(name, wf.config) for name, wf in self.workflows.items()]
-
-    def snapshot(self) -> dict[str, Any]:
-        return {name: {"active": wf.active, **wf.stats} for name, wf in self.workflows.items()}

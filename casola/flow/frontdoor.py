@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from casola.client import Client, Stream
 from casola.net.link import LinkBase
-from casola.wire import Buffer, Event, HelloMeta, RequestMeta
+from casola.wire import Buffer, HelloMeta, RequestMeta
 
 __all__ = ["Connect", "FrontDoor"]
 
@@ -24,18 +24,8 @@ class FrontDoor:
         self._client: Client | None = None
 
     async def start(self) -> None:
-        box: list[Client] = []
-
-        def on_events(link: LinkBase, events: list[Event]) -> None:
-            box[0]._on_events(events)
-
-        def on_lost(link: LinkBase, exc: BaseException | None) -> None:
-            if box:
-                box[0]._on_lost(exc)
-
-        link = await self._connect(HelloMeta("ingress", node_id=self._node_id), on_events, on_lost)
-        box.append(Client(link))
-        self._client = box[0]
+        hello = HelloMeta("ingress", node_id=self._node_id)
+        self._client = await Client.over(lambda on_events, on_lost: self._connect(hello, on_events, on_lost))
 
     async def stop(self) -> None:
         if self._client is not None:

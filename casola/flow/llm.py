@@ -87,7 +87,6 @@ class LlmStage:
         self.run, self.step, self.upstream = run, step, upstream
         self.tools = {name: tools[name] for name in step.tools}
         self.rounds = 0
-        self.rejected = 0  # tool calls refused before running (unknown tool, bad arguments)
         self.question = ""
         self.refused_all = False  # a round's every call was refused (on_rejected = "answer")
 
@@ -137,10 +136,8 @@ class LlmStage:
         async def one(i: int, call: dict[str, str]) -> str:
             tool = self.tools.get(call["name"])
             if i >= self.step.max_calls:  # a model cannot fan out without bound
-                self.rejected += 1
                 return f"error: at most {self.step.max_calls} tool calls run from one answer; this one did not"
             if tool is None:
-                self.rejected += 1
                 known = ", ".join(self.tools) or "none"
                 log.info("%s: rejected a call to unknown tool %r", self.step.name, call["name"])
                 return f"error: there is no tool named {call['name']!r} (tools: {known}); answer without it"
@@ -148,7 +145,6 @@ class LlmStage:
             if not why and self.step.grounded:
                 why = _ungrounded(tool, args, self.question)
             if why:
-                self.rejected += 1
                 log.info("%s: rejected a call: %s", self.step.name, why)
                 return f"error: {why}; the tool did not run"
             call["arguments"] = args.decode()  # the history shows what ran, not what was refused

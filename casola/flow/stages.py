@@ -97,7 +97,6 @@ class Sentences:
 
     def __init__(self, step: StepConfig, upstream: Source) -> None:
         self.step, self.upstream = step, upstream
-        self.count = 0
 
     async def items(self) -> AsyncIterator[Item]:
         split = SentenceSplitter(self.step.min_chars, self.step.max_chars)
@@ -114,17 +113,14 @@ class Sentences:
                         done, _ = await asyncio.wait((pending,), timeout=wait)
                         if not done:
                             if sentence := split.take_pending():
-                                self.count += 1
                                 yield sentence
                             continue
                         delta, pending = pending.result(), None
                 except StopAsyncIteration:
                     break
                 for sentence in split.feed(delta if isinstance(delta, str) else bytes(delta).decode()):
-                    self.count += 1
                     yield sentence
             if rest := split.flush():
-                self.count += 1
                 yield rest
         finally:
             if pending is not None:
@@ -136,7 +132,9 @@ class PerSentence:
 
     def __init__(self, run: Run, step: StepConfig, upstream: Source, filter_sentences: bool) -> None:
         self.run, self.step, self.upstream = run, step, upstream
-        self.filter = filter_sentences
+        self.filter: FilterPolicy = "hold" if filter_sentences else ""
+        self.params = {**step.params, **run.params.get(step.name, {})}  # the same for every sentence
+        self.ctype = step.content_type or TEXT
         self.content_type = ""
 
     async def items(self) -> AsyncIterator[Item]:
@@ -169,12 +167,10 @@ class PerSentence:
             await asyncio.gather(feeder, return_exceptions=True)
 
     def _open(self, n: int, sentence: Item) -> Stream:
-        step, run = self.step, self.run
-        params = {**step.params, **run.params.get(step.name, {})}
-        ctype = step.content_type or "text/plain; charset=utf-8"
+        step = self.step
         body = sentence.encode() if isinstance(sentence, str) else sentence
-        hold: FilterPolicy = "hold" if self.filter else ""
-        return run.open(step.name, f"step {step.name!r} (sentence {n})", step.model, body, ctype, params, filter=hold)
+        what = f"step {step.name!r} (sentence {n})"
+        return self.run.open(step.name, what, step.model, body, self.ctype, self.params, filter=self.filter)
 
     async def _dispatch(
         self, sentences: AsyncIterator[Item], streams: asyncio.Queue[Any], room: asyncio.Semaphore

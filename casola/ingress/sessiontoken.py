@@ -25,8 +25,6 @@ the host it asked), or the deployment gives its ingresses one secret (`SessionTo
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import secrets
@@ -35,6 +33,7 @@ from typing import Final
 import msgspec
 
 from casola.auth import SCOPE_RUN, AuthError, Claims
+from casola.auth.tokens import b64url_decode, b64url_encode
 
 __all__ = ["DEFAULT_TTL", "PREFIX", "Grant", "SessionTokens"]
 
@@ -111,7 +110,7 @@ class SessionTokens:
             grant = Grant(_VERSION, claims.kid, claims.tenant, claims.region, claims.filter, claims.max_priority,
                           claims.max_inflight, claims.exp, exp, model, secrets.token_bytes(16))  # fmt: skip
         payload = _encoder.encode(grant)
-        return PREFIX + _b64encode(payload) + "." + _b64encode(self._mac(payload)), exp
+        return PREFIX + b64url_encode(payload) + "." + b64url_encode(self._mac(payload)), exp
 
     def check(self, token: str, now: float) -> Grant:
         """Check a token at `now` (unix seconds); `spend` it once it has opened its WebSocket.
@@ -145,7 +144,7 @@ class SessionTokens:
             raise _invalid("not a session token (they start with 'cst_')")
         body, dot, mac_text = token[len(PREFIX) :].partition(".")
         try:
-            payload, mac = _b64decode(body), _b64decode(mac_text)
+            payload, mac = b64url_decode(body), b64url_decode(mac_text)
         except ValueError:
             raise _invalid("the session token is malformed") from None
         if not dot or len(mac) != _MAC_SIZE or not hmac.compare_digest(mac, self._mac(payload)):
@@ -161,19 +160,3 @@ class SessionTokens:
 
 def _invalid(message: str) -> AuthError:
     return AuthError(401, "invalid_session_token", message)
-
-
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64decode(text: str) -> bytes:
-    """Strict base64url without padding (only the canonical form). Raises ValueError."""
-    try:
-        data = text.encode("ascii")
-        raw = base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
-    except (UnicodeEncodeError, binascii.Error) as exc:
-        raise ValueError("not base64url") from exc
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != data:
-        raise ValueError("not canonical base64url")
-    return raw

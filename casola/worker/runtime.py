@@ -106,12 +106,15 @@ class WorkerRuntime:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._dial_member is None:
+        if self._dial_member is not None:  # the one queue node of the process hosting it
+            self._redialers.append(Redialer(self._dial_memory, name=f"{self.node_id}->in-process"))
+        else:
             loop.set_default_executor(self.executor)  # a worker process's own loop; not a host's
-        for address in self.config.queue if self._dial_member is None else ["memory:0"]:
-            host, _, port = address.rpartition(":")
-            r = Redialer(functools.partial(self._dial, host, int(port)), name=f"{self.node_id}->{address}")
-            self._redialers.append(r)
+            for address in self.config.queue:
+                host, _, port = address.rpartition(":")
+                dial = functools.partial(self._dial_tcp, host, int(port))
+                self._redialers.append(Redialer(dial, name=f"{self.node_id}->{address}"))
+        for r in self._redialers:
             r.start()
         self._heartbeat = loop.create_task(self._beat())
 
@@ -119,9 +122,9 @@ class WorkerRuntime:
         """Until every queue node has accepted us (tests, `casola up` readiness)."""
         await asyncio.wait_for(asyncio.gather(*(r.up.wait() for r in self._redialers)), timeout)
 
-    async def _dial(self, host: str, port: int) -> LinkBase:
+    def _hello(self) -> HelloMeta:
         cfg = self.config
-        hello = HelloMeta(
+        return HelloMeta(
             "worker",
             credential=self._credential,
             node_id=self.node_id,
@@ -132,11 +135,17 @@ class WorkerRuntime:
             max_meta=self._limits.max_meta,
             max_payload=self._limits.max_payload,
         )
-        if self._dial_member is not None:
-            return await self._dial_member(
-                hello, self._on_events, self._on_lost, dial_limits=self._limits, dial_auto_credit=False
-            )
-        link = await dial_tcp(host, port, hello, self._on_events, self._on_lost, limits=self._limits, auto_credit=False)
+
+    async def _dial_memory(self) -> LinkBase:
+        assert self._dial_member is not None
+        hello, limits = self._hello(), self._limits
+        return await self._dial_member(
+            hello, self._on_events, self._on_lost, dial_limits=limits, dial_auto_credit=False
+        )
+
+    async def _dial_tcp(self, host: str, port: int) -> LinkBase:
+        hello, limits = self._hello(), self._limits
+        link = await dial_tcp(host, port, hello, self._on_events, self._on_lost, limits=limits, auto_credit=False)
         log.info("%s registered with %s:%d (models %s)", self.node_id, host, port, list(self.models))
         return link
 
