@@ -35,6 +35,7 @@ ws_max_message = 1048576         # WebSocket (/v1/realtime): largest message; mo
 ws_ping_interval = 20.0          # seconds between pings (0 = none); no pong within ws_ping_timeout closes it
 ws_ping_timeout = 20.0
 ws_max_unread = 8388608          # bytes of messages a client leaves unread before it is dropped
+ws_max_sessions_per_tenant = 16  # realtime sessions one tenant may hold open (each holds a worker slot)
 realtime_token_ttl = 60           # seconds a POST /v1/realtime/sessions token is valid (it opens one socket)
 # `casola ingress` (separate process) names its queue nodes; `casola up` uses its own.
 # [[ingress.queue_nodes]]

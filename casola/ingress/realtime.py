@@ -73,6 +73,7 @@ CONTENT_TYPE: Final = "application/x-casola-realtime"
 TAG_TEXT: Final = 0x01
 TAG_BINARY: Final = 0x02
 _TAG_OF: Final = {TEXT: b"\x01", BINARY: b"\x02"}
+SESSIONS_FULL_RETRY_MS: Final = 5000  # a session ends when a conversation does: not soon
 _MAX_SESSION_BODY: Final = 4096  # POST /v1/realtime/sessions: {"model": ...} and little else
 _REQUEST, _RESPONSE, _DATA, _ERROR = FrameType.REQUEST, FrameType.RESPONSE, FrameType.DATA, FrameType.ERROR
 _JSON: Final = msgspec.json.Encoder()
@@ -213,6 +214,8 @@ class Realtime:
         meta = self._meta(ex, model, caller)
         if meta is None:
             return None
+        if self._sessions_full(ex, meta.tenant):
+            return None
         link = self._admit(ex, caller, meta)
         if link is None:
             return None
@@ -259,6 +262,16 @@ class Realtime:
         # A session lasts as long as the conversation: no deadline but the one the client names.
         own = ex.header(b"x-casola-deadline-ms")
         return msgspec.structs.replace(meta, deadline_ms=int(own) if own else 0, content_type=CONTENT_TYPE)
+
+    def _sessions_full(self, ex: Exchange, tenant: str) -> bool:
+        """A session holds its worker's slot for as long as it lasts, so one tenant's may not take
+        them all: at most `ws_max_sessions_per_tenant` open at once (429, retryable); True: refused."""
+        limit = self.ing.config.ws_max_sessions_per_tenant
+        if sum(s.meta.tenant == tenant for s in self.sessions) < limit:
+            return False
+        msg = f"tenant {tenant!r} has {limit} realtime sessions open, the most it may"
+        send_wire_error(ex, ErrorCode.OVERLOADED, msg, SESSIONS_FULL_RETRY_MS)
+        return True
 
     def _admit(self, ex: Exchange, caller: Caller, meta: RequestMeta) -> tuple[LinkBase, Ticket] | None:
         ing = self.ing

@@ -92,6 +92,7 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ws_ping_interval: float = 20.0  # seconds between keep-alive pings (0: none)
     ws_ping_timeout: float = 20.0  # no pong (or no answer to our close) this long: closed
     ws_max_unread: int = 8 * 1024 * 1024  # bytes a client may leave unread before it is dropped
+    ws_max_sessions_per_tenant: int = 16  # realtime sessions one tenant may hold open (each holds a worker slot)
     realtime_token_ttl: int = 60  # seconds a session token (POST /v1/realtime/sessions) is valid
 
     def __post_init__(self) -> None:
@@ -108,6 +109,8 @@ class IngressConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"ingress ws_max_message must be 1..{DEFAULT_LIMITS.max_payload - 1}")
         if self.ws_ping_interval < 0 or self.ws_ping_timeout <= 0 or self.ws_max_unread < 1:
             raise ValueError("ingress ws_ping_interval must be >= 0, ws_ping_timeout and ws_max_unread positive")
+        if self.ws_max_sessions_per_tenant < 1:
+            raise ValueError("ingress ws_max_sessions_per_tenant must be at least 1")
         if self.realtime_token_ttl < 1:
             raise ValueError("ingress realtime_token_ttl must be at least 1 second")
         if bool(self.tls_cert) != bool(self.tls_key):

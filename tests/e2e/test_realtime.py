@@ -436,3 +436,27 @@ def test_wss_on_the_tls_listener(tmp_path: Path, loop: str) -> None:
         run_uvloop(main)
     else:
         asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_one_tenant_cannot_hold_every_session(tmp_path: Path) -> None:
+    """Each session holds its worker's slot while it lasts: past its limit a tenant's next one is a
+    retryable 429 before the upgrade, and another tenant still connects."""
+    from casola.auth import SCOPE_RUN
+
+    async def main() -> None:
+        stack, _rt = await _stack(tmp_path, ws_max_sessions_per_tenant=2)
+        other = {"Authorization": f"Bearer {stack.keys.ensure_key('other', 'other', [SCOPE_RUN], 'tests')}"}
+        try:
+            mine = [await _open(stack) for _ in range(2)]
+            status, err, headers = await _refused(_url(stack), _auth(stack))
+            assert status == 429 and err["code"] == "overloaded" and int(headers["retry-after"]) >= 1
+            theirs = await _open(stack, additional_headers=other)
+            await mine[0].close()
+            await _until(lambda: len(stack.ingress.realtime.sessions) == 2)
+            again = await _open(stack)  # a place came free
+            for ws in (*mine[1:], theirs, again):
+                await ws.close()
+        finally:
+            await stack.stop()
+
+    run_uvloop(main)
