@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from ssl import SSLContext
+from time import perf_counter
 from types import TracebackType
 
 from casola.jobview import JobView, decode_view
@@ -72,6 +73,7 @@ class Stream:
         self.timing: dict[str, float] = {}
         self.trailers: dict[str, str] = {}  # the END's (a workflow's timeline, ...)
         self._items: list[Buffer] = []
+        self.t_first = 0.0  # perf_counter() when the first answer bytes arrived (0: none yet)
         self._ended = False
         self._error: BaseException | None = None
         self._wake: asyncio.Future[None] | None = None
@@ -93,6 +95,8 @@ class Stream:
             self._fail(RequestFailed(meta.code, meta.message, meta.retry_after_ms, dict(meta.timing)))
             return
         if len(frame.payload):
+            if not self.t_first:
+                self.t_first = perf_counter()
             self._items.append(frame.payload)
         if frame.end:
             self._ended = True
@@ -122,6 +126,26 @@ class Stream:
                 return
             self._wake = asyncio.get_running_loop().create_future()
             await self._wake
+
+    @property
+    def done(self) -> bool:
+        """The answer has ended (END, ERROR, a reset, the link's loss, or cancelled)."""
+        return self._ended
+
+    def send(self, chunk: Buffer) -> None:
+        """More of a request opened with `end=False` (`Client.request`): one DATA frame, sent now.
+        Ignored once the answer has ended. Raises ConnectionLost when the link is gone."""
+        if not self._ended:
+            self._client._send(self.sid, chunk, False)
+
+    def end_input(self) -> None:
+        """The request opened with `end=False` is complete (END, or DATA with FLAG_END)."""
+        if not self._ended:
+            self._client._send(self.sid, b"", True)
+
+    async def drain(self) -> None:
+        """Wait while the link's write buffer is full (backpressure for `send`)."""
+        await self._client._link.drain()
 
     async def read(self) -> bytes:
         return b"".join([bytes(c) for c in [c async for c in self]])
@@ -215,10 +239,12 @@ class Client:
         )
         return self._open(meta, payload)
 
-    def request(self, meta: RequestMeta, payload: Buffer = b"") -> Stream:
+    def request(self, meta: RequestMeta, payload: Buffer = b"", *, end: bool = True) -> Stream:
         """Send a request whose head the caller built in full (a platform component speaking for a
-        client: its tenant, filter policy, deadline). Raises like `stream`."""
-        return self._open(meta, payload)
+        client: its tenant, filter policy, deadline). With `end=False` the request stays open: its
+        body goes on in `Stream.send()` pieces until `Stream.end_input()` (a stream read as it comes,
+        as a realtime session's audio). Raises like `stream`."""
+        return self._open(meta, payload, end)
 
     def cancel(self, stream: Stream) -> None:
         """Stop a request whose answer is no longer wanted (the stream's worker sees CANCEL)."""
@@ -226,7 +252,7 @@ class Client:
             self._cancel(stream.sid)
             stream._fail(RequestFailed(ErrorCode.CANCELLED, "cancelled by the client"))
 
-    def _open(self, meta: RequestMeta, payload: Buffer) -> Stream:
+    def _open(self, meta: RequestMeta, payload: Buffer, end: bool = True) -> Stream:
         link = self._link
         if not link.is_up:
             raise ConnectionLost("the connection to the ingress is closed")
@@ -236,12 +262,24 @@ class Client:
         view = memoryview(payload)
         first, rest = view[:CHUNK], view[CHUNK:]
         stream = self._streams[sid] = Stream(self, sid)
-        link.conn.send(Frame(FrameType.REQUEST, sid, meta, first, 0 if len(rest) else FLAG_END))
+        last = FLAG_END if end else 0
+        link.conn.send(Frame(FrameType.REQUEST, sid, meta, first, 0 if len(rest) else last))
         while len(rest):
             piece, rest = rest[:CHUNK], rest[CHUNK:]
-            link.conn.send(Frame(FrameType.DATA, sid, None, piece, 0 if len(rest) else FLAG_END))
+            link.conn.send(Frame(FrameType.DATA, sid, None, piece, 0 if len(rest) else last))
         link.flush()
         return stream
+
+    def _send(self, sid: int, chunk: Buffer, end: bool) -> None:
+        link = self._link
+        if not link.is_up:
+            raise ConnectionLost("the connection to the ingress is closed")
+        if not link.conn.is_open(sid):
+            return
+        if end and not len(chunk):
+            link.send(Frame(FrameType.END, sid, EndMeta()))
+        else:
+            link.send(Frame(FrameType.DATA, sid, None, chunk, FLAG_END if end else 0))
 
     # -- async jobs (SPEC §3.8.1) ---------------------------------------------------------------------
 

@@ -25,13 +25,17 @@ from typing import Any
 import msgspec
 
 from casola.flow.frontdoor import Connect, FrontDoor
-from casola.flow.llm import LlmStage
+from casola.flow.pipeline import build_pipeline
 from casola.flow.run import Run, StepFailed
-from casola.flow.spec import StepConfig, WorkflowConfig, check_workflows
-from casola.flow.stages import TEXT, Given, Item, Kept, ModelStage, PerSentence, Sentences, Source
-from casola.flow.tools import Tool, tool_stage
+from casola.flow.spec import WorkflowConfig, check_workflows
+from casola.flow.stages import TEXT, Given, Item, Source
+from casola.flow.tools import Tool
 from casola.flow.wav import WavFormatError
 from casola.net.outbound import OutboundPolicy
+from casola.realtime.agent import Agent
+from casola.realtime.framing import CONTENT_TYPE as REALTIME
+from casola.realtime.session import VoiceSession
+from casola.realtime.timing import TurnStats
 from casola.wire import ErrorCode
 from casola.worker.call import HandlerError, WorkCall
 from casola.worker.runtime import WorkerConfig, WorkerRuntime
@@ -66,12 +70,19 @@ def stage_names(config: WorkflowConfig) -> list[str]:
 class Workflow:
     """One declared workflow, as the model the engine's worker serves under its name."""
 
-    def __init__(self, name: str, config: WorkflowConfig, door: FrontDoor, tools: dict[str, Tool]) -> None:
+    def __init__(
+        self, name: str, config: WorkflowConfig, door: FrontDoor, tools: dict[str, Tool], stats: TurnStats
+    ) -> None:
         self.name, self.config, self._door, self.tools = name, config, door, tools
         self._stages = stage_names(config)
+        self.agent = Agent(name, config, tools, door, self._stages, stats)
+        self.sessions: set[VoiceSession] = set()
 
     async def __call__(self, call: WorkCall) -> None:
-        """One run (its slots, waiting and refusals are the queue node's, as for any model: /healthz)."""
+        """One run (its slots, waiting and refusals are the queue node's, as for any model: /healthz),
+        or, for a REQUEST of the realtime content type, one voice session (casola.realtime)."""
+        if call.meta.content_type == REALTIME:
+            return await self._session(call)
         resumed = await call.resume()
         body = await call.body()
         run = Run(self.name, call.meta, self.config.deadline_ms, self._stages, self._door)
@@ -100,6 +111,20 @@ class Workflow:
                 expiry.cancel()
             run.cancel_all()
 
+    async def _session(self, call: WorkCall) -> None:
+        if call.job_id:
+            raise HandlerError("a realtime session is not an async job", ErrorCode.BAD_REQUEST)
+        if self.agent.first_step < 0:
+            msg = f"workflow {self.name!r} has no llm step: it cannot hold a conversation"
+            raise HandlerError(msg, ErrorCode.BAD_REQUEST)
+        dialect = str(call.meta.params.get("dialect", "native"))
+        session = VoiceSession(call, self.agent, dialect)
+        self.sessions.add(session)
+        try:
+            await session.serve()
+        finally:
+            self.sessions.discard(session)
+
     def _checkpoint(self, state: bytes, job_id: str) -> _Checkpoint | None:
         """The checkpoint to resume from; None (run from the start) for one this declaration cannot
         have written (unreadable, or past its last step: the config changed)."""
@@ -113,26 +138,8 @@ class Workflow:
         return cp
 
     def _pipeline(self, run: Run, src: Source, start: int, job: WorkCall | None) -> Source:
-        steps = self.config.steps
-        for i in range(start, len(steps)):
-            step = steps[i]
-            before = steps[i - 1] if i else None
-            src = self._stage(run, step, before, src)
-            if job is not None and i < len(steps) - 1:
-                src = Kept(step.name, src, self._checkpointer(job, i))
-        return src
-
-    def _stage(self, run: Run, step: StepConfig, before: StepConfig | None, src: Source) -> Source:
-        kind = step.kind
-        if kind == "model":
-            if before is not None and before.kind == "sentences":
-                return PerSentence(run, step, src, before.filter)
-            return ModelStage(run, step, src)
-        if kind == "llm":
-            return LlmStage(run, step, self.tools, src)
-        if kind == "tool":
-            return tool_stage(run, step, self.tools[step.tool], src)
-        return Sentences(step, src)
+        saver = None if job is None else (lambda i: self._checkpointer(job, i))
+        return build_pipeline(run, self.config, self.tools, src, start, checkpoint=saver)
 
     def _checkpointer(self, job: WorkCall, index: int) -> Any:
         n = len(self.config.steps)
@@ -193,8 +200,9 @@ class Engine:
         check_workflows(workflows)
         policy = OutboundPolicy(outbound_allow)
         self.door = FrontDoor(connect, f"{node_id}/workflows")
+        self.turn_stats = TurnStats()  # every realtime turn's figures (/metrics)
         self.workflows = {
-            name: Workflow(name, wf, self.door, {t: Tool(t, c, policy) for t, c in wf.tools.items()})
+            name: Workflow(name, wf, self.door, {t: Tool(t, c, policy) for t, c in wf.tools.items()}, self.turn_stats)
             for name, wf in workflows.items()
         }
         # One worker per workflow, its slots the workflow's max_concurrent: the node schedules runs
@@ -219,7 +227,11 @@ class Engine:
 
     async def stop(self, drain_s: float = 10.0) -> None:
         """Take no new run (the node refuses them as from any draining worker: 503, retryable),
-        let those running finish up to `drain_s`, then close; the steps' workers must still be up."""
+        let those running finish up to `drain_s`, then close; the steps' workers must still be up.
+        Realtime sessions end (SHUTTING_DOWN: their clients reconnect) once their answer in progress is done."""
+        for wf in self.workflows.values():
+            for session in list(wf.sessions):
+                session.drain()
         await asyncio.gather(*(rt.drain(timeout=drain_s) for rt in self.runtimes))
         await self.door.stop()
         for wf in self.workflows.values():

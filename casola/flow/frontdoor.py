@@ -31,10 +31,11 @@ class FrontDoor:
         if self._client is not None:
             await self._client.close()
 
-    def open(self, meta: RequestMeta, payload: Buffer) -> Stream:
-        """Send one step request. Raises ConnectionLost, RequestFailed (no stream credit)."""
+    def open(self, meta: RequestMeta, payload: Buffer, *, end: bool = True) -> Stream:
+        """Send one step request (`end=False`: its input goes on in `Stream.send`, a realtime
+        session's audio). Raises ConnectionLost, RequestFailed (no stream credit)."""
         assert self._client is not None, "FrontDoor.start() first"
-        return self._client.request(meta, payload)
+        return self._client.request(meta, payload, end=end)
 
     def cancel(self, stream: Stream) -> None:
         if self._client is not None:

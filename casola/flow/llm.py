@@ -93,9 +93,10 @@ class LlmStage:
     async def items(self) -> AsyncIterator[Item]:
         step = self.step
         text = await whole_text(self.upstream, f"step {step.name!r}", self.run)
-        conversation = _conversation(text, self.upstream.content_type, self.run, step.name)
+        conversation, system = _conversation(text, self.upstream.content_type, self.run, step.name)
         question = self.question = conversation[-1]["content"]
-        messages: list[dict[str, Any]] = [{"role": "system", "content": step.system}] if step.system else []
+        system = system or step.system
+        messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         messages += conversation
         for round_no in range(step.max_rounds + 1):
             offer = bool(self.tools) and round_no < step.max_rounds and not self.refused_all
@@ -212,22 +213,23 @@ def _ungrounded(tool: Tool, args: bytes, question: str) -> str:
 _ROLES = frozenset({"user", "assistant"})
 
 
-def _conversation(text: str, content_type: str, run: Run, step: str) -> list[dict[str, str]]:
-    """The turns the model is given: the input as the user's message, or, for a JSON object with
+def _conversation(text: str, content_type: str, run: Run, step: str) -> tuple[list[dict[str, str]], str]:
+    """The turns the model is given, and the system prompt the input names instead of the step's
+    (""): the input as the user's message, or, for a JSON object with
     `"messages": [{"role": "user"|"assistant", "content": "..."}, ...]` ending with the user's, the
-    conversation so far (a realtime session's history; a client's own).
+    conversation so far (a realtime session's history; a client's own), and its `"system"`.
 
     Raises:
         StepFailed: a JSON conversation that is not one (a 400 naming the step).
     """
     if content_type.partition(";")[0].strip().lower() != "application/json":
-        return [{"role": "user", "content": text.strip()}]
+        return [{"role": "user", "content": text.strip()}], ""
     try:
         doc = _decode(text)
     except msgspec.DecodeError:
         doc = None
     if not isinstance(doc, dict) or "messages" not in doc:  # other JSON (fal's bodies): the user's words
-        return [{"role": "user", "content": text.strip()}]
+        return [{"role": "user", "content": text.strip()}], ""
     turns = doc["messages"]
     ok = (
         isinstance(turns, list)
@@ -239,4 +241,7 @@ def _conversation(text: str, content_type: str, run: Run, step: str) -> list[dic
             'a JSON input is {"messages": [{"role": "user"|"assistant", "content": "..."}, ...]}, the last the user\'s'
         )
         raise run.fail(ErrorCode.BAD_REQUEST, f"step {step!r}", why)
-    return [{"role": t["role"], "content": t["content"]} for t in turns]
+    system = doc.get("system")
+    if system is not None and not isinstance(system, str):
+        raise run.fail(ErrorCode.BAD_REQUEST, f"step {step!r}", '"system" is the system prompt, a string')
+    return [{"role": t["role"], "content": t["content"]} for t in turns], system or ""

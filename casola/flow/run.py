@@ -71,6 +71,8 @@ class Run:
         # [stage, sent, last frame] per step request, seconds from t0: the run's waterfall
         self.timeline: list[list[Any]] = []
         self.late: list[str] | None = None  # the stages in flight when the deadline passed
+        # every step request: its stage, its stream, when it was sent (a realtime turn's timing)
+        self.sent: list[tuple[str, Stream, float]] = []
 
     def fail(self, code: int, what: str, message: str, retry_after_ms: int = 0) -> StepFailed:
         return StepFailed(code, f"workflow {self.workflow!r}: {what}: {message}", retry_after_ms)
@@ -138,7 +140,9 @@ class Run:
         except (RequestFailed, ConnectionLost) as exc:
             raise self.failed(what, exc) from None
         index, clock, streams = self.stage_of[stage], self.clock, self._open
-        entry = [stage, perf_counter() - self.t0, 0.0]
+        sent = perf_counter()
+        self.sent.append((stage, stream, sent))
+        entry = [stage, sent - self.t0, 0.0]
         self.timeline.append(entry)
 
         def done() -> None:
@@ -147,7 +151,7 @@ class Run:
             entry[2] = now - self.t0
             streams.discard(stream)
 
-        clock.begin(index, perf_counter())
+        clock.begin(index, sent)
         streams.add(stream)
         stream.on_done = done
         return stream

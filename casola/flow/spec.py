@@ -23,7 +23,16 @@ from typing import Any, Final
 
 import msgspec
 
-__all__ = ["KINDS", "StepConfig", "ToolConfig", "WorkflowConfig", "WorkflowError", "check_workflows", "describe"]
+__all__ = [
+    "KINDS",
+    "RealtimeConfig",
+    "StepConfig",
+    "ToolConfig",
+    "WorkflowConfig",
+    "WorkflowError",
+    "check_workflows",
+    "describe",
+]
 
 KINDS: Final = ("model", "llm", "tool", "sentences")
 TOOL_RESULTS: Final = ("messages", "text")
@@ -76,12 +85,26 @@ class StepConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     filter: bool = False  # classify each sentence, racing the next step; a violating one is never passed on
 
 
+class RealtimeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`[workflows.<name>.realtime]`: how a realtime session holds a conversation with this workflow
+    (docs/realtime.md). Its turns run the steps from the first `llm` step on; what comes before it
+    (ASR) is the `listen` stream's job."""
+
+    listen: str = "listen"  # the `listen` model: VAD, utterances and transcripts of the session's audio
+    params: dict[str, Any] = {}  # its stream's defaults (silence_ms, min_speech_ms, threshold, language, ...)
+    asr: str = ""  # transcribes a committed buffer when server VAD is off (default: the model step before the llm)
+    max_items: int = 64  # conversation items kept (user and agent); the oldest go first
+    max_buffer_ms: int = 60000  # audio a manual-commit session may hold uncommitted
+    voice: str = ""  # the TTS step's voice when the session names none
+
+
 class WorkflowConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     steps: list[StepConfig]
     description: str = ""
     deadline_ms: int = 0  # the whole workflow's, when the request names none; 0 = none
     max_concurrent: int = 64  # runs at once: its slots at the queue node; more wait in line, per tenant
     tools: dict[str, ToolConfig] = {}
+    realtime: RealtimeConfig = msgspec.field(default_factory=RealtimeConfig)
 
 
 def check_workflows(workflows: dict[str, WorkflowConfig], models: set[str] | None = None) -> None:

@@ -136,6 +136,7 @@ class PerSentence:
         self.params = {**step.params, **run.params.get(step.name, {})}  # the same for every sentence
         self.ctype = step.content_type or TEXT
         self.content_type = ""
+        self.current = 0  # the sentence whose answer the last item came from (1-based; 0: none yet)
 
     async def items(self) -> AsyncIterator[Item]:
         sentences = aiter(self.upstream.items())
@@ -156,6 +157,7 @@ class PerSentence:
                 try:
                     async for chunk in _answer(got, self):
                         if out := join.feed(n, chunk, self.content_type):
+                            self.current = n
                             yield out
                 except (RequestFailed, ConnectionLost) as exc:
                     raise self.run.failed(f"step {self.step.name!r} (sentence {n})", exc) from None

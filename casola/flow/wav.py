@@ -10,7 +10,7 @@ import struct
 
 from casola.wire import Buffer
 
-__all__ = ["WavFormatError", "WavJoin"]
+__all__ = ["WavFormatError", "WavJoin", "wav_header"]
 
 _WAV_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
 _UNKNOWN = struct.pack("<I", 0xFFFFFFFF)
@@ -75,3 +75,14 @@ def _parse(buf: bytearray) -> tuple[bytes, int] | None:
 def _streaming(head: bytes) -> bytes:
     """The header with the RIFF and data sizes set to unknown."""
     return head[:4] + _UNKNOWN + head[8:-4] + _UNKNOWN
+
+
+def wav_header(rate: int, channels: int, nbytes: int) -> bytes:
+    """The 44-byte header of a PCM16 WAV file holding `nbytes` of samples."""
+    block = 2 * channels
+    return b"".join((
+        b"RIFF", (36 + nbytes).to_bytes(4, "little"), b"WAVEfmt ", (16).to_bytes(4, "little"),
+        (1).to_bytes(2, "little"), channels.to_bytes(2, "little"), rate.to_bytes(4, "little"),
+        (rate * block).to_bytes(4, "little"), block.to_bytes(2, "little"), (16).to_bytes(2, "little"),
+        b"data", nbytes.to_bytes(4, "little"),
+    ))  # fmt: skip

@@ -56,22 +56,20 @@ from casola.ingress.websocket import (
     check_handshake,
 )
 from casola.net.link import LinkBase
+from casola.realtime.framing import CONTENT_TYPE, TAG_BINARY, TAG_TEXT
 from casola.wire import Buffer, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, error_info, error_name
 
 if TYPE_CHECKING:
     from casola.ingress.server import Ingress
 
-__all__ = ["CONTENT_TYPE", "PATH", "PREFIX", "SESSIONS", "TAG_BINARY", "TAG_TEXT", "Realtime", "Session", "close_code"]
+__all__ = ["CONTENT_TYPE", "OPENAI_PATH", "PATH", "PREFIX", "SESSIONS", "Realtime", "Session", "close_code"]
 
 log = logging.getLogger("casola.ingress")
 
 PATH: Final = b"/v1/realtime"
 PREFIX: Final = PATH + b"/"
+OPENAI_PATH: Final = b"/openai/v1/realtime"  # the same session, in OpenAI Realtime's events
 SESSIONS: Final = b"/v1/realtime/sessions"
-# The REQUEST's content type: its DATA payloads are tagged messages, not one body (docs/realtime.md).
-CONTENT_TYPE: Final = "application/x-casola-realtime"
-TAG_TEXT: Final = 0x01
-TAG_BINARY: Final = 0x02
 _TAG_OF: Final = {TEXT: b"\x01", BINARY: b"\x02"}
 SESSIONS_FULL_RETRY_MS: Final = 5000  # a session ends when a conversation does: not soon
 _MAX_SESSION_BODY: Final = 4096  # POST /v1/realtime/sessions: {"model": ...} and little else
@@ -130,21 +128,21 @@ class Realtime:
     def route(self, ex: Exchange) -> None:
         """`/v1/realtime...`, and every WebSocket upgrade request (only /v1/realtime takes one)."""
         path = ex.path
-        if ex.upgrade and path != PATH:
+        if ex.upgrade and path not in (PATH, OPENAI_PATH):
             where = path.decode("latin-1")
-            msg = f"{where} does not take a WebSocket upgrade (GET /v1/realtime does)"
+            msg = f"{where} does not take a WebSocket upgrade (GET /v1/realtime and /openai/v1/realtime do)"
             return ex.send_error(400, msg, "invalid_request_error", "upgrade_not_supported")
         if path == SESSIONS:
             if ex.method != b"POST":
                 return ex.not_allowed(b"POST")
             return self._mint(ex)
-        if path != PATH:
+        if path not in (PATH, OPENAI_PATH):
             msg = f"no route for {ex.method.decode()} {path.decode('latin-1')}"
             return ex.send_error(404, msg, "invalid_request_error", "not_found")
         if ex.method != b"GET":
             return ex.not_allowed(b"GET")
         if not ex.upgrade:
-            msg = "GET /v1/realtime is a WebSocket endpoint: connect with 'Upgrade: websocket' (RFC 6455)"
+            msg = f"GET {path.decode()} is a WebSocket endpoint: connect with 'Upgrade: websocket' (RFC 6455)"
             hint = [(b"upgrade", b"websocket")]  # RFC 9110 §15.5.22
             return ex.send_error(426, msg, "invalid_request_error", "upgrade_required", None, hint)
         return self._connect(ex)
@@ -203,15 +201,18 @@ class Realtime:
         if auth is None:
             return None
         caller, bound, spend = auth
-        model = q.get("model", "")
+        openai = ex.path == OPENAI_PATH
+        model = q.get("workflow") or q.get("model", "")
+        if openai:
+            model = self.ing.config.openai_aliases.get(model, model)
         if bound and model and model != bound:
-            msg = f"this session token is for model {bound!r}, not {model!r}"
+            msg = f"this session token is for {bound!r}, not {model!r}"
             return ex.send_error(403, msg, "permission_error", "token_model_mismatch", "model")
         model = model or bound
         if not model:
-            msg = "name what to connect to: GET /v1/realtime?model=NAME"
+            msg = f"name what to connect to: GET {ex.path.decode()}?workflow=NAME (or ?model=NAME)"
             return ex.send_error(400, msg, "invalid_request_error", "missing_model", "model")
-        meta = self._meta(ex, model, caller)
+        meta = self._meta(ex, model, caller, openai)
         if meta is None:
             return None
         if self._sessions_full(ex, meta.tenant):
@@ -246,7 +247,7 @@ class Realtime:
             return None
         return caller_of(claims, ""), grant.model, lambda: self.tokens.spend(grant, now)
 
-    def _meta(self, ex: Exchange, model: str, caller: Caller) -> RequestMeta | None:
+    def _meta(self, ex: Exchange, model: str, caller: Caller, openai: bool) -> RequestMeta | None:
         """The REQUEST's meta, as `request_head` builds it for a native run; None: refused and answered."""
         ing = self.ing
         tenant = caller.tenant if ing.verifier is not None else ""
@@ -261,7 +262,9 @@ class Realtime:
             return None
         # A session lasts as long as the conversation: no deadline but the one the client names.
         own = ex.header(b"x-casola-deadline-ms")
-        return msgspec.structs.replace(meta, deadline_ms=int(own) if own else 0, content_type=CONTENT_TYPE)
+        params = {**meta.params, "dialect": "openai"} if openai else meta.params
+        return msgspec.structs.replace(meta, deadline_ms=int(own) if own else 0, content_type=CONTENT_TYPE,
+                                       params=params)  # fmt: skip
 
     def _sessions_full(self, ex: Exchange, tenant: str) -> bool:
         """A session holds its worker's slot for as long as it lasts, so one tenant's may not take
@@ -376,7 +379,7 @@ class Session:
             self._ended()
         if not self.ws.is_open:
             return None  # the client closed: what is still coming is dropped
-        if ft is _RESPONSE:
+        if ft is _RESPONSE and self.meta.params.get("dialect") != "openai":  # OpenAI's clients know its events only
             started = {"type": "session.started", "request_id": self.ex.request_id, "model": self.meta.model}
             self.ws.send(TEXT, _JSON.encode(started))
         if (len(frame.payload) or ft is _DATA) and not self._relay(frame.payload):

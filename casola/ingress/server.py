@@ -218,7 +218,7 @@ class Ingress:
             return self._run(ex, path[len(_RUN) :])
         if path.startswith(asyncapi.JOBS_PREFIX):
             return asyncapi.jobs_route(self, ex)
-        if path == realtime.PATH or path.startswith(realtime.PREFIX):
+        if path == realtime.PATH or path.startswith(realtime.PREFIX) or path == realtime.OPENAI_PATH:
             return self.realtime.route(ex)
         if path == _WORKFLOWS or path.startswith(_WORKFLOWS + b"/"):
             return self._workflows(ex, path[len(_WORKFLOWS) + 1 :])

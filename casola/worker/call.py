@@ -63,6 +63,7 @@ class WorkCall:
         self.sid = sid
         self.t_start = time.perf_counter()
         self.work_ms: float | None = None
+        self.t_first = 0.0  # perf_counter() when the first answer bytes left (0: none yet)
         # More stages for the last frame's timing, after `work` (a workflow's `step.<name>`, ...).
         self.stages: dict[str, float] | None = None
         self.started = False
@@ -164,6 +165,8 @@ class WorkCall:
         """Answer in one frame (RESPONSE with FLAG_END) and finish."""
         self._check()
         self.started = True
+        if len(payload):
+            self.t_first = time.perf_counter()
         meta = ResponseMeta(content_type, headers or {}, self._timing())
         self._send_last(Frame(FrameType.RESPONSE, self.sid, meta, payload, FLAG_END))
 
@@ -179,14 +182,30 @@ class WorkCall:
         if not self.started:
             self.start()
         self._check()
+        if not self.t_first and len(chunk):
+            self.t_first = time.perf_counter()
         self.link.send(Frame(FrameType.DATA, self.sid, None, chunk))
         await self.link.drain()
+
+    def send(self, chunk: Buffer) -> bool:
+        """`write` without waiting for the link (a long-lived stream answering from callbacks, as a
+        realtime session does; it awaits `link.drain()` where it can). False: the answer is closed
+        (cancelled, or answered), and nothing was sent."""
+        if self.finished or self.cancelled or not self.link.conn.is_open(self.sid):
+            return False
+        if not self.started:
+            self.start()
+        if not self.t_first and len(chunk):
+            self.t_first = time.perf_counter()
+        self.link.send(Frame(FrameType.DATA, self.sid, None, chunk))
+        return True
 
     def end(self, trailers: dict[str, str] | None = None) -> None:
         if not self.started:
             self.start()
         self._check()
-        self._send_last(Frame(FrameType.END, self.sid, EndMeta(self._timing(), self.fence, trailers or {})))
+        meta = EndMeta(self._timing(streamed=True), self.fence, trailers or {})
+        self._send_last(Frame(FrameType.END, self.sid, meta))
 
     async def checkpoint(self, state: Buffer, progress: float = 0.0) -> None:
         """Record progress of an async job: `state` is what a redispatch would `resume()` from.
@@ -207,13 +226,16 @@ class WorkCall:
         meta = ErrorMeta(code, message[:1000], retry_after_ms, param, self._timing())
         self._send_last(Frame(FrameType.ERROR, self.sid, meta))
 
-    def _timing(self) -> dict[str, float]:
+    def _timing(self, streamed: bool = False) -> dict[str, float]:
         """The worker's stage for the last frame: `work`, when the request asked for timings."""
         if not self.meta.trace:
             return {}
-        if self.stages is None:
-            return {"work": self._work()}
-        return {"work": self._work(), **self.stages}
+        # A streamed answer's `first-byte` is a mark, not a stage (within `work`): the handler's time
+        # to its first answer bytes, which a caller reading the stream as it comes (a realtime turn) needs.
+        out = {"work": self._work()}
+        if streamed and self.t_first:
+            out["first-byte"] = max(self.t_first - self.t_start, 0.0) * 1000
+        return out if self.stages is None else {**out, **self.stages}
 
     def _work(self) -> float:
         if self.work_ms is not None:
