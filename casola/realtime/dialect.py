@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from casola.realtime.errors import SessionFault
 from casola.wire import Buffer
 
 if TYPE_CHECKING:
@@ -21,17 +22,12 @@ if TYPE_CHECKING:
 __all__ = ["Dialect", "Session", "SessionFault"]
 
 
-class SessionFault(Exception):
-    """A client event the session refuses (bad field, unknown item): an error event, the session goes on."""
-
-    def __init__(self, message: str, code: str = "invalid_request_error", param: str = "") -> None:
-        super().__init__(message)
-        self.message, self.code, self.param = message, code, param
-
-
 class Session(Protocol):
+    """What a dialect may read and call of its session (casola.realtime.session.VoiceSession)."""
+
     settings: SessionSettings
     session_id: str
+    workflow: str  # the workflow's name
 
     def configure(self, changes: dict[str, Any]) -> None: ...
     def audio(self, pcm: Buffer) -> None: ...

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from casola.realtime.dialect import SessionFault
+from casola.realtime.errors import SessionFault
 from casola.realtime.history import Item
 from casola.realtime.turn import PCM_RATE, Response
 from casola.wire import Buffer
 
 if TYPE_CHECKING:
-    from casola.realtime.session import VoiceSession
+    from casola.realtime.dialect import Session
 
 __all__ = ["NativeDialect"]
 
@@ -36,7 +36,7 @@ _SETTINGS = {"format": "input_format", "rate": "input_rate", "channels": "input_
 
 
 class NativeDialect:
-    def __init__(self, session: VoiceSession) -> None:
+    def __init__(self, session: Session) -> None:
         self.s = session
 
     # -- in ----------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class NativeDialect:
         self.s.send_text({"type": "session.updated", "session": self._described()})
 
     def _described(self) -> dict[str, Any]:
-        return {"id": self.s.session_id, "workflow": self.s.agent.name, **self.s.settings.describe(),
+        return {"id": self.s.session_id, "workflow": self.s.workflow, **self.s.settings.describe(),
                 "output_audio": {"format": "pcm16", "rate": PCM_RATE, "channels": 1}}  # fmt: skip
 
     def speech_started(self, utterance: int, audio_ms: float, item_id: str) -> None:

@@ -30,7 +30,8 @@ from casola.client import RequestFailed
 from casola.flow.wav import wav_header
 from casola.net.errors import ConnectionLost
 from casola.realtime.agent import Agent
-from casola.realtime.dialect import Dialect, SessionFault
+from casola.realtime.dialect import Dialect, Session
+from casola.realtime.errors import SessionFault
 from casola.realtime.framing import CONTENT_TYPE, TAG_BINARY, TAG_TEXT
 from casola.realtime.history import Conversation, Item
 from casola.realtime.listener import Listener
@@ -52,6 +53,7 @@ _PLAYOUT_SLACK_S = 0.15  # an answer is still playing this long after its audio'
 class VoiceSession:
     def __init__(self, call: WorkCall, agent: Agent, dialect: str = "native") -> None:
         self.call, self.agent = call, agent
+        self.workflow = agent.name
         self.session_id = "sess_" + secrets.token_hex(8)
         self.settings = SessionSettings.from_params(call.meta.params)
         self.history = Conversation(agent.realtime.max_items)
@@ -372,7 +374,7 @@ class VoiceSession:
         return PCM_RATE
 
 
-def _dialect(name: str, session: VoiceSession) -> Dialect:
+def _dialect(name: str, session: Session) -> Dialect:
     if name == "openai":
         from casola.realtime.openai import OpenAIDialect
 

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final
 
-from casola.realtime.dialect import SessionFault
+from casola.realtime.errors import SessionFault
 from casola.wire.meta import Param
 
 __all__ = ["FORMATS", "VAD_KEYS", "SessionSettings"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Final
 
+from casola.opsmetrics import Exposition, labels
 from casola.stats import FastHistogram
 
 if TYPE_CHECKING:
@@ -105,8 +106,19 @@ class TurnStats:
         self.turns: dict[str, int] = {"completed": 0, "cancelled": 0, "failed": 0}
 
     def observe(self, status: str, report: dict[str, Any]) -> None:
-        self.turns[status] = self.turns.get(status, 0) + 1
+        if status in self.turns:  # a fixed set of labels
+            self.turns[status] += 1
         for part, hist in self.parts.items():
             v = report.get(f"{part}_ms")
-            if isinstance(v, int | float):
+            if isinstance(v, int | float) and not isinstance(v, bool):
                 hist.observe(v / 1000)
+
+    def write(self, out: Exposition) -> None:
+        """The families of `/metrics` (casola.opsmetrics writes the text)."""
+        out.histogram(
+            "casola_realtime_turn_seconds",
+            "Realtime voice turns: end of user speech to first agent audio (voice_to_voice) and its parts",
+            ((labels(part=p), h.buckets(), h.sum) for p, h in self.parts.items()),
+        )
+        out.counter("casola_realtime_turns", "Realtime responses by how they ended",
+                    ((labels(status=k), n) for k, n in self.turns.items()))  # fmt: skip

