@@ -224,6 +224,9 @@ def report(
     if base and turns:
         ratio = pct(rows[next(iter(rows))], 50) / pct([b["client_v2v"] for b in base], 50)  # type: ignore[operator]
         print(f"session / baseline, p50: {ratio:.2f}")
+    parts = sorted({k for t in turns for k in t["platform_parts_ms"]})
+    for k in parts:
+        print(f"{'    platform: ' + k:48s} {stats([t['platform_parts_ms'].get(k, 0.0) for t in turns])}")
     if barges:
         print("barge-in outcomes:", sorted({b["status"] for b in barges}))
     return {name: {"p50": pct(xs, 50), "p90": pct(xs, 90)} for name, xs in rows.items()}

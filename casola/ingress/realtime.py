@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
@@ -93,13 +94,17 @@ def close_code(code: int) -> int:
     return CLOSE_POLICY if 400 <= error_info(code).http < 500 else CLOSE_INTERNAL
 
 
-def error_event(code: int, message: str, retry_after_ms: int = 0, param: str = "") -> bytes:
-    """`{"type": "error", "error": {...}}`: the HTTP envelope's fields for a wire error code, and its retry hints."""
+def error_event(code: int, message: str, retry_after_ms: int = 0, param: str = "", openai: bool = False) -> bytes:
+    """`{"type": "error", "error": {...}}`: the HTTP envelope's fields for a wire error code, and its
+    retry hints; on the OpenAI path with the `event_id`s its clients expect."""
     info = error_info(code)
     err: dict[str, Any] = {"message": message, "type": info.type, "param": param or None,
                            "code": error_name(code).lower(), "retryable": info.retryable}  # fmt: skip
     if retry_after_ms:
         err["retry_after_ms"] = retry_after_ms
+    if openai:
+        err["event_id"] = None  # no client event caused it
+        return _JSON.encode({"type": "error", "event_id": "event_" + secrets.token_hex(8), "error": err})
     return _JSON.encode({"type": "error", "error": err})
 
 
@@ -429,7 +434,8 @@ class Session:
         elif self.up_open:
             self._cancel(message)
         if self.ws.is_open:
-            self.ws.send(TEXT, error_event(code, message, retry_after_ms, param))
+            openai = self.meta.params.get("dialect") == "openai"
+            self.ws.send(TEXT, error_event(code, message, retry_after_ms, param, openai))
             self.ws.close(close or close_code(code), error_name(code).lower())
 
     def _unauthenticated(self, err: AuthError) -> None:
@@ -440,7 +446,10 @@ class Session:
         if self.ws.is_open:
             body = {"message": err.message, "type": "authentication_error", "param": None, "code": err.code,
                     "retryable": False}  # fmt: skip
-            self.ws.send(TEXT, _JSON.encode({"type": "error", "error": body}))
+            event: dict[str, Any] = {"type": "error", "error": body}
+            if self.meta.params.get("dialect") == "openai":
+                event["event_id"], body["event_id"] = "event_" + secrets.token_hex(8), None
+            self.ws.send(TEXT, _JSON.encode(event))
             self.ws.close(CLOSE_POLICY, err.code)
 
     def _ended(self) -> None:

@@ -15,9 +15,11 @@ from casola.realtime.errors import SessionFault
 from casola.wire import Buffer
 
 if TYPE_CHECKING:
-    from casola.realtime.history import Item
+    from casola.realtime.agent import Agent
+    from casola.realtime.history import Conversation, Item
     from casola.realtime.settings import SessionSettings
     from casola.realtime.turn import Response
+    from casola.worker.call import WorkCall
 
 __all__ = ["Dialect", "Session", "SessionFault"]
 
@@ -28,10 +30,14 @@ class Session(Protocol):
     settings: SessionSettings
     session_id: str
     workflow: str  # the workflow's name
+    agent: Agent  # the workflow as sessions hold it: whether it speaks, its listen model and defaults
+    history: Conversation  # the items in order
+    response: Response | None  # the response in progress, if any
+    call: WorkCall  # the REQUEST: the params the client named on connecting
 
     def configure(self, changes: dict[str, Any]) -> None: ...
     def audio(self, pcm: Buffer) -> None: ...
-    def commit(self) -> None: ...
+    def commit(self) -> str: ...
     def clear(self) -> None: ...
     def add_text(self, text: str, role: str = "user", respond: bool = False) -> Item: ...
     def respond(self) -> Response: ...

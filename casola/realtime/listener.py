@@ -38,13 +38,19 @@ _POSITIONS = ("audio_ms", "onset_ms", "at_ms")
 class Listener:
     def __init__(self, door: FrontDoor, head: RequestMeta, on_event: OnEvent, on_lost: OnLost) -> None:
         """`head`: the listen stream's REQUEST (model, tenant, params: format, rate, VAD settings)."""
-        self.door, self.head = door, head
-        self.on_event, self.on_lost = on_event, on_lost
+        self.door, self.on_event, self.on_lost = door, on_event, on_lost
         self.stream: Stream | None = None
-        self.reader: asyncio.Task[None] | None = None
+        self.readers: set[asyncio.Task[None]] = set()
         self.offset_ms = 0.0  # audio given to the streams before this one
+        self.utterances = 0  # the highest utterance number so far (numbers are session-wide)
         self.fed_ms = 0.0  # audio given to this one (pcm16; Opus: its packets' wall-clock span)
         self._t_open = 0.0
+        self.retune(head)
+
+    def retune(self, head: RequestMeta) -> None:
+        """New settings: the stream open now is dropped (CANCEL); the next audio opens one with them."""
+        self.close()
+        self.head = head
         self._ms_per_byte = _ms_per_byte(head.params)
 
     def feed(self, audio: Buffer) -> None:
@@ -55,38 +61,40 @@ class Listener:
         try:
             stream.send(audio)
         except ConnectionLost as exc:
-            self._lost(ErrorCode.SHUTTING_DOWN, f"the queue node link is gone ({exc})")
+            self._lost(stream, ErrorCode.SHUTTING_DOWN, f"the queue node link is gone ({exc})")
             return
         self.fed_ms += len(audio) * self._ms_per_byte if self._ms_per_byte else 0.0
 
     def end(self) -> None:
-        """The session's input ended: the worker flushes pending speech and finishes."""
+        """End the stream's input now: the worker flushes pending speech (its events still come)
+        and finishes; the next audio opens another."""
         if self.stream is not None:
             self.stream.end_input()
+            self.stream = None
+            self._next_offset(room=1)  # its last utterance may still come: the next stream counts after it
 
     def close(self) -> None:
-        """Stop listening now (the session is over, or its input format changed): CANCEL."""
+        """Stop listening now (the session is over, or its settings changed): CANCEL."""
         stream, self.stream = self.stream, None
         if stream is not None:
             self.door.cancel(stream)
-        self._next_offset()
-        if self.reader is not None:
-            self.reader.cancel()
-            self.reader = None
+            self._next_offset()
 
     def _open(self) -> Stream | None:
         try:
-            self.stream = self.door.open(self.head, b"", end=False)
+            stream = self.door.open(self.head, b"", end=False)
         except (RequestFailed, ConnectionLost) as exc:
             code = exc.code if isinstance(exc, RequestFailed) else ErrorCode.SHUTTING_DOWN
             self.on_lost(code, f"the listen stream could not open: {exc}")
             return None
-        self._t_open = perf_counter()
-        self.fed_ms = 0.0
-        self.reader = asyncio.ensure_future(self._read(self.stream))
-        return self.stream
+        self.stream, self._t_open, self.fed_ms = stream, perf_counter(), 0.0
+        reader = asyncio.ensure_future(self._read(stream, self.offset_ms, self.utterances))
+        self.readers.add(reader)
+        reader.add_done_callback(self.readers.discard)
+        return stream
 
-    async def _read(self, stream: Stream) -> None:
+    async def _read(self, stream: Stream, offset_ms: float, base: int) -> None:
+        """One stream's events, placed session-wide: positions after `offset_ms`, utterances after `base`."""
         buf = b""
         try:
             async for chunk in stream:
@@ -95,42 +103,47 @@ class Listener:
                 now = perf_counter()
                 for line in lines:
                     if line.strip():
-                        self.on_event(self._placed(_decode(line)), now)
+                        self.on_event(self._placed(_decode(line), offset_ms, base), now)
         except RequestFailed as exc:
-            if stream is self.stream and exc.code != ErrorCode.CANCELLED:
-                self._lost(exc.code, exc.message)
+            if exc.code != ErrorCode.CANCELLED:
+                self._lost(stream, exc.code, exc.message)
             return
         except ConnectionLost as exc:
-            if stream is self.stream:
-                self._lost(ErrorCode.SHUTTING_DOWN, str(exc))
+            self._lost(stream, ErrorCode.SHUTTING_DOWN, str(exc))
             return
         except msgspec.DecodeError as exc:
             log.warning("listen model %s sent a line that is not JSON: %s", self.head.model, exc)
-            if stream is self.stream:
-                self.door.cancel(stream)
-                self._lost(ErrorCode.WORKER_FAILED, "the listen model sent a line that is not JSON")
+            self.door.cancel(stream)
+            self._lost(stream, ErrorCode.WORKER_FAILED, "the listen model sent a line that is not JSON")
             return
         if stream is self.stream:  # it ended by itself: the next audio opens another
             self.stream = None
             self._next_offset()
 
-    def _placed(self, ev: dict[str, Any]) -> dict[str, Any]:
-        if self.offset_ms:
+    def _placed(self, ev: dict[str, Any], offset_ms: float, base: int) -> dict[str, Any]:
+        if isinstance(n := ev.get("utterance"), int):
+            ev["utterance"] = n = n + base
+            self.utterances = max(self.utterances, n)
+        if offset_ms:
             for key in _POSITIONS:
                 if isinstance(v := ev.get(key), int | float):
-                    ev[key] = v + self.offset_ms
+                    ev[key] = v + offset_ms
         return ev
 
-    def _lost(self, code: int, message: str) -> None:
+    def _lost(self, stream: Stream, code: int, message: str) -> None:
+        """A stream failed: reported when it is the one listening (the next audio opens another)."""
+        if stream is not self.stream:
+            return
         log.warning("listen stream of %s lost: %s", self.head.request_id or "a session", message)
         self.stream = None
         self._next_offset()
         self.on_lost(code, message)
 
-    def _next_offset(self) -> None:
+    def _next_offset(self, room: int = 0) -> None:
         fed = self.fed_ms if self._ms_per_byte else (perf_counter() - self._t_open) * 1000 if self._t_open else 0.0
         self.offset_ms += fed
         self.fed_ms, self._t_open = 0.0, 0.0
+        self.utterances += room
 
 
 def _ms_per_byte(params: dict[str, Param]) -> float:

@@ -16,6 +16,7 @@ truncated, item.deleted, error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -67,7 +68,7 @@ class NativeDialect:
         changes: dict[str, Any] = {}
         for key, value in session.items():
             if key == "input_audio" and isinstance(value, dict):
-                changes |= {_SETTINGS.get(k, k): v for k, v in value.items()}
+                changes |= {_SETTINGS.get(str(k), str(k)): v for k, v in value.items()}
             elif key == "turn_detection" and isinstance(value, dict):
                 for k, v in value.items():
                     if k == "type":
@@ -156,7 +157,7 @@ class NativeDialect:
         self.s.send_text({"type": "error", "error": err, "event": kind or None})
 
 
-_IN = {
+_IN: dict[str, Callable[[NativeDialect, dict[str, Any]], object]] = {
     "session.update": NativeDialect._update,
     "input.commit": lambda d, ev: d.s.commit(),
     "input.clear": lambda d, ev: d.s.clear(),

@@ -1,43 +1,39 @@
-"""OpenAI Realtime's events for a voice session (`GET /openai/v1/realtime?model=NAME`): a subset of the
-beta protocol ("OpenAI-Beta: realtime=v1"), enough that a client written for OpenAI's API works with
-only its URL changed. Every message is JSON text; audio travels base64 in it, PCM16 mono 24 kHz both
-ways (OpenAI's `pcm16`). Each server event has a unique `event_id`; an error names the client event
-that caused it (`error.event_id`), and the session goes on after it.
+"""OpenAI Realtime's events for a voice session (`GET /openai/v1/realtime?model=NAME`): the subset of
+the beta protocol ("OpenAI-Beta: realtime=v1") a client written for OpenAI's API needs, so that it
+works with only its URL changed. Every message is JSON text; audio is base64 in it, PCM16 mono 24 kHz
+both ways (OpenAI's `pcm16`). Each server event has a unique `event_id`; an error names the client
+event that caused it (`error.event_id`), and the session goes on after it.
 
-Client events covered:
-    session.update              input_audio_format / output_audio_format (pcm16 only), turn_detection
-                                (server_vad: threshold, prefix_padding_ms, silence_duration_ms,
-                                create_response, interrupt_response; null: the client commits),
-                                instructions, voice, input_audio_transcription.language, modalities
-                                (must include audio when the workflow speaks), tools ([] only)
-    input_audio_buffer.append / .commit / .clear
-    conversation.item.create    a message of role user (input_text) or assistant (text)
-    conversation.item.truncate / .delete
-    response.create / response.cancel
-Server events: session.created, session.updated, input_audio_buffer.speech_started / .speech_stopped /
-.committed / .cleared, conversation.item.created, conversation.item.input_audio_transcription.completed
-/ .failed, conversation.item.truncated / .deleted, response.created, response.output_item.added /
-.done, response.content_part.added / .done, response.audio.delta / .done,
-response.audio_transcript.delta / .done (a workflow that ends in text: response.text.delta / .done),
-response.done, error; and one of casola's own, `casola.turn.timing` {response_id, vad_tail_ms,
-listen_ms, asr_ms, llm_first_sentence_ms, tts_first_audio_ms, voice_to_voice_ms | text_to_voice_ms,
-platform_ms, complete} after each response that spoke (casola.realtime.timing), which OpenAI's clients
-ignore as an unknown type.
+Client events: session.update (input/output_audio_format pcm16; turn_detection server_vad with
+threshold, prefix_padding_ms, silence_duration_ms, create_response, interrupt_response, or null: the
+client commits; instructions; voice; input_audio_transcription.language; modalities with audio;
+tools []), input_audio_buffer.append / .commit / .clear, conversation.item.create (a message of role
+user, input_text, or assistant, text), conversation.item.truncate / .delete, response.create /
+.cancel. Without turn detection, input_audio_buffer.committed comes at once and a response.create
+sent right after the commit waits for its transcript. Server events: session.created / .updated,
+input_audio_buffer.speech_started / .speech_stopped / .committed / .cleared, conversation.item.created
+/ .truncated / .deleted, conversation.item.input_audio_transcription.completed / .failed,
+response.created, response.output_item.added / .done, response.content_part.added / .done,
+response.audio.delta / .done, response.audio_transcript.delta / .done (response.text.* for a workflow
+that ends in text), response.done, error; and casola's own `casola.turn.timing` {response_id,
+vad_tail_ms, listen_ms, asr_ms, llm_first_sentence_ms, tts_first_audio_ms, voice_to_voice_ms or
+text_to_voice_ms, platform_ms, complete} after a response that spoke (casola.realtime.timing), which
+OpenAI's clients ignore as an unknown type.
 
 Accepted and ignored (the workflow decides them): session temperature, max_response_output_tokens,
-tool_choice, input_audio_noise_reduction, speed, tracing, model, input_audio_transcription.model and
-.prompt (transcription cannot be turned off: it is how the agent hears); response.create's modalities,
+tool_choice, input_audio_noise_reduction, speed, tracing, model, input_audio_transcription null /
+.model / .prompt (transcription stays on: it is how the agent hears); response.create's modalities,
 metadata, temperature, max_output_tokens.
 
-NOT covered (refused with an error event, unless said otherwise): function-calling tools configured
-by the client (a workflow's tools run server-side), text-only modalities, g711 audio, semantic_vad,
-response.create overrides (instructions, tools, input, conversation "none": out-of-band responses),
-a response with nothing to answer (the last item must be the user's), item types other than message
-(function_call_output, ...), system messages (use session.update instructions), audio content in a
-created item, previous_item_id other than the last item, client-chosen item ids (ignored: the server
-names items), conversation.item.retrieve, usage figures (always null), and the
-`openai-insecure-api-key` subprotocol auth (browsers use the ingress's session tokens instead). A
-response.create while one is in progress is refused, as OpenAI does (the native protocol supersedes).
+NOT covered (refused with an error event unless said otherwise): function-calling tools configured by
+the client (a workflow's tools run server-side), text-only modalities, g711 audio, semantic_vad,
+response.create overrides (instructions, tools, input, conversation "none": out-of-band responses), a
+response with nothing to answer (the last item must be the user's), item types other than message
+(function_call_output, ...), system messages (use instructions), audio content in a created item,
+previous_item_id other than the last item, client-chosen item ids (ignored), conversation.item.retrieve,
+usage (always null), and the `openai-insecure-api-key` subprotocol auth (browsers use the ingress's
+session tokens); the GA protocol's session shape (type, audio.input / .output) and its renamed events
+(response.output_audio.*). A response.create while one is in progress is refused, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -50,18 +46,18 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
-from casola.realtime.dialect import SessionFault
+from casola.realtime.errors import SessionFault
 from casola.realtime.history import Item
 from casola.realtime.turn import PCM_RATE, Response
 from casola.wire import Buffer, error_name
 
 if TYPE_CHECKING:
-    from casola.realtime.session import VoiceSession
+    from casola.realtime.dialect import Session
+
 
 __all__ = ["OpenAIDialect"]
 
 _decode = msgspec.json.Decoder().decode
-_OUT = ("response_id", "item_id", "output_index", "content_index")
 # The listen model's voice-activity defaults (workers/listen.py), reported when nothing overrides them.
 _VAD_DEFAULTS: Final = {"threshold": 0.5, "preroll_ms": 300, "silence_ms": 500}
 # turn_detection's names -> the settings'
@@ -71,11 +67,14 @@ _PARAMS: Final = {v: f"session.turn_detection.{k}" for k, v in _TURNS.items()} |
     "instructions": "session.instructions", "voice": "session.voice",
     "language": "session.input_audio_transcription.language"}  # fmt: skip
 _IGNORED: Final = frozenset({"temperature", "max_response_output_tokens", "tool_choice", "input_audio_noise_reduction",
-                             "speed", "tracing", "model", "object", "id", "expires_at", "client_secret", "include"})  # fmt: skip
-_RESPONSE_IGNORED: Final = frozenset({"modalities", "metadata", "temperature", "max_output_tokens",
-                                      "max_response_output_tokens", "voice", "output_audio_format", "tool_choice"})  # fmt: skip
-_CODES: Final = {"invalid_request_error": "invalid_value", "input_audio_buffer_empty": "input_audio_buffer_commit_empty"}
+                             "speed", "tracing", "model", "object", "id", "expires_at", "client_secret",
+                             "include"})  # fmt: skip
+_RESPONSE_IGNORED: Final = frozenset({"modalities", "metadata", "temperature", "max_output_tokens", "voice",
+                                      "max_response_output_tokens", "output_audio_format", "tool_choice"})  # fmt: skip
+_CODES: Final = {"invalid_request_error": "invalid_value",
+                 "input_audio_buffer_empty": "input_audio_buffer_commit_empty"}  # fmt: skip
 _SERVER_CODES: Final = frozenset({"listen_interrupted", "shutting_down"})
+_PCM16_IN: Final = {"input_format": "pcm16", "input_rate": PCM_RATE, "input_channels": 1}  # OpenAI's pcm16
 
 
 def _fault(message: str, param: str, code: str = "invalid_value") -> SessionFault:
@@ -83,13 +82,14 @@ def _fault(message: str, param: str, code: str = "invalid_value") -> SessionFaul
 
 
 class OpenAIDialect:
-    def __init__(self, session: VoiceSession) -> None:
+    def __init__(self, session: Session) -> None:
         self.s = session
         self._ids = itertools.count(1)
         self._prefix = "event_" + secrets.token_hex(4)
         self._said: dict[str, list[str]] = {}  # response id -> its transcript deltas
         self._committed: deque[str] = deque()  # item ids given to manual commits still being transcribed
         self._typed = False  # inside add_text: the user item is the client's, not a transcript
+        self._deferred: str | None = None  # a response.create waiting for a commit's transcript: its event_id
 
     # -- in ----------------------------------------------------------------------------------------
 
@@ -103,7 +103,7 @@ class OpenAIDialect:
             raise _fault(f"the message is not JSON: {exc}", "", "invalid_json") from None
         if not isinstance(ev, dict):
             raise _fault("a client event is a JSON object", "", "invalid_json")
-        client = ev.get("event_id") if isinstance(ev.get("event_id"), str) else ""
+        client = _event_id(ev)
         kind = ev.get("type")
         try:
             if not isinstance(kind, str):
@@ -128,20 +128,10 @@ class OpenAIDialect:
                 raise _fault(f"session.{key} is not supported here", f"session.{key}", "unknown_parameter")
         try:
             self.s.configure(changes)
-        except SessionFault as exc:
+        except SessionFault as exc:  # named as the client named it
             param = _PARAMS.get(exc.param, exc.param)
-            raise _fault(exc.message.replace(exc.param, param.rpartition(".")[2], 1), param) from None
-
-    def _audio_format(self, value: Any) -> dict[str, Any]:
-        if value != "pcm16":
-            raise _fault(f"audio format {value!r} is not supported: send pcm16 (PCM16 mono 24 kHz)",
-                         "session.input_audio_format")  # fmt: skip
-        return {"input_format": "pcm16", "input_rate": PCM_RATE, "input_channels": 1}
-
-    def _output_format(self, value: Any) -> dict[str, Any]:
-        if value != "pcm16":
-            raise _fault(f"output_audio_format {value!r} is not supported: pcm16 only", "session.output_audio_format")
-        return {}
+            message = exc.message.replace(exc.param, param.rpartition(".")[2], 1) if exc.param else exc.message
+            raise _fault(message, param) from None
 
     def _modalities(self, value: Any) -> dict[str, Any]:
         if not isinstance(value, list) or (self._speaks and "audio" not in value):
@@ -178,7 +168,7 @@ class OpenAIDialect:
     def _append(self, ev: dict[str, Any]) -> None:
         audio = ev.get("audio")
         if not isinstance(audio, str):
-            raise _fault('input_audio_buffer.append carries "audio": base64 PCM16', "audio", "missing_required_parameter")
+            raise _fault('append carries "audio": base64 PCM16', "audio", "missing_required_parameter")
         try:
             pcm = binascii.a2b_base64(audio, strict_mode=True)
         except (binascii.Error, ValueError) as exc:
@@ -190,8 +180,7 @@ class OpenAIDialect:
             self.s.commit()  # speech pending ends now: speech_stopped and committed follow
             return
         previous = self._last_item()
-        self.s.commit()
-        item_id = self.s.history.new_id()  # the item the transcript becomes (user_item below)
+        item_id = self.s.commit()  # the id of the user item its transcript becomes (user_item below)
         self._committed.append(item_id)
         self._send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
 
@@ -205,7 +194,7 @@ class OpenAIDialect:
             raise _fault("only message items are supported", "item.type")
         role = item.get("role")
         if role not in ("user", "assistant"):
-            raise _fault(f"role {role!r} is not supported: user or assistant (instructions: session.update)", "item.role")
+            raise _fault(f"role {role!r} is not supported: user or assistant (system: instructions)", "item.role")
         if ev.get("previous_item_id") not in (None, self._last_item()):
             raise _fault("items are added at the end of the conversation only", "previous_item_id")
         self._typed = True
@@ -222,14 +211,26 @@ class OpenAIDialect:
             if key not in _RESPONSE_IGNORED and not (key == "conversation" and value == "auto") and value:
                 raise _fault(f"response.{key} is not supported: responses answer the conversation as configured",
                              f"response.{key}", "unknown_parameter")  # fmt: skip
-        if self.s.response is not None and self.s.response.live:
-            raise _fault(f"Conversation already has an active response: {self.s.response.id}", "",
-                         "conversation_already_has_active_response")  # fmt: skip
+        if (self.s.response is not None and self.s.response.live) or self._deferred is not None:
+            raise _fault("Conversation already has an active response", "", "conversation_already_has_active_response")
+        if self._committed:  # a commit is still being transcribed: answer once its item is in
+            self._deferred = _event_id(ev)
+            return
         self.s.respond()
+
+    def _answer_deferred(self) -> None:
+        event_id, self._deferred = self._deferred or "", None
+        try:
+            self.s.respond()
+        except SessionFault as exc:
+            self.error(exc.message, exc.code, exc.param, event_id, "response.create")
 
     def _cancel(self, ev: dict[str, Any]) -> None:
         live = self.s.response if self.s.response is not None and self.s.response.live else None
         wanted = ev.get("response_id")
+        if live is None and self._deferred is not None:  # not started yet: it will not be
+            self._deferred = None
+            return
         if live is None or wanted not in (None, "", live.id):
             raise _fault("Cancellation failed: no active response found", "", "response_cancel_not_active")
         self.s.cancel()
@@ -258,7 +259,7 @@ class OpenAIDialect:
 
     def _described(self) -> dict[str, Any]:
         st, agent = self.s.settings, self.s.agent
-        return {"id": self.s.session_id, "object": "realtime.session", "model": agent.name,
+        return {"id": self.s.session_id, "object": "realtime.session", "model": self.s.workflow,
                 "modalities": ["audio", "text"] if self._speaks else ["text"],
                 "instructions": st.instructions, "voice": st.voice or agent.realtime.voice or None,
                 "input_audio_format": st.input_format, "output_audio_format": "pcm16",
@@ -284,8 +285,8 @@ class OpenAIDialect:
 
     def user_item(self, item: Item, utterance: int) -> None:
         spoken = not self._typed
-        if utterance == 0 and spoken and self._committed:
-            item.id = self._committed.popleft()  # the id its commit announced (see _commit)
+        if utterance == 0 and spoken and item.id in self._committed:
+            self._committed.remove(item.id)  # the transcript its commit announced (see _commit)
         if not spoken:
             part = {"type": "input_text" if item.role == "user" else "text", "text": item.text}
         else:
@@ -296,12 +297,16 @@ class OpenAIDialect:
         if spoken:
             self._send("conversation.item.input_audio_transcription.completed", item_id=item.id, content_index=0,
                        transcript=item.text)  # fmt: skip
+        if spoken and self._deferred is not None and not self._committed:
+            self._answer_deferred()
 
     def transcription_failed(self, item_id: str, utterance: int, message: str) -> None:
-        if utterance == 0 and self._committed:
-            item_id = self._committed.popleft()
+        if utterance == 0 and item_id in self._committed:
+            self._committed.remove(item_id)
         err = {"type": "transcription_error", "code": "transcription_failed", "message": message, "param": None}
         self._send("conversation.item.input_audio_transcription.failed", item_id=item_id, content_index=0, error=err)
+        if self._deferred is not None and not self._committed:
+            self._answer_deferred()
 
     def response_started(self, resp: Response) -> None:
         self._said[resp.id] = []
@@ -356,7 +361,7 @@ class OpenAIDialect:
         return bool(self.s.agent.speak_step)
 
     def _where(self, resp: Response) -> dict[str, Any]:
-        return dict(zip(_OUT, (resp.id, resp.item.id, 0, 0), strict=True))
+        return {"response_id": resp.id, "item_id": resp.item.id, "output_index": 0, "content_index": 0}
 
     def _part(self, text: str) -> dict[str, Any]:
         return {"type": "audio", "transcript": text} if self._speaks else {"type": "text", "text": text}
@@ -387,6 +392,18 @@ class OpenAIDialect:
         return ids[at - 1] if at > 0 else None
 
 
+def _pcm16(key: str, value: Any) -> dict[str, Any]:
+    if value != "pcm16":
+        raise _fault(f"{key} {value!r} is not supported: pcm16 only (PCM16 mono 24 kHz)", f"session.{key}")
+    return {}
+
+
+def _event_id(ev: dict[str, Any]) -> str:
+    """The client event's own id ("" when it gave none), which an error about it names."""
+    value = ev.get("event_id")
+    return value if isinstance(value, str) else ""
+
+
 def _text_of(content: Any, role: str) -> str:
     """A created message's words: its text parts (input_text for the user's, text for the agent's)."""
     want = "input_text" if role == "user" else "text"
@@ -404,12 +421,12 @@ def _text_of(content: Any, role: str) -> str:
 
 
 _SESSION = {
-    "input_audio_format": OpenAIDialect._audio_format,
-    "output_audio_format": OpenAIDialect._output_format,
+    "input_audio_format": lambda d, v: _pcm16("input_audio_format", v) | _PCM16_IN,
+    "output_audio_format": lambda d, v: _pcm16("output_audio_format", v),
     "modalities": OpenAIDialect._modalities,
     "turn_detection": OpenAIDialect._turn_detection,
-    "instructions": lambda d, v: {"instructions": v},
-    "voice": lambda d, v: {"voice": v},
+    "instructions": lambda d, v: {"instructions": "" if v is None else v},
+    "voice": lambda d, v: {"voice": "" if v is None else v},
     "input_audio_transcription": OpenAIDialect._transcription,
     "tools": OpenAIDialect._tools,
 }

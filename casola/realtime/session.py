@@ -57,7 +57,7 @@ class VoiceSession:
         self.session_id = "sess_" + secrets.token_hex(8)
         self.settings = SessionSettings.from_params(call.meta.params)
         self.history = Conversation(agent.realtime.max_items)
-        self.listener: Listener | None = None
+        self.listener = Listener(agent.door, self._listen_head(), self._heard, self._deaf)
         self.response: Response | None = None
         self.pending: dict[int, TurnTiming] = {}  # utterances stopped, their transcript not yet in
         self.items: dict[int, str] = {}  # utterance -> the id its user item gets
@@ -121,9 +121,9 @@ class VoiceSession:
             task.cancel()
         if self.response is not None:
             self.response.stop("session_closed")
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+        self.listener.close()
+        for reader in list(self.listener.readers):
+            reader.cancel()
 
     # -- output ------------------------------------------------------------------------------------
 
@@ -137,9 +137,8 @@ class VoiceSession:
 
     def configure(self, changes: dict[str, Any]) -> None:
         """Raises SessionFault (nothing changed)."""
-        if self.settings.apply(changes) and self.listener is not None:
-            self.listener.close()  # the next audio opens a stream with the new format and settings
-            self.listener = None
+        if self.settings.apply(changes):
+            self.listener.retune(self._listen_head())  # the next audio opens a stream with the new settings
         self.dialect.configured()
 
     def audio(self, pcm: Buffer) -> None:
@@ -152,32 +151,29 @@ class VoiceSession:
                                    "input_audio_buffer_full")  # fmt: skip
             self.buffer += pcm
             return
-        if self.listener is None:
-            self.listener = Listener(self.agent.door, self._listen_head(), self._heard, self._deaf)
         self.listener.feed(pcm)
 
-    def commit(self) -> None:
-        """Server VAD: speech pending is ended now. Off: the buffer is transcribed as one utterance."""
+    def commit(self) -> str:
+        """Server VAD: speech pending is ended now. Off: the buffer is transcribed as one utterance;
+        returns the id its user item will have ("" with server VAD)."""
         if self.settings.server_vad:
-            if self.listener is not None:
-                self.listener.end()
-                self.listener = None  # a new stream for what comes next; this one flushes and finishes
-            return
+            self.listener.end()  # this stream flushes its pending speech and finishes; the next audio opens another
+            return ""
         if not self.buffer:
             raise SessionFault("the input audio buffer is empty: nothing to commit", "input_audio_buffer_empty")
         if self.settings.input_format != "pcm16":
             raise SessionFault("commit without server VAD takes pcm16 input", param="input_format")
         audio, self.buffer = bytes(self.buffer), bytearray()
-        task = asyncio.ensure_future(self._transcribe(audio))
+        item_id = self.history.new_id()
+        task = asyncio.ensure_future(self._transcribe(audio, item_id))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return item_id
 
     def clear(self) -> None:
         """Audio not yet made an utterance is dropped."""
         self.buffer = bytearray()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+        self.listener.close()
 
     def add_text(self, text: str, role: str = "user", respond: bool = False) -> Item:
         if role not in ("user", "assistant"):
@@ -246,11 +242,12 @@ class VoiceSession:
     def _heard(self, ev: dict[str, Any], t: float) -> None:
         kind, utt = ev.get("type"), int(ev.get("utterance", 0))
         if kind == "speech_started":
-            resp = self.response
-            if resp is not None and self.settings.interrupt and self._speaking(resp):
-                self._stop(resp, "turn_detected")  # barge-in: in this callback, before anything else is sent
             self.items[utt] = item_id = self.history.new_id()
+            resp = self.response
+            barge = resp is not None and self.settings.interrupt and self._speaking(resp)
             self.dialect.speech_started(utt, ev.get("audio_ms", 0), item_id)
+            if barge:  # in this same callback: no frame of the response can be sent after the event
+                self._stop(resp, "turn_detected")  # type: ignore[arg-type]
         elif kind == "speech_stopped":
             tail = float(ev.get("at_ms", 0)) - float(ev.get("audio_ms", 0))
             self.pending[utt] = TurnTiming(vad_tail_ms=max(tail, 0.0), t_stopped=t)
@@ -274,12 +271,11 @@ class VoiceSession:
 
     def _deaf(self, code: int, message: str) -> None:
         """The listen stream failed; the next audio opens another (on a live worker)."""
-        self.listener = None
         self.pending.clear()
         self.dialect.error(f"listening was interrupted ({message}); it resumes with the next audio",
                            "listen_interrupted")  # fmt: skip
 
-    async def _transcribe(self, audio: bytes) -> None:
+    async def _transcribe(self, audio: bytes, item_id: str) -> None:
         """Server VAD off: one committed buffer, transcribed by the workflow's ASR model."""
         t = perf_counter()
         model = self.agent.asr_model
@@ -290,10 +286,10 @@ class VoiceSession:
             stream = self.agent.door.open(meta, wav)
             text = (await stream.read()).decode(errors="replace")
         except (RequestFailed, ConnectionLost) as exc:
-            self.dialect.transcription_failed(self.history.new_id(), 0, str(exc))
+            self.dialect.transcription_failed(item_id, 0, str(exc))
             return
         log.debug("session %s: a committed buffer transcribed in %.1f ms", self.session_id, (perf_counter() - t) * 1000)
-        self.dialect.user_item(self.history.add("user", text.strip()), 0)  # answered on response.create
+        self.dialect.user_item(self.history.add("user", text.strip(), item_id), 0)  # answered on response.create
 
     # -- responses -----------------------------------------------------------------------------------------
 

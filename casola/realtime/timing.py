@@ -20,8 +20,10 @@ The parts follow the turn's critical path, on this process's clock (perf_counter
   back, less the worker's own time to them (its END timing's `first-byte`). Model time (the VAD's
   wait, Whisper, token generation, synthesis) is the rest.
 
-A turn cut short (barge-in, a failure) before its first audio has no voice_to_voice; one whose step
-requests did not all end has `platform_ms` from those that did (`complete: false`).
+`platform_parts_ms` says where the platform's share went: `listen`, `session`, `between_steps`, and
+one entry per step (its requests' hops). A turn cut short (barge-in, a failure) before its first
+audio has no voice_to_voice; one whose step requests did not all end has `platform_ms` from those
+that did (`complete: false`).
 """
 
 from __future__ import annotations
@@ -74,19 +76,24 @@ class TurnTiming:
             own += max(listen - self.asr_ms, 0.0)
         out["llm_first_sentence_ms"] = (self.t_sentence - self.t_start) * 1000 if self.t_sentence else None
         out["tts_first_audio_ms"] = (self.t_audio - self.t_sentence) * 1000 if self.t_sentence else None
-        hops, complete = _hops(run, self.t_audio_in) if run is not None else (0.0, False)
+        hops, complete = _hops(run, self.t_audio_in) if run is not None else ({}, False)
         out["voice_to_voice_ms" if spoken else "text_to_voice_ms"] = total
-        out["platform_ms"] = own + hops
+        out["platform_ms"] = own + sum(hops.values())
+        parts = {"listen": max(listen - self.asr_ms, 0.0)} if spoken else {}
+        parts |= {"session": (self.t_start - start + self.t_audio - self.t_audio_in) * 1000,
+                  "between_steps": self.idle_ms, **hops}  # fmt: skip
+        out["platform_parts_ms"] = {k: round(v, 2) for k, v in parts.items()}
         out["complete"] = complete
         return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def _hops(run: Run, before: float) -> tuple[float, bool]:
+def _hops(run: Run, before: float) -> tuple[dict[str, float], bool]:
     """Σ (sent -> first bytes back - the worker's first-byte) over the step requests whose first
     bytes came back by `before`; False when one of them has not reported its worker time (it was
     cancelled, or has not ended yet)."""
-    total, complete = 0.0, True
-    for _stage, stream, sent in run.sent:
+    total: dict[str, float] = {}
+    complete = True
+    for stage, stream, sent in run.sent:
         if not stream.t_first or stream.t_first > before:
             continue
         # A streamed answer's END has the worker's `first-byte`; an answer in one frame, its `work`.
@@ -94,7 +101,7 @@ def _hops(run: Run, before: float) -> tuple[float, bool]:
         if worker is None or not stream.done:
             complete = False
             continue
-        total += max((stream.t_first - sent) * 1000 - worker, 0.0)
+        total[stage] = total.get(stage, 0.0) + max((stream.t_first - sent) * 1000 - worker, 0.0)
     return total, complete
 
 

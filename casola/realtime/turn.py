@@ -31,7 +31,7 @@ from casola.flow.wav import WavFormatError
 from casola.realtime.history import Item as HistoryItem
 from casola.realtime.history import Spoken
 from casola.realtime.timing import TurnTiming
-from casola.wire import ErrorCode, RequestMeta
+from casola.wire import Buffer, ErrorCode, RequestMeta
 
 if TYPE_CHECKING:
     from casola.realtime.agent import Agent
@@ -54,7 +54,7 @@ class Response:
         meta: RequestMeta,
         item: HistoryItem,
         timing: TurnTiming,
-        on_audio: Callable[[Response, Item], None],
+        on_audio: Callable[[Response, Buffer], None],
         on_text: Callable[[Response, str], None],
     ) -> None:
         """`meta`: the turn's head (the session's tenant, priority, filter policy, request id, and
