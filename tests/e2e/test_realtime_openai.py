@@ -417,3 +417,38 @@ def test_bad_client_events_get_openai_errors_and_the_session_goes_on(rig: Rig) -
     assert not_json["code"] == "invalid_json" and not_json["event_id"] is None
     assert c.of("session.updated") == []  # a refused update changes nothing and says nothing else
     assert c.of("response.done")[0]["response"]["status"] == "completed"
+
+
+def test_the_openai_sdks_own_realtime_client_works_with_only_the_url_changed(rig: Rig) -> None:
+    """The `openai` package's beta realtime client (`client.beta.realtime.connect`), unmodified, with
+    its URLs pointed at casola: the loop an OpenAI user already has. (`websocket_base_url`: the SDK
+    takes wss:// from an http base URL; a TLS ingress needs only `base_url`.)"""
+    openai = need_module("openai")
+
+    async def main() -> tuple[list[str], bytes, str]:
+        where = f"127.0.0.1:{rig.stack.http_port}/openai/v1"
+        client = openai.AsyncOpenAI(api_key=rig.stack.api_key, base_url=f"http://{where}",
+                                    websocket_base_url=f"ws://{where}")  # fmt: skip
+        types: list[str] = []
+        audio = bytearray()
+        transcript = ""
+        async with client.beta.realtime.connect(model=ALIAS) as conn:
+            await conn.session.update(session={"instructions": "Be brief.", "voice": "alloy"})
+            await conn.conversation.item.create(
+                item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}
+            )
+            await conn.response.create()
+            async for event in conn:
+                types.append(event.type)
+                if event.type == "response.audio.delta":
+                    audio += base64.b64decode(event.delta)
+                elif event.type == "response.audio_transcript.done":
+                    transcript = event.transcript
+                elif event.type in ("response.done", "error"):
+                    break
+        return types, bytes(audio), transcript
+
+    types, audio, transcript = rig.run(main)
+    assert types[0] == "session.created" and "session.updated" in types and "error" not in types
+    assert types[-1] == "response.done" and "response.audio.delta" in types
+    assert transcript == ANSWER and len(audio) > 24000  # over half a second of 24 kHz PCM16
