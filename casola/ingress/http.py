@@ -31,6 +31,7 @@ from casola.ingress.exchange import Exchange, error_response
 from casola.ingress.httplimits import HttpLimits, RequestError
 from casola.ingress.httpsyntax import TAIL, absolute_target, declared_chunk_size
 from casola.net.gate import WriteGate
+from casola.net.sendqueue import taken as bytes_taken
 
 __all__ = ["Exchange", "Handler", "HttpLimits", "HttpProtocol", "RequestError", "serve_http"]
 
@@ -85,7 +86,7 @@ class HttpProtocol(asyncio.Protocol):
         "_active _broken _buffered _check _chunk_open _chunk_seen _chunked _cl _closing _cur _feeding _gate "
         "_handler _head_len _tail "
         "_idle_t0 _in_head _last_rx _limits _linger_t0 _lingering _loop _max_body _max_head _max_headers _paused_at "
-        "_taken _written "
+        "_fd _taken _written "
         "_max_pipeline _max_url _now _parser _pause _pending _queue _raw _raw_cap _server_line _tick _timer "
         "_timer_at _transport _url _upgrading _switch_to _up_tail".split()
     )
@@ -130,6 +131,7 @@ class HttpProtocol(asyncio.Protocol):
         self._feeding = self._broken = self._closing = self._lingering = False
         self._now = self._last_rx = self._idle_t0 = self._linger_t0 = self._paused_at = 0.0
         self._written = self._taken = 0  # response bytes written; of them, taken by the client
+        self._fd = -1  # the socket's, for its kernel send queue (casola.net.sendqueue)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _INF
         self._upgrading: Exchange | None = None  # a WebSocket upgrade request (the parser stops after it)
@@ -144,6 +146,7 @@ class HttpProtocol(asyncio.Protocol):
         sock = t.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._fd = sock.fileno() if sock is not None else -1
         t.set_write_buffer_limits(high=self._limits.write_high, low=self._limits.write_low)
         self._idle_t0 = now = _clock()
         self._arm_at(now + self._tick)
@@ -612,7 +615,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._lingering:
             return self._linger_t0 + LINGER, _T_LINGER
         if self._gate.paused:  # the client is not taking what is written for it, answer or not
-            taken = self._written - self._transport.get_write_buffer_size()
+            taken = bytes_taken(self._written, self._transport, self._fd)
             if taken > self._taken:  # it reads, if slowly: the timeout counts from its last bytes
                 self._taken, self._paused_at = taken, _clock()
             return self._paused_at + self._limits.send_timeout, _T_SEND

@@ -36,6 +36,8 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError, generate_accept_token
 
+from casola.net.sendqueue import taken as bytes_taken
+
 if TYPE_CHECKING:
     from casola.ingress.exchange import Exchange
 
@@ -193,6 +195,7 @@ class WebSocket(asyncio.Protocol):
 
     __slots__ = (
         "_app",
+        "_fd",
         "_handlers",
         "_limits",
         "_loop",
@@ -230,6 +233,7 @@ class WebSocket(asyncio.Protocol):
         self._opcode = 0
         self._read_paused = self._write_paused = False
         self._written = self._taken = 0  # bytes written; of them, taken by the client
+        self._fd = -1  # the socket's, for its kernel send queue (casola.net.sendqueue)
         self._paused_at = 0.0
         self._ping_at = _INF  # when the next Ping goes out
         self._pong_by = _INF  # when the outstanding Ping's Pong is due (inf: none outstanding)
@@ -337,6 +341,8 @@ class WebSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport = t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = t.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
         if self._read_paused:  # the app paused before the hand-over
             t.pause_reading()
         limits = self._limits
@@ -493,7 +499,7 @@ class WebSocket(asyncio.Protocol):
         """The slow-reader clock; False when the client was dropped."""
         if not self._write_paused or self._transport is None:
             return True
-        taken = self._written - self._transport.get_write_buffer_size()
+        taken = bytes_taken(self._written, self._transport, self._fd)
         if taken > self._taken:  # it reads, if slowly: the timeout counts from its last bytes
             self._taken, self._paused_at = taken, now
         elif now >= self._paused_at + self._limits.send_timeout:

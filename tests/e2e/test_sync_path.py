@@ -287,9 +287,12 @@ def test_a_client_that_reads_slowly_is_not_taken_for_one_that_stopped(tmp_path: 
         loop = asyncio.get_running_loop()
         sock = await _ask_for(stack, 8)
         got, t0 = 0, loop.time()
+        gaps: list[float] = []
         while got < 8 * MIB:  # ~3 MiB/s: several send timeouts long, taking bytes all along
+            t = loop.time()
             data = await loop.sock_recv(sock, 64 * 1024)
-            assert data, f"cut after {got} bytes"
+            gaps.append(loop.time() - t)
+            assert data, f"cut after {got} bytes; longest waits {sorted(gaps)[-3:]}"
             got += len(data)
             await asyncio.sleep(0.02)
         assert loop.time() - t0 > 1.0  # it really took longer than the send timeout
