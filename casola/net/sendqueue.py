@@ -28,7 +28,8 @@ def kernel_unsent(fd: int) -> int:
     if not _OUTQ or fd < 0:
         return 0
     try:
-        return _INT.unpack(fcntl.ioctl(fd, _OUTQ, b"\0\0\0\0"))[0]
+        (n,) = _INT.unpack(fcntl.ioctl(fd, _OUTQ, b"\0\0\0\0"))
+        return int(n)
     except OSError:
         return 0
 

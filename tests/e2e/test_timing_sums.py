@@ -78,7 +78,9 @@ def _chunk(data: bytes) -> bytes:
 
 def _assert_adds_up(stages: dict[str, float], client_ms: float, what: str) -> None:
     assert all(v >= 0 for v in stages.values()), (what, stages)
-    assert set(stages) <= {*TOP, "work", "filter"}, stages
+    assert set(stages) <= {*TOP, "work", "filter", "first-byte"}, stages
+    if "first-byte" in stages:  # a streamed answer's mark: the handler's time to its first bytes, within work
+        assert stages["first-byte"] <= stages["work"], (what, stages)
     total = sum(stages.get(s, 0.0) for s in TOP)
     slack = TOLERANCE_MS + TOLERANCE_SHARE * client_ms
     # The server cannot have spent longer than the client waited; what it did not count is transit.
