@@ -126,7 +126,7 @@ async def one_turn(url: str, key: str, rate: int, pcm: bytes, end_s: float) -> d
         sending = asyncio.ensure_future(mic.run())
         await asyncio.sleep(0.2)
         start = mic.say(pcm)
-        first_audio, timing, done, stopped = 0.0, None, None, None
+        first_audio, timing, done, stopped, heard = 0.0, None, None, None, ""
         try:
             async for m in ws:
                 if isinstance(m, bytes):
@@ -137,6 +137,8 @@ async def one_turn(url: str, key: str, rate: int, pcm: bytes, end_s: float) -> d
                     raise RuntimeError(f"session error: {ev}")
                 if ev["type"] == "speech_stopped":
                     stopped = ev
+                elif ev["type"] == "transcript":
+                    heard = ev["text"]
                 elif ev["type"] == "response.done":
                     done = ev
                 elif ev["type"] == "turn.timing":
@@ -148,7 +150,8 @@ async def one_turn(url: str, key: str, rate: int, pcm: bytes, end_s: float) -> d
     assert stopped is not None and timing is not None
     client = (first_audio - (start + end_s)) * 1000
     by_vad = (first_audio - (mic.t0 + stopped["audio_ms"] / 1000)) * 1000  # the session's end of speech
-    return {"client_v2v": client, "ingress": by_vad - timing["voice_to_voice_ms"], **timing, "text": done["text"]}
+    ingress = by_vad - timing["voice_to_voice_ms"]
+    return {"client_v2v": client, "ingress": ingress, **timing, "heard": heard, "text": done["text"]}
 
 
 async def one_barge(url: str, key: str, rate: int, pcm: bytes, cut: bytes) -> dict[str, Any]:
@@ -187,7 +190,7 @@ async def one_barge(url: str, key: str, rate: int, pcm: bytes, cut: bytes) -> di
 def baseline(http: Http, s: ModelSet, wav: bytes, tail_ms: float) -> dict[str, Any]:
     time.sleep(tail_ms / 1000)  # the client's own VAD waits for the same silence
     got = mode_b(http, s, wav)
-    return {"client_v2v": tail_ms + got["first_audio"], "text": got["answer"]}
+    return {"client_v2v": tail_ms + got["first_audio"], "text": got["answer"], "hops": got["hops"]}
 
 
 def stats(xs: list[float]) -> str:
@@ -286,6 +289,10 @@ def main() -> int:
     head = (f"realtime voice turns ({QUESTION!r}), set {args.set} ({models_dir}), {len(turns)} turns after "
             f"{args.warmup} warm-up, {len(barges)} barge-ins, ms")  # fmt: skip
     out = report(turns, base, barges, head)
+    if base:
+        for hop in base[0]["hops"]:
+            print(f"{'  baseline: ' + hop + ' (request, ms)':48s} {stats([b['hops'][hop] for b in base])}")
+    print("heard (session):", turns[0]["heard"] if turns else "-")
     print("answer (session):", turns[0]["text"] if turns else "-")
     print("answer (baseline):", base[0]["text"] if base else "-")
     if args.json:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from casola.ingress.http import Exchange, serve_http
+from tests.e2e.chromium import chromium_args
 from tests.e2e.stack import Stack, run_uvloop
 from tests.require import need_program
 
@@ -41,23 +42,6 @@ PAGE = """<!doctype html><html><body><script>
   await fetch("/report", {method: "POST", body: JSON.stringify(out)});
 })();
 </script></body></html>"""
-
-
-def _chromium_args(binary: str, profile: Path, url: str) -> list[str]:
-    return [
-        binary,
-        "--headless=new",
-        "--no-sandbox",  # root in CI; the sandbox needs an unprivileged user
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--metrics-recording-only",
-        f"--user-data-dir={profile}",
-        url,
-    ]
 
 
 def test_a_page_on_another_origin_reads_server_timing(tmp_path: Path) -> None:
@@ -88,7 +72,7 @@ def test_a_page_on_another_origin_reads_server_timing(tmp_path: Path) -> None:
         api = f"http://127.0.0.1:{stack.http_port}"  # another port: another origin
         page["html"] = (PAGE % {"api": api, "key": stack.api_key}).encode()
         proc = await asyncio.create_subprocess_exec(
-            *_chromium_args(binary, tmp_path / "profile", origin + "/"),
+            *chromium_args(binary, tmp_path / "profile", origin + "/"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -30,7 +30,9 @@ import pytest
 from casola.flow import Engine, WorkflowConfig
 from casola.ingress.http import Exchange, serve_http
 from casola.worker import WorkerConfig, WorkerRuntime
+from tests.e2e.chromium import chromium_args
 from tests.e2e.stack import ROOT, Stack, run_uvloop
+from tests.e2e.voice import AGENT
 from tests.require import need_module, need_program
 from workers.loader import build, resolve
 
@@ -38,26 +40,7 @@ EXAMPLE = ROOT / "examples" / "realtime"
 QUESTIONS = ("What is the weather like in Paris today?", "And will it rain in London tomorrow?")
 SCRIPT = "turn on the lights"  # what the tiny set's asr hears in any audio
 MODELS = ["listen", "asr", "chat-agent", "tts", "tools"]
-WORKFLOW = {
-    "steps": [
-        {"name": "asr", "kind": "model", "model": "asr", "params": {"response_format": "text"}},
-        {
-            "name": "think",
-            "kind": "llm",
-            "model": "chat-agent",
-            "tools": ["get_weather"],
-            "params": {"max_tokens": 200},
-        },
-        {"name": "split", "kind": "sentences"},
-        {"name": "speak", "kind": "model", "model": "tts"},
-    ],
-    "tools": {
-        "get_weather": {
-            "model": "tools",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        }
-    },
-}
+WORKFLOW = AGENT
 
 # Frames the example (same origin: its window is readable) and reports its status when the second
 # turn is done and its answer has been acknowledged as played, when something failed, or at the end.
@@ -111,25 +94,13 @@ def _microphone_wav(path: Path) -> Path:
     return path
 
 
-def _chromium_args(binary: str, profile: Path, wav: Path, url: str) -> list[str]:
+def _microphone_flags(wav: Path) -> list[str]:
     return [
-        binary,
-        "--headless=new",
-        "--no-sandbox",  # root in CI; the sandbox needs an unprivileged user
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--metrics-recording-only",
         "--enable-logging=stderr",  # the pages' console messages, for a failure's message
         "--use-fake-ui-for-media-stream",  # getUserMedia granted without a prompt
         "--use-fake-device-for-media-stream",
         f"--use-file-for-fake-audio-capture={wav}%noloop",  # played once, then silence (it loops by default)
         "--autoplay-policy=no-user-gesture-required",  # the AudioContext runs with no click
-        f"--user-data-dir={profile}",
-        url,
     ]
 
 
@@ -179,7 +150,7 @@ def test_the_browser_example_talks_and_is_interrupted(tmp_path: Path, tiny: Path
             query = f"api={api}&key={stack.api_key}&workflow=agent&autostart=1"
             page["html"] = (HARNESS % {"query": query, "wait_ms": 35000}).encode()
             proc = await asyncio.create_subprocess_exec(
-                *_chromium_args(binary, tmp_path / "profile", wav, origin + "/"),
+                *chromium_args(binary, tmp_path / "profile", origin + "/", *_microphone_flags(wav)),
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )

@@ -16,7 +16,6 @@ import base64
 import functools
 import itertools
 import json
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -30,31 +29,14 @@ import pytest
 from casola.flow import Engine, WorkflowConfig
 from casola.worker import WorkerConfig, WorkerRuntime
 from tests.e2e.stack import Stack
+from tests.e2e.voice import AGENT, RAMBLER, espeak
 from tests.require import need_module, need_program
 
 websockets = need_module("websockets")
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-WORKFLOWS = {
-    "agent": {
-        "steps": [
-            {"name": "asr", "kind": "model", "model": "asr", "params": {"response_format": "text"}},
-            {"name": "think", "kind": "llm", "model": "chat-agent", "tools": ["get_weather"]},
-            {"name": "split", "kind": "sentences"},
-            {"name": "speak", "kind": "model", "model": "tts"},
-        ],
-        "tools": {"get_weather": {"model": "tools", "parameters": WEATHER}},
-    },
-    "rambler": {  # an answer that goes on for seconds
-        "steps": [
-            {"name": "think", "kind": "llm", "model": "chat-random", "params": {"max_tokens": 1500}},
-            {"name": "split", "kind": "sentences", "min_chars": 5, "max_chars": 30},
-            {"name": "speak", "kind": "model", "model": "tts"},
-        ],
-    },
-}
+WORKFLOWS = {"agent": AGENT, "rambler": RAMBLER}
 MODELS = ["listen", "asr", "chat-agent", "chat-random", "tts", "tools"]
 ALIAS = "gpt-4o-realtime-preview"  # [ingress] openai_aliases maps it to the workflow
 RATE = 24000  # OpenAI's pcm16
@@ -112,11 +94,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 @functools.cache
 def speech(text: str) -> bytes:
     """espeak-ng saying `text`, as OpenAI's pcm16: PCM16 mono at 24 kHz."""
-    import soxr
-
-    wav = subprocess.run(["espeak-ng", "-v", "en-us", "-w", "/dev/stdout", text], check=True, capture_output=True)
-    samples = np.frombuffer(wav.stdout[wav.stdout.index(b"data") + 8 :], "<i2")
-    return bytes(soxr.resample(samples, 22050, RATE).astype("<i2").tobytes())
+    return espeak(text, RATE)
 
 
 def silence(seconds: float) -> bytes:

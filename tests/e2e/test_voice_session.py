@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,32 +26,14 @@ import pytest
 from casola.flow import Engine, WorkflowConfig
 from casola.worker import WorkerConfig, WorkerRuntime
 from tests.e2e.stack import Stack, run_uvloop
+from tests.e2e.voice import AGENT, RAMBLER, espeak
 from tests.require import need_module, need_program
 
 websockets = need_module("websockets")
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-WORKFLOWS = {
-    "agent": {
-        "steps": [
-            {"name": "asr", "kind": "model", "model": "asr", "params": {"response_format": "text"}},
-            {"name": "think", "kind": "llm", "model": "chat-agent", "tools": ["get_weather"]},
-            {"name": "split", "kind": "sentences"},
-            {"name": "speak", "kind": "model", "model": "tts"},
-        ],
-        "tools": {"get_weather": {"model": "tools", "parameters": WEATHER}},
-    },
-    # an answer that goes on for seconds: random words, cut into short sentences, each spoken
-    "rambler": {
-        "steps": [
-            {"name": "think", "kind": "llm", "model": "chat-random", "params": {"max_tokens": 1500}},
-            {"name": "split", "kind": "sentences", "min_chars": 5, "max_chars": 30},
-            {"name": "speak", "kind": "model", "model": "tts"},
-        ],
-    },
-}
+WORKFLOWS = {"agent": AGENT, "rambler": RAMBLER}
 RATE = 22050  # espeak-ng's
 CHUNK = RATE * 2 // 50  # 20 ms of PCM16 mono
 
@@ -69,10 +50,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def speech(text: str) -> bytes:
-    """espeak-ng's PCM16 mono at 22,050 Hz (the WAV's samples)."""
-    wav = subprocess.run(["espeak-ng", "-v", "en-us", "-w", "/dev/stdout", text], check=True, capture_output=True)
-    at = wav.stdout.index(b"data")
-    return wav.stdout[at + 8 :]
+    """espeak-ng's PCM16 mono at 22,050 Hz."""
+    return espeak(text)
 
 
 def silence(seconds: float) -> bytes:
