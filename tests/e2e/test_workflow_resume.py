@@ -46,11 +46,13 @@ class StepServer:
                     return  # its caller is gone: this call never answers
                 time.sleep(0.05)
                 body = json.dumps({"done": [*args.get("done", []), step]}).encode()
+                # Counted before the answer leaves: once written, the node may start the next step
+                # (and the test read the counts) before this thread runs again.
+                server.answered[step] += 1
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
-                server.answered[step] += 1
 
             def log_message(self, *args: Any) -> None:
                 pass
