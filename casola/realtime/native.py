@@ -24,9 +24,10 @@ import msgspec
 from casola.realtime.errors import SessionFault
 from casola.realtime.history import Item
 from casola.realtime.turn import PCM_RATE, Response
-from casola.wire import Buffer
+from casola.wire import Buffer, error_info, error_name
 
 if TYPE_CHECKING:
+    from casola.flow.run import StepFailed
     from casola.realtime.dialect import Session
 
 __all__ = ["NativeDialect"]
@@ -140,7 +141,7 @@ class NativeDialect:
         if resp.reason:
             ev["reason"] = resp.reason
         if resp.error is not None:
-            ev["error"] = {"message": resp.error.message, "code": resp.error.code}
+            ev["error"] = _step_error(resp.error)
         self.s.send_text(ev)
 
     def turn_timing(self, resp: Response, report: dict[str, Any]) -> None:
@@ -155,6 +156,16 @@ class NativeDialect:
     def error(self, message: str, code: str, param: str = "", event_id: str = "", kind: str = "") -> None:
         err = {"message": message, "type": "invalid_request_error", "code": code, "param": param or None}
         self.s.send_text({"type": "error", "error": err, "event": kind or None})
+
+
+def _step_error(exc: StepFailed) -> dict[str, Any]:
+    """The failed step's wire error in the envelope of the ingress' own `error` events."""
+    info = error_info(exc.code)
+    err: dict[str, Any] = {"message": exc.message, "type": info.type, "code": error_name(exc.code).lower(),
+                           "retryable": info.retryable}  # fmt: skip
+    if exc.retry_after_ms:
+        err["retry_after_ms"] = exc.retry_after_ms
+    return err
 
 
 _IN: dict[str, Callable[[NativeDialect, dict[str, Any]], object]] = {

@@ -73,12 +73,13 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(tmp: Path, tiny: Path, listeners: int = 1) -> AsyncIterator[Rig]:
+async def rig(tmp: Path, tiny: Path, listeners: int = 1, llms: int = 1) -> AsyncIterator[Rig]:
     from workers.loader import build, resolve
 
     stack = await Stack(tmp).start()
-    roles = {"llm": ["chat-agent", "chat-random"], "tts": ["tts"], "misc": ["asr", "tools"]}
+    roles = {"tts": ["tts"], "misc": ["asr", "tools"]}
     roles |= {f"listen{i}": ["listen"] for i in range(listeners)}
+    roles |= {"llm" if i == 0 else f"llm{i}": ["chat-agent", "chat-random"] for i in range(llms)}
     runtimes = {
         role: WorkerRuntime(
             WorkerConfig(queue=[stack.queue_addr], models=models, capacity=8, threads=2, node_id=f"w-{role}"),
@@ -267,6 +268,53 @@ def test_the_session_outlives_a_listen_worker_that_dies(tmp_path: Path, tiny: Pa
     assert heard.events("error")[0]["error"]["code"] == "listen_interrupted"
     assert heard.events("transcript")[0]["text"] == "turn on the lights"
     assert heard.events("response.done")[0]["status"] == "completed"
+
+
+def test_a_client_that_hangs_up_mid_answer_cancels_every_step_in_flight(tmp_path: Path, tiny: Path) -> None:
+    async def main() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        async with rig(tmp_path, tiny) as r:
+            llm, tts, listen = r.rt["llm"], r.rt["tts"], r.rt["listen0"]
+            async with connect(r.url("rambler"), additional_headers=r.headers()) as ws:
+                heard = Heard(ws)
+                await stream(ws, speech("Tell me a long story.") + silence(0.7))
+                while not heard.audio():
+                    await asyncio.sleep(0.01)
+                in_flight = {"llm": llm.active, "tts": tts.active, "listen": listen.active}
+            # The socket is gone (closed, mid-answer): every stream the session held is cancelled.
+            end = time.perf_counter() + 5
+            while (llm.active or tts.active or listen.active) and time.perf_counter() < end:
+                await asyncio.sleep(0.01)
+            left = {"llm": llm.active, "tts": tts.active, "listen": listen.active}
+            return in_flight, {"llm": llm.cancelled, "tts": tts.cancelled, "listen": listen.cancelled}, left
+
+    in_flight, cancels, left = run_uvloop(main, 60)
+    assert in_flight["llm"] == 1 and in_flight["tts"] >= 1 and in_flight["listen"] == 1
+    assert cancels["llm"] >= 1 and cancels["tts"] >= 1 and cancels["listen"] >= 1
+    assert left == {"llm": 0, "tts": 0, "listen": 0}
+
+
+def test_an_llm_worker_that_dies_mid_answer_fails_that_response_and_the_next_turn_is_answered(
+    tmp_path: Path, tiny: Path
+) -> None:
+    async def main() -> Heard:
+        async with rig(tmp_path, tiny, llms=2) as r, connect(r.url("rambler"), additional_headers=r.headers()) as ws:
+            heard = Heard(ws)
+            await stream(ws, speech("Tell me a long story.") + silence(0.7))
+            while not heard.audio():
+                await asyncio.sleep(0.01)
+            busy = next(rt for role, rt in r.rt.items() if role.startswith("llm") and rt.active)
+            await busy.stop()  # the worker generating this answer goes away
+            await heard.until("response.done", response="resp_1")
+            await ws.send(json.dumps({"type": "text", "text": "Are you still there?"}))
+            await heard.until("response.started", 2)
+            while not [e for e in heard.events("response.text") if e["response"] == "resp_2"]:
+                await heard.until("response.text", response="resp_2")
+            return heard
+
+    heard = run_uvloop(main, 60)
+    first = heard.events("response.done")[0]
+    assert first["status"] == "failed" and first["error"]["retryable"] is True
+    assert heard.events("response.started")[1]["response"] == "resp_2"  # the socket stayed open
 
 
 def test_a_drain_ends_the_session_with_a_close_code_that_says_reconnect(tmp_path: Path, tiny: Path) -> None:
