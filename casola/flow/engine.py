@@ -44,6 +44,7 @@ __all__ = ["Engine", "Workflow"]
 
 log = logging.getLogger("casola.flow")
 
+SESSION_SHARE_RETRY_MS = 2000  # a tenant at its share of a workflow's sessions: when to try again
 TIMELINE = "x-casola-flow-timeline"  # END trailer of a traced run: when each step request was sent and answered
 
 
@@ -117,6 +118,7 @@ class Workflow:
         if self.agent.first_step < 0:
             msg = f"workflow {self.name!r} has no llm step: it cannot hold a conversation"
             raise HandlerError(msg, ErrorCode.BAD_REQUEST)
+        self._check_tenant_share(call.meta.tenant)
         dialect = str(call.meta.params.get("dialect", "native"))
         session = VoiceSession(call, self.agent, dialect)
         self.sessions.add(session)
@@ -124,6 +126,14 @@ class Workflow:
             await session.serve()
         finally:
             self.sessions.discard(session)
+
+    def _check_tenant_share(self, tenant: str) -> None:
+        """A session holds its slot for as long as it lasts: one tenant's may not take them all,
+        whatever the ingress or frame connection they came through (OVERLOADED, retryable)."""
+        share = self.config.realtime.tenant_share(self.config.max_concurrent)
+        if sum(s.call.meta.tenant == tenant for s in self.sessions) >= share:
+            msg = f"tenant {tenant!r} holds {share} sessions of workflow {self.name!r}, the most it may"
+            raise HandlerError(msg, ErrorCode.OVERLOADED, retry_after_ms=SESSION_SHARE_RETRY_MS)
 
     def _checkpoint(self, state: bytes, job_id: str) -> _Checkpoint | None:
         """The checkpoint to resume from; None (run from the start) for one this declaration cannot

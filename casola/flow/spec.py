@@ -96,6 +96,12 @@ class RealtimeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_items: int = 64  # conversation items kept (user and agent); the oldest go first
     max_buffer_ms: int = 60000  # audio a manual-commit session may hold uncommitted
     voice: str = ""  # the TTS step's voice when the session names none
+    # Sessions of this workflow one tenant may hold at once (each holds a slot for as long as it
+    # lasts); 0: half the workflow's max_concurrent, at least 1, so one tenant cannot lock out the rest.
+    max_sessions_per_tenant: int = 0
+
+    def tenant_share(self, max_concurrent: int) -> int:
+        return self.max_sessions_per_tenant or max(1, max_concurrent // 2)
 
 
 class WorkflowConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -124,6 +130,8 @@ def check_workflows(workflows: dict[str, WorkflowConfig], models: set[str] | Non
             raise WorkflowError(f"{where}: needs 1..{MAX_STEPS} steps, has {len(wf.steps)}")
         if wf.deadline_ms < 0 or wf.max_concurrent < 1:
             raise WorkflowError(f"{where}: deadline_ms must be >= 0 and max_concurrent >= 1")
+        if wf.realtime.max_sessions_per_tenant < 0:
+            raise WorkflowError(f"{where}: realtime.max_sessions_per_tenant must be >= 0 (0: half of max_concurrent)")
         for tname, tool in wf.tools.items():
             _check_tool(f"{where} tool {tname!r}", tname, tool)
         seen: set[str] = set()

@@ -23,6 +23,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from casola.auth import SCOPE_RUN
 from casola.flow import Engine, WorkflowConfig
 from casola.worker import WorkerConfig, WorkerRuntime
 from tests.e2e.stack import Stack, run_uvloop
@@ -33,7 +34,7 @@ websockets = need_module("websockets")
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
-WORKFLOWS = {"agent": AGENT, "rambler": RAMBLER}
+WORKFLOWS = {"agent": AGENT, "rambler": RAMBLER, "pair": {**AGENT, "max_concurrent": 2}}  # pair: one each
 RATE = 22050  # espeak-ng's
 CHUNK = RATE * 2 // 50  # 20 ms of PCM16 mono
 
@@ -315,6 +316,33 @@ def test_an_llm_worker_that_dies_mid_answer_fails_that_response_and_the_next_tur
     first = heard.events("response.done")[0]
     assert first["status"] == "failed" and first["error"]["retryable"] is True
     assert heard.events("response.started")[1]["response"] == "resp_2"  # the socket stayed open
+
+
+def test_one_tenant_may_not_hold_every_slot_of_a_workflow(tmp_path: Path, tiny: Path) -> None:
+    async def main() -> tuple[Heard, Heard, Heard]:
+        async with rig(tmp_path, tiny) as r:
+            other = {"Authorization": f"Bearer {r.stack.keys.ensure_key('other-key', 'other', [SCOPE_RUN], 'tests')}"}
+            async with connect(r.url("pair"), additional_headers=r.headers()) as first:
+                mine = Heard(first)
+                await mine.until("session.ready")
+                async with connect(r.url("pair"), additional_headers=r.headers()) as second:
+                    refused = Heard(second)
+                    await asyncio.wait_for(refused.task, 5)
+                # The other tenant still gets the workflow's second slot, and is answered.
+                async with connect(r.url("pair"), additional_headers=r.headers() | other) as third:
+                    theirs = Heard(third)
+                    await theirs.until("session.ready")
+                    await third.send(json.dumps({"type": "text", "text": "What is the weather in Paris?"}))
+                    await theirs.until("response.done")
+            return mine, refused, theirs
+
+    mine, refused, theirs = run_uvloop(main, 60)
+    err = refused.events("error")[-1]["error"]
+    assert err["code"] == "overloaded" and err["retryable"] is True and err["retry_after_ms"] == 2000
+    assert refused.closed is not None and refused.closed.rcvd is not None and refused.closed.rcvd.code == 1013
+    assert "session.ready" not in refused.types()
+    assert theirs.events("response.done")[0]["status"] == "completed"
+    assert "error" not in mine.types() and mine.closed is None  # the first session was never touched
 
 
 def test_a_drain_ends_the_session_with_a_close_code_that_says_reconnect(tmp_path: Path, tiny: Path) -> None:

@@ -62,6 +62,10 @@ def test_a_valid_workflow_loads(tmp_path: Path) -> None:
             "step 'split': a sentences step follows an llm step",
         ),
         (("[workflows.agent]", "[workflows.echo]"), "workflow 'echo': a served model has the same name"),
+        (
+            ("deadline_ms = 5000", "deadline_ms = 5000\nrealtime = { max_sessions_per_tenant = -1 }"),
+            "workflow 'agent': realtime.max_sessions_per_tenant must be >= 0",
+        ),
     ],
 )
 def test_a_bad_declaration_is_refused_naming_the_step(tmp_path: Path, change: tuple[str, str], message: str) -> None:
