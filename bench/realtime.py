@@ -39,6 +39,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,33 +121,40 @@ class Mic:
             await asyncio.sleep(max(0.0, self.t0 + self.sent * 0.02 - T()))
 
 
-async def one_turn(url: str, key: str, rate: int, pcm: bytes, end_s: float) -> dict[str, Any]:
-    async with connect(url, additional_headers={"Authorization": f"Bearer {key}",
-                                                "X-Casola-Param-rate": str(rate)}) as ws:  # fmt: skip
+@asynccontextmanager
+async def session(url: str, key: str, rate: int) -> AsyncIterator[tuple[ClientConnection, Mic]]:
+    """A session whose microphone is already sending (silence until told what to say)."""
+    headers = {"Authorization": f"Bearer {key}", "X-Casola-Param-rate": str(rate)}
+    async with connect(url, additional_headers=headers) as ws:
         mic = Mic(ws, rate)
         sending = asyncio.ensure_future(mic.run())
-        await asyncio.sleep(0.2)
-        start = mic.say(pcm)
-        first_audio, timing, done, stopped, heard = 0.0, None, None, None, ""
         try:
-            async for m in ws:
-                if isinstance(m, bytes):
-                    first_audio = first_audio or T()
-                    continue
-                ev = json.loads(m)
-                if ev["type"] == "error":
-                    raise RuntimeError(f"session error: {ev}")
-                if ev["type"] == "speech_stopped":
-                    stopped = ev
-                elif ev["type"] == "transcript":
-                    heard = ev["text"]
-                elif ev["type"] == "response.done":
-                    done = ev
-                elif ev["type"] == "turn.timing":
-                    timing = ev
-                    break
+            await asyncio.sleep(0.2)
+            yield ws, mic
         finally:
             sending.cancel()
+
+
+async def one_turn(url: str, key: str, rate: int, pcm: bytes, end_s: float) -> dict[str, Any]:
+    async with session(url, key, rate) as (ws, mic):
+        start = mic.say(pcm)
+        first_audio, timing, done, stopped, heard = 0.0, None, None, None, ""
+        async for m in ws:
+            if isinstance(m, bytes):
+                first_audio = first_audio or T()
+                continue
+            ev = json.loads(m)
+            if ev["type"] == "error":
+                raise RuntimeError(f"session error: {ev}")
+            if ev["type"] == "speech_stopped":
+                stopped = ev
+            elif ev["type"] == "transcript":
+                heard = ev["text"]
+            elif ev["type"] == "response.done":
+                done = ev
+            elif ev["type"] == "turn.timing":
+                timing = ev
+                break
     assert done is not None and done["status"] == "completed", done
     assert stopped is not None and timing is not None
     client = (first_audio - (start + end_s)) * 1000
@@ -155,34 +164,27 @@ async def one_turn(url: str, key: str, rate: int, pcm: bytes, end_s: float) -> d
 
 
 async def one_barge(url: str, key: str, rate: int, pcm: bytes, cut: bytes) -> dict[str, Any]:
-    async with connect(url, additional_headers={"Authorization": f"Bearer {key}",
-                                                "X-Casola-Param-rate": str(rate)}) as ws:  # fmt: skip
-        mic = Mic(ws, rate)
-        sending = asyncio.ensure_future(mic.run())
-        await asyncio.sleep(0.2)
+    async with session(url, key, rate) as (ws, mic):
         mic.say(pcm)
         onset = started = done_at = 0.0
         audio_after, last_audio, status = 0, 0.0, ""
-        try:
-            async for m in ws:
-                now = T()
-                if isinstance(m, bytes):
-                    if not onset:
-                        onset = mic.say(cut)  # the user talks over the first audio
-                    elif started and not done_at:
-                        audio_after += 1
-                    if not done_at:
-                        last_audio = now
-                    continue
-                ev = json.loads(m)
-                if ev["type"] == "response.done" and ev["response"] == "resp_1":
-                    done_at, status = now, f"{ev['status']}/{ev.get('reason', '')}"
-                elif ev["type"] == "speech_started" and onset and not started:
-                    started = now
-                if done_at and started:
-                    break
-        finally:
-            sending.cancel()
+        async for m in ws:
+            now = T()
+            if isinstance(m, bytes):
+                if not onset:
+                    onset = mic.say(cut)  # the user talks over the first audio
+                elif started and not done_at:
+                    audio_after += 1
+                if not done_at:
+                    last_audio = now
+                continue
+            ev = json.loads(m)
+            if ev["type"] == "response.done" and ev["response"] == "resp_1":
+                done_at, status = now, f"{ev['status']}/{ev.get('reason', '')}"
+            elif ev["type"] == "speech_started" and onset and not started:
+                started = now
+            if done_at and started:
+                break
     return {"after_ms": (last_audio - started) * 1000, "frames_after": audio_after, "status": status,
             "onset_to_event_ms": (started - onset) * 1000, "event_to_done_ms": (done_at - started) * 1000}  # fmt: skip
 

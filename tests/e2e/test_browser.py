@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from casola.ingress.http import Exchange, serve_http
-from tests.e2e.chromium import chromium_args
+from tests.e2e.chromium import PageSite, chromium_args
 from tests.e2e.stack import Stack, run_uvloop
 from tests.require import need_program
 
@@ -48,36 +46,19 @@ def test_a_page_on_another_origin_reads_server_timing(tmp_path: Path) -> None:
     binary = need_program("chromium")
 
     async def main() -> dict[str, Any]:
-        report: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        page: dict[str, bytes] = {}
-
-        def page_server(ex: Exchange) -> None:
-            if ex.path == b"/report":
-                chunks: list[bytes] = []
-                ex.on_body = chunks.append
-
-                def done() -> None:
-                    if not report.done():
-                        report.set_result(json.loads(b"".join(chunks)))
-                    ex.respond(204, [])
-
-                ex.on_body_end = done
-            else:
-                ex.respond(200, [(b"content-type", b"text/html")], page["html"])
-
-        site = await serve_http(page_server, "127.0.0.1", 0)
-        origin = f"http://127.0.0.1:{site.sockets[0].getsockname()[1]}"
+        site = PageSite()
+        origin = await site.start()
         stack = await Stack(tmp_path / "state", ingress={"cors_origins": [origin]}).start()
         await stack.add_worker()
         api = f"http://127.0.0.1:{stack.http_port}"  # another port: another origin
-        page["html"] = (PAGE % {"api": api, "key": stack.api_key}).encode()
+        site.pages["/"] = ("text/html", (PAGE % {"api": api, "key": stack.api_key}).encode())
         proc = await asyncio.create_subprocess_exec(
             *chromium_args(binary, tmp_path / "profile", origin + "/"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         try:
-            return await asyncio.wait_for(report, 45)
+            return await asyncio.wait_for(site.report, 45)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import subprocess
 import wave
 from pathlib import Path
@@ -28,15 +27,15 @@ import numpy as np
 import pytest
 
 from casola.flow import Engine, WorkflowConfig
-from casola.ingress.http import Exchange, serve_http
 from casola.worker import WorkerConfig, WorkerRuntime
-from tests.e2e.chromium import chromium_args
+from tests.e2e.chromium import PageSite, chromium_args
 from tests.e2e.stack import ROOT, Stack, run_uvloop
 from tests.e2e.voice import AGENT
 from tests.require import need_module, need_program
 from workers.loader import build, resolve
 
 EXAMPLE = ROOT / "examples" / "realtime"
+EXAMPLE_FILES = {"index.html": "text/html", "app.js": "text/javascript"}
 QUESTIONS = ("What is the weather like in Paris today?", "And will it rain in London tomorrow?")
 SCRIPT = "turn on the lights"  # what the tiny set's asr hears in any audio
 MODELS = ["listen", "asr", "chat-agent", "tts", "tools"]
@@ -108,34 +107,11 @@ def test_the_browser_example_talks_and_is_interrupted(tmp_path: Path, tiny: Path
     binary = need_program("chromium")
     wav = _microphone_wav(tmp_path / "microphone.wav")
 
-    files = {"/index.html": "text/html", "/app.js": "text/javascript"}
-
     async def main() -> dict[str, Any]:
-        report: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        page: dict[str, bytes] = {}
-
-        def page_server(ex: Exchange) -> None:
-            path = ex.path.split(b"?")[0].decode()
-            if path == "/report":
-                chunks: list[bytes] = []
-                ex.on_body = chunks.append
-
-                def done() -> None:
-                    if not report.done():
-                        report.set_result(json.loads(b"".join(chunks)))
-                    ex.respond(204, [])
-
-                ex.on_body_end = done
-            elif path in files:  # the example's own files, as they are on disk
-                body = (EXAMPLE / path[1:]).read_bytes()
-                ex.respond(200, [(b"content-type", files[path].encode() + b"; charset=utf-8")], body)
-            elif path == "/":
-                ex.respond(200, [(b"content-type", b"text/html")], page["html"])
-            else:
-                ex.respond(404, [(b"content-type", b"text/plain")], b"not found")
-
-        site = await serve_http(page_server, "127.0.0.1", 0)
-        origin = f"http://127.0.0.1:{site.sockets[0].getsockname()[1]}"
+        site = PageSite()
+        # the example's own files, as they are on disk
+        site.pages |= {f"/{f}": (kind, (EXAMPLE / f).read_bytes()) for f, kind in EXAMPLE_FILES.items()}
+        origin = await site.start()
         stack = await Stack(tmp_path / "state", ingress={"cors_origins": [origin]}).start()
         config = WorkerConfig(queue=[stack.queue_addr], models=MODELS, capacity=8, threads=2)
         worker = WorkerRuntime(config, [build(resolve(m, tiny)) for m in MODELS], stack.worker_key)
@@ -148,13 +124,13 @@ def test_the_browser_example_talks_and_is_interrupted(tmp_path: Path, tiny: Path
             await engine.start()
             api = f"http://127.0.0.1:{stack.http_port}"  # another port: another origin
             query = f"api={api}&key={stack.api_key}&workflow=agent&autostart=1"
-            page["html"] = (HARNESS % {"query": query, "wait_ms": 35000}).encode()
+            site.pages["/"] = ("text/html", (HARNESS % {"query": query, "wait_ms": 35000}).encode())
             proc = await asyncio.create_subprocess_exec(
                 *chromium_args(binary, tmp_path / "profile", origin + "/", *_microphone_flags(wav)),
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
-            return await asyncio.wait_for(report, 45)
+            return await asyncio.wait_for(site.report, 45)
         finally:
             if proc is not None:
                 with contextlib.suppress(ProcessLookupError):
