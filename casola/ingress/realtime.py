@@ -57,7 +57,7 @@ from casola.ingress.websocket import (
     check_handshake,
 )
 from casola.net.link import LinkBase
-from casola.realtime.framing import CONTENT_TYPE, TAG_BINARY, TAG_TEXT
+from casola.realtime.framing import CONTENT_TYPE, TAG_BINARY, TAG_TEXT, FramingError, MessageReader, message
 from casola.wire import Buffer, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, error_info, error_name
 
 if TYPE_CHECKING:
@@ -71,10 +71,10 @@ PATH: Final = b"/v1/realtime"
 PREFIX: Final = PATH + b"/"
 OPENAI_PATH: Final = b"/openai/v1/realtime"  # the same session, in OpenAI Realtime's events
 SESSIONS: Final = b"/v1/realtime/sessions"
-_TAG_OF: Final = {TEXT: b"\x01", BINARY: b"\x02"}
+_TAG_OF: Final = {TEXT: TAG_TEXT, BINARY: TAG_BINARY}
 SESSIONS_FULL_RETRY_MS: Final = 5000  # a session ends when a conversation does: not soon
 _MAX_SESSION_BODY: Final = 4096  # POST /v1/realtime/sessions: {"model": ...} and little else
-_REQUEST, _RESPONSE, _DATA, _ERROR = FrameType.REQUEST, FrameType.RESPONSE, FrameType.DATA, FrameType.ERROR
+_REQUEST, _RESPONSE, _ERROR = FrameType.REQUEST, FrameType.RESPONSE, FrameType.ERROR
 _JSON: Final = msgspec.json.Encoder()
 
 # Upstream error codes -> WebSocket close codes (others: 1008 for the client's errors, 4xx; else 1011).
@@ -304,6 +304,7 @@ class Session:
         "grace",
         "link",
         "meta",
+        "reader",
         "rt",
         "sid",
         "t0",
@@ -320,6 +321,7 @@ class Session:
         self.rt, self.ex, self.caller, self.meta, self.link = rt, ex, caller, meta, link
         self.ticket: Ticket | None = ticket  # its admission place, given back once (None: given back)
         self.ws = WebSocket(self, rt.limits)
+        self.reader = MessageReader()  # the upstream's messages, wherever its frames were cut
         self.sid = 0
         self.up_open = False  # the upstream stream is open: not ended by either side
         self.t0 = time.monotonic()
@@ -343,7 +345,7 @@ class Session:
     def ws_message(self, opcode: int, data: bytes) -> None:
         if not self.up_open:
             return
-        Upstream.send_body(self.link, self.sid, _TAG_OF[opcode] + data, False)
+        Upstream.send_body(self.link, self.sid, message(_TAG_OF[opcode], data), False)
         if self.link.gate.paused and self.task is None:
             self.ws.pause_reading()
             self.task = self.rt.ing.loop.create_task(self._resume_when_drained())
@@ -387,8 +389,11 @@ class Session:
         if ft is _RESPONSE and self.meta.params.get("dialect") != "openai":  # OpenAI's clients know its events only
             started = {"type": "session.started", "request_id": self.ex.request_id, "model": self.meta.model}
             self.ws.send(TEXT, _JSON.encode(started))
-        if (len(frame.payload) or ft is _DATA) and not self._relay(frame.payload):
+        if len(frame.payload) and not self._relay(frame.payload):
             return None
+        if frame.end and self.reader.pending:
+            return self._fail(ErrorCode.PROTOCOL_ERROR, "the model ended the session inside a message", 0,
+                              close=CLOSE_INTERNAL)  # fmt: skip
         if frame.end:
             self.ws.close(CLOSE_NORMAL, "the session ended")
         return None
@@ -405,25 +410,20 @@ class Session:
     # -- the rest -------------------------------------------------------------------------------------
 
     def _relay(self, payload: Buffer) -> bool:
-        """One upstream payload as one message, by its tag byte; False: it had none valid (closed 1011)."""
-        view = memoryview(payload)
-        tag = view[0] if len(view) else -1
-        if tag == TAG_BINARY:
-            self.ws.send(BINARY, view[1:])
-            return True
-        if tag == TAG_TEXT:
-            try:
-                str(view[1:], "utf-8")
-            except UnicodeDecodeError:
-                tag = -2
-            else:
-                self.ws.send(TEXT, view[1:])
-                return True
-        what = "text that is not UTF-8" if tag == -2 else "a message without a valid tag byte (0x01 or 0x02)"
-        log.warning("realtime %s: the model sent %s; closing", self.meta.model, what,
-                    extra={"request_id": self.ex.request_id})  # fmt: skip
-        self._fail(ErrorCode.PROTOCOL_ERROR, f"the model sent {what}", 0, close=CLOSE_INTERNAL)
-        return False
+        """The messages an upstream payload completes, each as one WebSocket message, by its tag;
+        False: the upstream sent something else (closed 1011)."""
+        try:
+            for tag, body in self.reader.feed(payload):
+                if tag == TAG_TEXT:
+                    str(body, "utf-8")  # the WebSocket's text must be UTF-8: checked, not trusted
+                self.ws.send(TEXT if tag == TAG_TEXT else BINARY, body)
+        except (FramingError, UnicodeDecodeError) as exc:
+            what = "text that is not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+            log.warning("realtime %s: the model sent %s; closing", self.meta.model, what,
+                        extra={"request_id": self.ex.request_id})  # fmt: skip
+            self._fail(ErrorCode.PROTOCOL_ERROR, f"the model sent {what}", 0, close=CLOSE_INTERNAL)
+            return False
+        return True
 
     def _fail(self, code: int, message: str, retry_after_ms: int, param: str = "", *, upstream: bool = False,
               close: int = 0) -> None:  # fmt: skip

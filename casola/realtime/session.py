@@ -32,7 +32,7 @@ from casola.net.errors import ConnectionLost
 from casola.realtime.agent import Agent
 from casola.realtime.dialect import Dialect, Session
 from casola.realtime.errors import SessionFault
-from casola.realtime.framing import CONTENT_TYPE, TAG_BINARY, TAG_TEXT
+from casola.realtime.framing import CONTENT_TYPE, TAG_BINARY, TAG_TEXT, FramingError, MessageReader, message
 from casola.realtime.history import Conversation, Item
 from casola.realtime.listener import Listener
 from casola.realtime.settings import SessionSettings
@@ -46,7 +46,6 @@ __all__ = ["VoiceSession"]
 log = logging.getLogger("casola.realtime")
 
 _encode = msgspec.json.Encoder().encode
-_TEXT, _BINARY = bytes([TAG_TEXT]), bytes([TAG_BINARY])
 _PLAYOUT_SLACK_S = 0.15  # an answer is still playing this long after its audio's span (network, jitter buffer)
 
 
@@ -92,20 +91,20 @@ class VoiceSession:
             self._end(HandlerError("the queue node is draining: reconnect", ErrorCode.SHUTTING_DOWN))
 
     async def _read(self) -> None:
+        reader = MessageReader()
         try:
             async for chunk in self.call.chunks():
-                view = memoryview(chunk)
-                tag = view[0] if len(view) else -1
-                try:
-                    if tag == TAG_BINARY:
-                        self.dialect.on_binary(view[1:])
-                    elif tag == TAG_TEXT:
-                        self.dialect.on_text(bytes(view[1:]))
-                    else:
-                        raise SessionFault("a message without a valid tag byte (0x01 text, 0x02 binary)")
-                except SessionFault as exc:
-                    self.dialect.error(exc.message, exc.code, exc.param)
+                for tag, body in reader.feed(chunk):
+                    try:
+                        if tag == TAG_BINARY:
+                            self.dialect.on_binary(body)
+                        else:
+                            self.dialect.on_text(bytes(body))
+                    except SessionFault as exc:
+                        self.dialect.error(exc.message, exc.code, exc.param)
             self._end(None)  # the client closed
+        except FramingError as exc:  # not messages: nothing further can be read
+            self._end(HandlerError(f"the session's stream: {exc}", ErrorCode.BAD_REQUEST))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must end this session only, with an answer
@@ -128,10 +127,10 @@ class VoiceSession:
     # -- output ------------------------------------------------------------------------------------
 
     def send_text(self, event: dict[str, Any]) -> None:
-        self.call.send(_TEXT + _encode(event))
+        self.call.send(message(TAG_TEXT, _encode(event)))
 
     def send_audio(self, chunk: Buffer) -> None:
-        self.call.send(_BINARY + chunk)
+        self.call.send(message(TAG_BINARY, chunk))
 
     # -- the session's operations (what a dialect calls) ----------------------------------------------
 

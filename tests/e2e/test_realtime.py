@@ -4,7 +4,8 @@ here (the built-in echo reads its whole input before it answers; a session never
 
 `rt` echoes each message the moment it arrives (the DATA payload as it came: tag byte and all), and obeys
 a few text commands: `{"cmd": "end"}` ends the stream, `fail` answers ERROR with a code, `crash` raises,
-`flood` writes `n` binary messages of `size` bytes, `badtag` writes a payload with no valid tag.
+`flood` writes `n` binary messages of `size` bytes, `badtag` writes a payload with no valid tag,
+`pieces` writes two messages in DATA frames cut at `cuts`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import socket
 import ssl
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import pytest
 
 from casola.auth import SCOPE_RUN
 from casola.certs import make_dev_certs
+from casola.realtime.framing import MessageReader
 from casola.wire import ErrorCode
 from casola.worker.call import HandlerError, WorkCall
 from tests.e2e.stack import HttpClient, Stack, run_uvloop
@@ -33,6 +36,11 @@ from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 
 
+def _msg(tag: int, data: bytes) -> bytes:
+    """One message on the session's stream, as docs/realtime.md lays it out: tag, u32 length, bytes."""
+    return struct.pack("!BI", tag, len(data)) + data
+
+
 class Rt:
     """The streaming test model: one long-lived stream, each input message answered as it arrives."""
 
@@ -41,19 +49,23 @@ class Rt:
     def __init__(self) -> None:
         self.started = self.ended = self.cancelled = 0
         self.flooded = 0
-        self.inputs: list[bytes] = []
+        self.inputs: list[bytes] = []  # each message as it came: tag byte, then its bytes
+        self.payloads: list[bytes] = []  # the DATA payloads as they came
 
     async def __call__(self, call: WorkCall) -> None:
         self.started += 1
+        reader = MessageReader()
         try:
             call.start("application/x-casola-realtime")
             async for chunk in call.chunks():
-                data = bytes(chunk)
-                self.inputs.append(data)
-                if data[:2] == b"\x01{" and await self._command(call, json.loads(data[1:])):
-                    return
-                if data[:2] != b"\x01{":
-                    await call.write(chunk)
+                self.payloads.append(bytes(chunk))
+                for tag, body in reader.feed(chunk):
+                    self.inputs.append(bytes([tag]) + body)
+                    if tag == 1 and body[:1] == b"{":
+                        if await self._command(call, json.loads(bytes(body))):
+                            return
+                    else:
+                        await call.write(_msg(tag, bytes(body)))
             self.ended += 1  # the client closed: END came upstream
             call.end()
         except asyncio.CancelledError:
@@ -63,7 +75,7 @@ class Rt:
     async def _command(self, call: WorkCall, cmd: dict[str, Any]) -> bool:
         op = cmd.get("cmd")
         if op == "end":
-            await call.write(b"\x01" + b'{"type":"bye"}')
+            await call.write(_msg(1, b'{"type":"bye"}'))
             call.end()
             return True
         if op == "fail":
@@ -72,14 +84,20 @@ class Rt:
         if op == "crash":
             raise RuntimeError("the model crashed")
         if op == "flood":
-            piece = b"\x02" + b"f" * cmd["size"]
+            piece = _msg(2, b"f" * cmd["size"])
             for _ in range(cmd["n"]):
                 await call.write(piece)
                 self.flooded += 1
         elif op == "badtag":
-            await call.write(b"\x07oops")
+            await call.write(b"\x07\x00\x00\x00\x04oops")
+        elif op == "pieces":  # two messages cut anywhere: the frames' boundaries are not the messages'
+            data = _msg(1, b'{"type":"one"}') + _msg(2, b"two" * 100)
+            for cut in cmd["cuts"]:
+                await call.write(data[:cut])
+                data = data[cut:]
+            await call.write(data)
         else:
-            await call.write(b"\x01" + msgspec.json.encode(cmd))  # any other JSON: echoed
+            await call.write(_msg(1, msgspec.json.encode(cmd)))  # any other JSON: echoed
         return False
 
 
@@ -152,6 +170,7 @@ def test_messages_round_trip_both_kinds_in_order(tmp_path: Path, caplog: pytest.
             got = [await asyncio.wait_for(ws.recv(), 5) for _ in range(61)]
             assert got == [*sent, big]  # kinds kept (str = text, bytes = binary), order kept
             assert rt.inputs[0] == b"\x01text 0 \xc3\xa9" and rt.inputs[1] == b"\x02" + b"\x01" * 997
+            assert rt.payloads[0] == b"\x01\x00\x00\x00\x09text 0 \xc3\xa9"  # tag, u32 length, the bytes
             await ws.send(json.dumps({"cmd": "hello"}))
             assert json.loads(await ws.recv()) == {"cmd": "hello"}
             await ws.close()
@@ -166,6 +185,20 @@ def test_messages_round_trip_both_kinds_in_order(tmp_path: Path, caplog: pytest.
     (line,) = [r for r in caplog.records if r.name == "casola.access"]
     assert line.getMessage().startswith("GET /v1/realtime 101 ")
     assert "model=rt tenant=dev" in line.getMessage()
+
+
+@pytest.mark.parametrize("cuts", [[1], [3, 4], [5], [19], [20, 1, 1], [100]], ids=str)
+def test_messages_do_not_depend_on_where_the_frames_are_cut(tmp_path: Path, cuts: list[int]) -> None:
+    async def main() -> list[str | bytes]:
+        stack, _ = await _stack(tmp_path)
+        try:
+            ws = await _open(stack)
+            await ws.send(json.dumps({"cmd": "pieces", "cuts": cuts}))
+            return [await asyncio.wait_for(ws.recv(), 5) for _ in range(2)]
+        finally:
+            await stack.stop()
+
+    assert run_uvloop(main) == ['{"type":"one"}', b"two" * 100]
 
 
 def test_auth_by_header_and_by_session_token(tmp_path: Path) -> None:
