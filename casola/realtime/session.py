@@ -321,9 +321,9 @@ class VoiceSession:
         self._finished(resp)
 
     def _finished(self, resp: Response) -> None:
-        if getattr(resp, "_reported", False):
+        if resp.reported:
             return
-        resp._reported = True  # type: ignore[attr-defined]
+        resp.reported = True
         self.dialect.response_done(resp)
         report = resp.timing.report(resp.run)
         self.agent.stats.observe(resp.status, report)

@@ -68,6 +68,7 @@ class Response:
         self.task: asyncio.Task[None] | None = None
         self.reason = ""  # why it was stopped (turn_detected, client_cancelled, ...)
         self.t_audio = 0.0  # perf_counter() when its first audio was sent
+        self.reported = False  # response.done (and its timing) went to the client: once only
         self._said: list[str] = []  # sentences as the splitter gave them
         self._spoken = 0  # sentences whose audio has started
 
