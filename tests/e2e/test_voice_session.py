@@ -73,22 +73,34 @@ class Rig:
         return out | {f"X-Casola-Param-{k}": v for k, v in params.items()}
 
 
+class Slowed:
+    """A model whose every request starts `delay` seconds late (the TTS, slower than the LLM writes
+    sentences: one is always being spoken when the user barges in)."""
+
+    def __init__(self, model: Any, delay: float) -> None:
+        self.model, self.delay, self.name = model, delay, model.name
+
+    async def __call__(self, call: Any) -> None:
+        await asyncio.sleep(self.delay)
+        await self.model(call)
+
+
 @asynccontextmanager
-async def rig(tmp: Path, tiny: Path, listeners: int = 1, llms: int = 1) -> AsyncIterator[Rig]:
+async def rig(tmp: Path, tiny: Path, listeners: int = 1, llms: int = 1, tts_delay: float = 0) -> AsyncIterator[Rig]:
     from workers.loader import build, resolve
 
     stack = await Stack(tmp).start()
     roles = {"tts": ["tts"], "misc": ["asr", "tools"]}
     roles |= {f"listen{i}": ["listen"] for i in range(listeners)}
     roles |= {"llm" if i == 0 else f"llm{i}": ["chat-agent", "chat-random"] for i in range(llms)}
-    runtimes = {
-        role: WorkerRuntime(
-            WorkerConfig(queue=[stack.queue_addr], models=models, capacity=8, threads=2, node_id=f"w-{role}"),
-            [build(resolve(m, tiny)) for m in models],
-            stack.worker_key,
-        )
-        for role, models in roles.items()
-    }
+    runtimes = {}
+    for role, names in roles.items():
+        models = [build(resolve(m, tiny)) for m in names]
+        config = WorkerConfig(queue=[stack.queue_addr], models=names, capacity=8, threads=2, node_id=f"w-{role}")
+        runtimes[role] = rt = WorkerRuntime(config, models, stack.worker_key)
+        if role == "tts" and tts_delay:
+            (tts,) = models
+            rt.models["tts"] = Slowed(tts, tts_delay)
     engine = Engine(
         {k: msgspec.convert(v, WorkflowConfig) for k, v in WORKFLOWS.items()}, stack.node.connect_member, "q"
     )
@@ -194,7 +206,10 @@ def test_speech_while_the_agent_answers_cancels_every_step_and_no_late_audio_fol
     tmp_path: Path, tiny: Path
 ) -> None:
     async def main() -> tuple[Heard, dict[str, int], dict[str, int]]:
-        async with rig(tmp_path, tiny) as r, connect(r.url("rambler"), additional_headers=r.headers()) as ws:
+        async with (
+            rig(tmp_path, tiny, tts_delay=0.2) as r,
+            connect(r.url("rambler"), additional_headers=r.headers()) as ws,
+        ):
             heard = Heard(ws)
             await stream(ws, speech("Tell me a long story.") + silence(0.7))
             await heard.until("response.started")
@@ -206,13 +221,14 @@ def test_speech_while_the_agent_answers_cancels_every_step_and_no_late_audio_fol
             await stream(ws, speech("Stop, stop.") + silence(0.7))  # the user talks over the agent
             await heard.until("response.done", response="resp_1")
             await heard.until("response.started", 2)
+            await ws.send(json.dumps({"type": "response.cancel"}))  # resp_2 answered the barge: enough
             await heard.until("response.done", response="resp_2")
             cancels = {"llm": llm.cancelled, "tts": tts.cancelled}
             await asyncio.sleep(0.2)
             return heard, in_flight, cancels
 
     heard, in_flight, cancels = run_uvloop(main, 90)
-    assert in_flight["llm"] == 1  # still generating when the user spoke
+    assert in_flight["llm"] == 1 and in_flight["tts"] >= 1  # still generating and speaking when the user spoke
     assert cancels["llm"] >= 1 and cancels["tts"] >= 1  # CANCEL reached the LLM and the TTS in flight
     done = heard.events("response.done")[0]
     assert done["response"] == "resp_1" and done["status"] == "cancelled" and done["reason"] == "turn_detected"
@@ -273,7 +289,7 @@ def test_the_session_outlives_a_listen_worker_that_dies(tmp_path: Path, tiny: Pa
 
 def test_a_client_that_hangs_up_mid_answer_cancels_every_step_in_flight(tmp_path: Path, tiny: Path) -> None:
     async def main() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-        async with rig(tmp_path, tiny) as r:
+        async with rig(tmp_path, tiny, tts_delay=0.2) as r:
             llm, tts, listen = r.rt["llm"], r.rt["tts"], r.rt["listen0"]
             async with connect(r.url("rambler"), additional_headers=r.headers()) as ws:
                 heard = Heard(ws)
