@@ -57,6 +57,7 @@ from casola.ingress.websocket import (
     check_handshake,
 )
 from casola.net.link import LinkBase
+from casola.realtime.errors import wire_error
 from casola.realtime.framing import CONTENT_TYPE, TAG_BINARY, TAG_TEXT, FramingError, MessageReader, message
 from casola.wire import Buffer, ErrorCode, ErrorMeta, Frame, FrameType, RequestMeta, error_info, error_name
 
@@ -97,11 +98,7 @@ def close_code(code: int) -> int:
 def error_event(code: int, message: str, retry_after_ms: int = 0, param: str = "", openai: bool = False) -> bytes:
     """`{"type": "error", "error": {...}}`: the HTTP envelope's fields for a wire error code, and its
     retry hints; on the OpenAI path with the `event_id`s its clients expect."""
-    info = error_info(code)
-    err: dict[str, Any] = {"message": message, "type": info.type, "param": param or None,
-                           "code": error_name(code).lower(), "retryable": info.retryable}  # fmt: skip
-    if retry_after_ms:
-        err["retry_after_ms"] = retry_after_ms
+    err = wire_error(code, message, retry_after_ms, param)
     if openai:
         err["event_id"] = None  # no client event caused it
         return _JSON.encode({"type": "error", "event_id": "event_" + secrets.token_hex(8), "error": err})

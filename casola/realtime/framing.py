@@ -9,7 +9,9 @@ message that came in one frame, as the reference sends them, is returned as a vi
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Any, Final
+
+import msgspec
 
 from casola.wire import Buffer
 
@@ -21,6 +23,7 @@ __all__ = [
     "TAG_TEXT",
     "FramingError",
     "MessageReader",
+    "json_message",
     "message",
 ]
 
@@ -41,6 +44,14 @@ class FramingError(Exception):
 def message(tag: int, data: Buffer) -> bytes:
     """One message as it goes into a DATA payload (the header and the bytes: one copy, one frame)."""
     return _HEAD.pack(tag, len(data)) + data
+
+
+def json_message(encoder: msgspec.json.Encoder, obj: Any) -> bytearray:
+    """A text message of `obj` as JSON, encoded in place after its header (no second copy)."""
+    buf = bytearray(HEADER)
+    encoder.encode_into(obj, buf, HEADER)
+    _HEAD.pack_into(buf, 0, TAG_TEXT, len(buf) - HEADER)
+    return buf
 
 
 class MessageReader:

@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from casola.realtime.errors import SessionFault
+from casola.realtime.errors import SessionFault, wire_error
 from casola.realtime.history import Item
 from casola.realtime.turn import PCM_RATE, Response
-from casola.wire import Buffer, error_info, error_name
+from casola.wire import Buffer
 
 if TYPE_CHECKING:
-    from casola.flow.run import StepFailed
     from casola.realtime.dialect import Session
 
 __all__ = ["NativeDialect"]
@@ -141,7 +140,8 @@ class NativeDialect:
         if resp.reason:
             ev["reason"] = resp.reason
         if resp.error is not None:
-            ev["error"] = _step_error(resp.error)
+            err = resp.error
+            ev["error"] = wire_error(err.code, err.message, err.retry_after_ms, err.param)
         self.s.send_text(ev)
 
     def turn_timing(self, resp: Response, report: dict[str, Any]) -> None:
@@ -156,16 +156,6 @@ class NativeDialect:
     def error(self, message: str, code: str, param: str = "", event_id: str = "", kind: str = "") -> None:
         err = {"message": message, "type": "invalid_request_error", "code": code, "param": param or None}
         self.s.send_text({"type": "error", "error": err, "event": kind or None})
-
-
-def _step_error(exc: StepFailed) -> dict[str, Any]:
-    """The failed step's wire error in the envelope of the ingress' own `error` events."""
-    info = error_info(exc.code)
-    err: dict[str, Any] = {"message": exc.message, "type": info.type, "code": error_name(exc.code).lower(),
-                           "retryable": info.retryable}  # fmt: skip
-    if exc.retry_after_ms:
-        err["retry_after_ms"] = exc.retry_after_ms
-    return err
 
 
 _IN: dict[str, Callable[[NativeDialect, dict[str, Any]], object]] = {

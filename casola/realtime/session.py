@@ -32,7 +32,14 @@ from casola.net.errors import ConnectionLost
 from casola.realtime.agent import Agent
 from casola.realtime.dialect import Dialect, Session
 from casola.realtime.errors import SessionFault
-from casola.realtime.framing import CONTENT_TYPE, TAG_BINARY, TAG_TEXT, FramingError, MessageReader, message
+from casola.realtime.framing import (
+    CONTENT_TYPE,
+    TAG_BINARY,
+    FramingError,
+    MessageReader,
+    json_message,
+    message,
+)
 from casola.realtime.history import Conversation, Item
 from casola.realtime.listener import Listener
 from casola.realtime.settings import SessionSettings
@@ -45,7 +52,7 @@ __all__ = ["VoiceSession"]
 
 log = logging.getLogger("casola.realtime")
 
-_encode = msgspec.json.Encoder().encode
+_JSON = msgspec.json.Encoder()
 _PLAYOUT_SLACK_S = 0.15  # an answer is still playing this long after its audio's span (network, jitter buffer)
 
 
@@ -127,7 +134,7 @@ class VoiceSession:
     # -- output ------------------------------------------------------------------------------------
 
     def send_text(self, event: dict[str, Any]) -> None:
-        self.call.send(message(TAG_TEXT, _encode(event)))
+        self.call.send(json_message(_JSON, event))
 
     def send_audio(self, chunk: Buffer) -> None:
         self.call.send(message(TAG_BINARY, chunk))

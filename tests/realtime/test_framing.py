@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import struct
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from casola.realtime.framing import FramingError, MessageReader, message
+from casola.realtime.framing import FramingError, MessageReader, json_message, message
 
 
 def laid_out(tag: int, data: bytes) -> bytes:
@@ -21,6 +22,7 @@ def test_a_message_is_its_tag_its_length_and_its_bytes() -> None:
     assert message(1, b'{"type":"x"}') == b"\x01\x00\x00\x00\x0c" + b'{"type":"x"}'
     assert message(2, memoryview(b"\x00\x01" * 3)) == b"\x02\x00\x00\x00\x06" + b"\x00\x01" * 3
     assert message(2, b"") == b"\x02\x00\x00\x00\x00"
+    assert json_message(msgspec.json.Encoder(), {"type": "x"}) == b"\x01\x00\x00\x00\x0c" + b'{"type":"x"}'
 
 
 messages = st.lists(st.tuples(st.sampled_from([1, 2]), st.binary(max_size=300)), max_size=8)
