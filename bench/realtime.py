@@ -2,7 +2,7 @@
 
 A websockets client plays a microphone: espeak-ng speech of the question in 20 ms PCM16 chunks at
 real-time pace to `GET /v1/realtime?workflow=voice-agent` on a `casola up` this bench starts (the
-same workflow and workers as bench/workflow.py, with `listen` beside the ASR model), then silence
+same workflow and workers as bench/workflow.py, and a worker of its own for `listen`), then silence
 until the answer's audio comes. Per turn (a fresh session each, so every turn answers the same
 question with no history):
 
@@ -23,10 +23,17 @@ first audio of the answer arrives the client starts speaking again; reported: fr
 received (<= 0: none came after it), the audio frames after it, and the interruption's onset ->
 speech_started (the VAD's min_speech_ms).
 
+A flood (`--flood K`, default 0): afterwards the same turns again, while another tenant (its own key)
+opens K sessions on the same workflow, more than its share of the workflow's slots
+(`realtime.max_sessions_per_tenant`), and has every one it gets ask the question again and again;
+reported: the first tenant's voice to voice and platform share alone and under the flood, and how
+many of the flood's sessions were refused and how many of its turns were answered.
+
 Usage:
     python bench/realtime.py                   # tiny models (built now)
     python bench/realtime.py --set demo        # models/demo (`casola models prepare-demo`)
     python bench/realtime.py --turns 20 --barge 20 --json out.json
+    python bench/realtime.py --barge 0 --flood 6
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,8 +83,12 @@ params = { silence_ms = 500 }
 
 
 def config(s: ModelSet, tools_dir_exists: bool, rambler: tuple[str, int]) -> str:
-    toml = config_toml(s, tools_dir_exists).replace(f'models = ["{s.asr}", "{s.llm}"]',
-                                                    f'models = ["{s.asr}", "listen", "{s.llm}"]', 1)  # fmt: skip
+    # 8 runs or sessions at once (as examples/voice-agent.toml), so one tenant's share is 4; every
+    # session holds a `listen` slot while it lasts, so `listen` has a worker with 8 of its own (on a
+    # worker shared with the LLM, sessions would hold the LLM's slots too).
+    toml = config_toml(s, tools_dir_exists)
+    toml = toml.replace("[workflows.voice-agent]\n", "[workflows.voice-agent]\nmax_concurrent = 8\n", 1)
+    toml = '[[workers]]\nmodels = ["listen"]\ncapacity = 8\nthreads = 2\n' + toml
     toml += f"\n[workflows.voice-agent.realtime]\nparams = {{ silence_ms = {SILENCE_MS} }}\n"
     llm, most = rambler
     toml = toml.replace(f'"{s.llm}"]\ncapacity', f'"{s.llm}", "{llm}"]\ncapacity', 1) if llm != s.llm else toml
@@ -189,6 +201,52 @@ async def one_barge(url: str, key: str, rate: int, pcm: bytes, cut: bytes) -> di
             "onset_to_event_ms": (started - onset) * 1000, "event_to_done_ms": (done_at - started) * 1000}  # fmt: skip
 
 
+class Flood:
+    """Another tenant's sessions, each asking the question over and over for as long as it lasts."""
+
+    def __init__(self, url: str, key: str, rate: int, pcm: bytes, sessions: int) -> None:
+        self.url, self.key, self.rate, self.pcm, self.n = url, key, rate, pcm, sessions
+        self.refused = self.answered = 0
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.tasks = [asyncio.ensure_future(self._talk()) for _ in range(self.n)]
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _talk(self) -> None:
+        async with session(self.url, self.key, self.rate) as (ws, mic):
+            mic.say(self.pcm)
+            async for m in ws:
+                if isinstance(m, bytes):
+                    continue
+                ev = json.loads(m)
+                if ev["type"] == "error" and ev["error"]["code"] == "overloaded":
+                    self.refused += 1
+                    return
+                if ev["type"] == "turn.timing":
+                    self.answered += 1
+                    mic.say(self.pcm)  # and again
+
+
+async def flooded_turns(url: str, key: str, rate: int, pcm: bytes, end_s: float, turns: int,
+                        flood: Flood) -> list[dict[str, Any]]:  # fmt: skip
+    flood.start()
+    try:
+        await asyncio.sleep(3)  # the flood's sessions are open and talking
+        return [await one_turn(url, key, rate, pcm, end_s) for _ in range(turns)]
+    finally:
+        await flood.stop()
+
+
+def second_key(up: TracedUp, tenant: str) -> str:
+    cmd = [sys.executable, "-m", "casola", "keys", "create", "--tenant", tenant, "--state-dir", str(up.state)]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
 def baseline(http: Http, s: ModelSet, wav: bytes, tail_ms: float) -> dict[str, Any]:
     time.sleep(tail_ms / 1000)  # the client's own VAD waits for the same silence
     got = mode_b(http, s, wav)
@@ -244,6 +302,7 @@ def main() -> int:
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--barge", type=int, default=20, help="barge-in tries (0: none)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--flood", type=int, default=0, help="another tenant's sessions, asking all along (0: none)")
     ap.add_argument("--json", help="write the summary and every turn here")
     args = ap.parse_args()
     if shutil.which("espeak-ng") is None:
@@ -268,6 +327,8 @@ def main() -> int:
     turns: list[dict[str, Any]] = []
     base: list[dict[str, Any]] = []
     barges: list[dict[str, Any]] = []
+    flooded: list[dict[str, Any]] = []
+    flood: Flood | None = None
     try:
         models = [s.asr, s.llm, s.tts, s.tools, "listen", RAMBLERS[args.set][0], "voice-agent", "rambler"]
         asyncio.run(_ready(up, models))
@@ -285,6 +346,9 @@ def main() -> int:
         _, cut = pcm_of(_espeak(INTERRUPTION))
         for _ in range(args.barge):
             barges.append(asyncio.run(one_barge(url + "rambler", key, rate, pcm, cut)))
+        if args.flood:
+            flood = Flood(url + "voice-agent", second_key(up, "flooder"), rate, pcm, args.flood)
+            flooded = asyncio.run(flooded_turns(url + "voice-agent", key, rate, pcm, end_s, args.turns, flood))
     finally:
         up.stop()
         procs.stop()
@@ -294,11 +358,19 @@ def main() -> int:
     if base:
         for hop in base[0]["hops"]:
             print(f"{'  baseline: ' + hop + ' (request, ms)':48s} {stats([b['hops'][hop] for b in base])}")
+    if flood is not None:
+        print(f"flood: tenant 'flooder' opened {flood.n} sessions: {flood.refused} refused (its share), "
+              f"{flood.answered} of its turns answered meanwhile")  # fmt: skip
+        for name, key_ in (("voice to voice, client", "client_v2v"), ("platform_ms", "platform_ms")):
+            alone, under = [t[key_] for t in turns], [t[key_] for t in flooded]
+            print(f"{name + ' alone':48s} {stats(alone)}")
+            print(f"{name + ' under the flood':48s} {stats(under)}")
     print("heard (session):", turns[0]["heard"] if turns else "-")
     print("answer (session):", turns[0]["text"] if turns else "-")
     print("answer (baseline):", base[0]["text"] if base else "-")
     if args.json:
-        doc = {"argv": sys.argv, "set": args.set, "summary": out, "turns": turns, "baseline": base, "barges": barges}
+        doc = {"argv": sys.argv, "set": args.set, "summary": out, "turns": turns, "baseline": base, "barges": barges,
+               "flooded": flooded}  # fmt: skip
         Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
