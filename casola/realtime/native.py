@@ -17,12 +17,13 @@ truncated, item.deleted, error.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from casola.realtime.errors import SessionFault, wire_error
 from casola.realtime.history import Item
+from casola.realtime.settings import VAD_KEYS
 from casola.realtime.turn import PCM_RATE, Response
 from casola.wire import Buffer
 
@@ -34,6 +35,12 @@ __all__ = ["NativeDialect"]
 _decode = msgspec.json.Decoder().decode
 # session.update's names -> the settings' (SessionSettings)
 _SETTINGS = {"format": "input_format", "rate": "input_rate", "channels": "input_channels"}
+# ... and back: the session's names for what it refuses -> the fields this protocol's client sent
+_FIELD_OF: Final = (
+    {v: f"input_audio.{k}" for k, v in _SETTINGS.items()}
+    | {k: f"turn_detection.{k}" for k in (*VAD_KEYS, "respond", "interrupt")}
+    | {"server_vad": "turn_detection.type", "item_id": "item"}
+)
 
 
 class NativeDialect:
@@ -59,7 +66,9 @@ class NativeDialect:
         try:
             handler(self, ev)
         except SessionFault as exc:
-            self.error(exc.message, exc.code, exc.param, kind=kind)
+            field = _FIELD_OF.get(exc.param, exc.param)
+            message = exc.message.replace(exc.param, field, 1) if field != exc.param else exc.message
+            self.error(message, exc.code, field, kind=kind)
 
     def _update(self, ev: dict[str, Any]) -> None:
         session = ev.get("session")

@@ -269,6 +269,29 @@ def test_a_typed_turn_is_answered_and_timed_without_speech(tmp_path: Path, tiny:
     assert "JSON" in errors[1]["message"]
 
 
+def test_malformed_input_is_refused_and_the_session_goes_on(tmp_path: Path, tiny: Path) -> None:
+    async def main() -> Heard:
+        async with rig(tmp_path, tiny) as r, connect(r.url(), additional_headers=r.headers()) as ws:
+            heard = Heard(ws)
+            await heard.until("session.ready")
+            await ws.send(b"\x01")  # half a sample
+            await ws.send(np.random.default_rng(7).bytes(333))  # noise, and an odd length
+            await ws.send(json.dumps({"type": "session.update", "session": {"input_audio": {"rate": "fast"}}}))
+            await ws.send(json.dumps({"type": "session.update", "session": {"turn_detection": {"type": "psychic"}}}))
+            await ws.send(json.dumps({"type": "truncate", "item": "item_404", "audio_ms": -5}))
+            await heard.until("error", 3)
+            await stream(ws, speech("What is the weather in Paris?") + silence(1.0))
+            await heard.until("response.done")
+            return heard
+
+    heard = run_uvloop(main, 60)
+    errors = [e["error"] for e in heard.events("error")]
+    assert [e["param"] for e in errors] == ["input_audio.rate", "turn_detection.type", "item"]  # the fields sent
+    assert errors[0]["message"].startswith("input_audio.rate must be a number")
+    assert heard.events("transcript")[0]["text"] == "turn on the lights"
+    assert heard.events("response.done")[0]["status"] == "completed"
+
+
 def test_the_session_outlives_a_listen_worker_that_dies(tmp_path: Path, tiny: Path) -> None:
     async def main() -> Heard:
         async with rig(tmp_path, tiny, listeners=2) as r, connect(r.url(), additional_headers=r.headers()) as ws:
